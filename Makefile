@@ -1,0 +1,47 @@
+# conkd_scale — set-up and everyday commands. Everything runs inside .venv in the project root.
+#   make demo    install, then run the main job on the built-in synthetic default
+#   make test    install, then run the test suite
+#   make lint    ruff check + format check
+#   make bench   run the benchmarks (writes BENCHMARKS.md rows)
+# Override the torch build with e.g. `make test TORCH_SPEC="torch==2.5.1"`.
+
+PYTHON      ?= python3
+VENV        ?= .venv
+TORCH_SPEC  ?= torch==2.13.0
+PY          := $(VENV)/bin/python
+PIP         := $(PY) -m pip
+STAMP       := $(VENV)/.installed
+DEMO_OUT    ?= runs/demo
+NPROC       ?= 2
+PYTEST_ARGS ?=
+
+.PHONY: install demo test lint format bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet "$(TORCH_SPEC)"
+	$(PIP) install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/deepspeed --num_gpus $(NPROC) launch/distill.py --deepspeed ds_configs/zero3.json output_dir=$(DEMO_OUT)
+
+test: install
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+bench: install
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

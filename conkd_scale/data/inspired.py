@@ -1,0 +1,139 @@
+"""INSPIRED loader for the UniCRS DBpedia format (one JSON list of turns per line).
+
+Items are the movies linked to DBpedia: the item id is the movie's entity id in
+``entity2id.json`` (so ``<item_1234>``), and the vocabulary is ``item_ids.json`` plus every
+movie link seen in the conversations. Movie names found in a turn's text are replaced by the
+item token; a linked movie whose name is not in the text still counts as mentioned.
+
+Splits **[decision]**: the public UniCRS release has train (801) and valid (99) files only;
+``train`` is the train file, and the valid file's conversations alternate between ``valid``
+(even lines) and ``test`` (odd lines).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from conkd_scale.data.jsonl import get_field, iter_jsonl, load_json, require_file
+from conkd_scale.data.schema import RECOMMENDER, SEEKER, Conversation, Item, ItemCatalog, Turn
+from conkd_scale.data.schema import item_token as _item_token
+from conkd_scale.utils.errors import DataError
+
+FILES = {"train": "train_data_dbpedia.jsonl", "valid": "valid_data_dbpedia.jsonl"}
+SPLITS = ("train", "valid", "test")
+ROLE_MAP = {"SEEKER": SEEKER, "RECOMMENDER": RECOMMENDER}
+_YEAR = re.compile(r"\s*\(\d{4}\)\s*$")
+_SPACES = re.compile(r"\s+")
+
+
+def _uri_name(uri: str) -> str:
+    return uri.strip("<>").rsplit("/", 1)[-1].replace("_", " ")
+
+
+def _split_source(split: str) -> tuple[str, int | None]:
+    """File key and line parity (None = all lines) for a split."""
+    if split == "train":
+        return "train", None
+    if split in ("valid", "test"):
+        return "valid", 0 if split == "valid" else 1
+    raise DataError("inspired", f"unknown split {split!r}", hint=f"use one of {list(SPLITS)}")
+
+
+def _raw_conversations(data_dir: Path, key: str) -> list[tuple[int, list]]:
+    path = require_file(data_dir / FILES[key], f"INSPIRED {key} file")
+    out = []
+    for n, obj in iter_jsonl(path):
+        if not isinstance(obj, list):
+            raise DataError(path, f"expected a JSON list of turns, got {type(obj).__name__}",
+                            line=n)
+        out.append((n, obj))
+    return out
+
+
+def load_catalog(data_dir: str | Path, entity2id: dict[str, int]) -> ItemCatalog:
+    """Item vocabulary: ``item_ids.json`` plus movie links in the conversations, by entity id."""
+    data_dir = Path(data_dir)
+    id2uri = {v: k for k, v in entity2id.items()}
+    ids_path = data_dir / "item_ids.json"
+    titles: dict[int, str] = {}
+    for key in FILES:
+        path = data_dir / FILES[key]
+        for n, turns in _raw_conversations(data_dir, key):
+            for turn in turns:
+                links = get_field(turn, "movie_link", list, path, n)
+                names = turn.get("movie", []) or turn.get("movie_name", [])
+                for k, uri in enumerate(links):
+                    if uri not in entity2id:
+                        raise DataError(path, f"movie link {uri} is not in entity2id.json",
+                                        line=n, field="movie_link",
+                                        hint="use the entity2id.json of the same release")
+                    eid = entity2id[uri]
+                    if eid not in titles:
+                        titles[eid] = names[k] if k < len(names) else _uri_name(uri)
+    for eid in load_json(ids_path, "INSPIRED item id list"):
+        if eid not in id2uri:
+            raise DataError(ids_path, f"entity id {eid} is not in entity2id.json")
+        titles.setdefault(eid, _uri_name(id2uri[eid]))
+    return ItemCatalog([Item(str(eid), titles[eid]) for eid in sorted(titles)])
+
+
+def _parse(turns: list, entity2id: dict[str, int], path: Path, line: int, conv_id: str
+           ) -> Conversation:
+    merged: list[tuple[str, list[str], list[str], list[str]]] = []
+    for turn in turns:
+        text = get_field(turn, "text", str, path, line)
+        role_raw = get_field(turn, "role", str, path, line)
+        role = ROLE_MAP.get(role_raw)
+        if role is None:
+            raise DataError(path, f"unknown role {role_raw!r}", line=line, field="role",
+                            hint="expected SEEKER or RECOMMENDER")
+        links = turn.get("movie_link", [])
+        names = turn.get("movie_name", [])
+        titles = turn.get("movie", [])
+        items = []
+        for k, uri in enumerate(links):
+            if uri not in entity2id:
+                raise DataError(path, f"movie link {uri} is not in entity2id.json", line=line,
+                                field="movie_link")
+            iid = str(entity2id[uri])
+            items.append(iid)
+            for name in (names[k] if k < len(names) else "", titles[k] if k < len(titles) else ""):
+                name = _YEAR.sub("", name).strip()
+                if name:
+                    new, hit = re.subn(re.escape(name), _item_token(iid), text, count=1,
+                                       flags=re.IGNORECASE)
+                    if hit:
+                        text = new
+                        break
+        ents = [u for u in turn.get("entity_link", []) if u in entity2id]
+        text = _SPACES.sub(" ", text).strip()
+        if not text and not items:
+            continue
+        if merged and merged[-1][0] == role:
+            merged[-1][1].append(text)
+            merged[-1][2].extend(items)
+            merged[-1][3].extend(ents)
+        else:
+            merged.append((role, [text], items, ents))
+    return Conversation(
+        conv_id,
+        tuple(
+            Turn(r, " ".join(ts), tuple(dict.fromkeys(its)), tuple(dict.fromkeys(es)))
+            for r, ts, its, es in merged
+        ),
+        n_messages=len(turns),
+    )
+
+
+def load_split(data_dir: str | Path, split: str, entity2id: dict[str, int]) -> list[Conversation]:
+    """Conversations of one split (see the module docstring for the split decision)."""
+    data_dir = Path(data_dir)
+    key, parity = _split_source(split)
+    path = data_dir / FILES[key]
+    out = []
+    for k, (n, turns) in enumerate(_raw_conversations(data_dir, key)):
+        if parity is not None and k % 2 != parity:
+            continue
+        out.append(_parse(turns, entity2id, path, n, f"inspired-{key}-{n}"))
+    return out

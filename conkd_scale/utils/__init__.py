@@ -1,0 +1,1 @@
+"""Small shared helpers: clear errors, atomic file writes, rank-0 logging."""
