@@ -25,9 +25,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            if type(None) in args:
-                return None
+        is_none = value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
+        if is_none and type(None) in args:
+            return None
         errors = []
         for a in args:
             if a is type(None):
@@ -85,9 +85,7 @@ def _set(obj: Any, dotted: str, value: Any, full: str) -> None:
     hints = typing.get_type_hints(type(obj))
     names = {f.name for f in dataclasses.fields(obj)}
     if head not in names:
-        raise ConfigError(
-            f"unknown config key {full!r} (valid here: {', '.join(sorted(names))})"
-        )
+        raise ConfigError(f"unknown config key {full!r} (valid here: {', '.join(sorted(names))})")
     cur = getattr(obj, head)
     if dataclasses.is_dataclass(cur):
         if rest:

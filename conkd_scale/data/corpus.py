@@ -82,12 +82,16 @@ def load_dataset(
         raise DataError(data_dir, f"unknown dataset {name!r}", hint=f"use one of {DATASETS}")
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise DataError(data_dir, "data directory does not exist",
-                        hint="pass --data-dir, or create one with "
-                        "`python -m conkd_scale.data synth --out DIR`")
+        raise DataError(
+            data_dir,
+            "data directory does not exist",
+            hint="pass --data-dir, or create one with `python -m conkd_scale.data synth --out DIR`",
+        )
     kg_format = kg or DEFAULT_KG[name]
     if kg_format not in KG_FORMATS:
-        raise DataError(data_dir, f"unknown KG format {kg_format!r}", hint=f"use one of {KG_FORMATS}")
+        raise DataError(
+            data_dir, f"unknown KG format {kg_format!r}", hint=f"use one of {KG_FORMATS}"
+        )
     graph: KnowledgeGraph | None = None
     if name == "inspired":
         entity2id = load_json(data_dir / "entity2id.json", "entity2id.json")

@@ -45,8 +45,9 @@ def _raw_conversations(data_dir: Path, key: str) -> list[tuple[int, list]]:
     out = []
     for n, obj in iter_jsonl(path):
         if not isinstance(obj, list):
-            raise DataError(path, f"expected a JSON list of turns, got {type(obj).__name__}",
-                            line=n)
+            raise DataError(
+                path, f"expected a JSON list of turns, got {type(obj).__name__}", line=n
+            )
         out.append((n, obj))
     return out
 
@@ -65,9 +66,13 @@ def load_catalog(data_dir: str | Path, entity2id: dict[str, int]) -> ItemCatalog
                 names = turn.get("movie", []) or turn.get("movie_name", [])
                 for k, uri in enumerate(links):
                     if uri not in entity2id:
-                        raise DataError(path, f"movie link {uri} is not in entity2id.json",
-                                        line=n, field="movie_link",
-                                        hint="use the entity2id.json of the same release")
+                        raise DataError(
+                            path,
+                            f"movie link {uri} is not in entity2id.json",
+                            line=n,
+                            field="movie_link",
+                            hint="use the entity2id.json of the same release",
+                        )
                     eid = entity2id[uri]
                     if eid not in titles:
                         titles[eid] = names[k] if k < len(names) else _uri_name(uri)
@@ -78,31 +83,42 @@ def load_catalog(data_dir: str | Path, entity2id: dict[str, int]) -> ItemCatalog
     return ItemCatalog([Item(str(eid), titles[eid]) for eid in sorted(titles)])
 
 
-def _parse(turns: list, entity2id: dict[str, int], path: Path, line: int, conv_id: str
-           ) -> Conversation:
+def _parse(
+    turns: list, entity2id: dict[str, int], path: Path, line: int, conv_id: str
+) -> Conversation:
     merged: list[tuple[str, list[str], list[str], list[str]]] = []
     for turn in turns:
         text = get_field(turn, "text", str, path, line)
         role_raw = get_field(turn, "role", str, path, line)
         role = ROLE_MAP.get(role_raw)
         if role is None:
-            raise DataError(path, f"unknown role {role_raw!r}", line=line, field="role",
-                            hint="expected SEEKER or RECOMMENDER")
+            raise DataError(
+                path,
+                f"unknown role {role_raw!r}",
+                line=line,
+                field="role",
+                hint="expected SEEKER or RECOMMENDER",
+            )
         links = turn.get("movie_link", [])
         names = turn.get("movie_name", [])
         titles = turn.get("movie", [])
         items = []
         for k, uri in enumerate(links):
             if uri not in entity2id:
-                raise DataError(path, f"movie link {uri} is not in entity2id.json", line=line,
-                                field="movie_link")
+                raise DataError(
+                    path,
+                    f"movie link {uri} is not in entity2id.json",
+                    line=line,
+                    field="movie_link",
+                )
             iid = str(entity2id[uri])
             items.append(iid)
             for name in (names[k] if k < len(names) else "", titles[k] if k < len(titles) else ""):
                 name = _YEAR.sub("", name).strip()
                 if name:
-                    new, hit = re.subn(re.escape(name), _item_token(iid), text, count=1,
-                                       flags=re.IGNORECASE)
+                    new, hit = re.subn(
+                        re.escape(name), _item_token(iid), text, count=1, flags=re.IGNORECASE
+                    )
                     if hit:
                         text = new
                         break

@@ -33,7 +33,9 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
                 yield n, json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(
-                    path, f"not valid JSON ({e.msg} at column {e.colno})", line=n,
+                    path,
+                    f"not valid JSON ({e.msg} at column {e.colno})",
+                    line=n,
                     hint="fix or remove this line",
                 ) from None
 
@@ -57,7 +59,5 @@ def get_field(obj: Any, key: str, types: type | tuple[type, ...], path: Path, li
     val = obj[key]
     if not isinstance(val, types):
         want = types.__name__ if isinstance(types, type) else "/".join(t.__name__ for t in types)
-        raise DataError(
-            path, f"expected {want}, got {type(val).__name__}", line=line, field=key
-        )
+        raise DataError(path, f"expected {want}, got {type(val).__name__}", line=line, field=key)
     return val

@@ -20,8 +20,19 @@ from conkd_scale.utils.errors import DataError
 
 _SAFE_GLOBALS = {
     ("builtins", n)
-    for n in ("dict", "list", "tuple", "set", "frozenset", "int", "float", "str", "bytes",
-              "bool", "complex")
+    for n in (
+        "dict",
+        "list",
+        "tuple",
+        "set",
+        "frozenset",
+        "int",
+        "float",
+        "str",
+        "bytes",
+        "bool",
+        "complex",
+    )
 } | {("collections", "defaultdict"), ("collections", "OrderedDict")}
 
 
@@ -50,8 +61,9 @@ def safe_load_pickle(path: str | Path) -> Any:
         except DataError:
             raise
         except Exception as e:  # truncated or corrupt file
-            raise DataError(path, f"cannot unpickle ({type(e).__name__}: {e})",
-                            hint="re-download the file") from None
+            raise DataError(
+                path, f"cannot unpickle ({type(e).__name__}: {e})", hint="re-download the file"
+            ) from None
 
 
 @dataclass
@@ -139,14 +151,17 @@ class GraphTensors:
         """As a ``torch_geometric.data.Data`` object."""
         from torch_geometric.data import Data
 
-        return Data(edge_index=self.edge_index, edge_type=self.edge_type,
-                    num_nodes=self.num_nodes)
+        return Data(edge_index=self.edge_index, edge_type=self.edge_type, num_nodes=self.num_nodes)
 
 
 def _check_id(x: Any, n: int, path: Path, what: str, key: Any) -> int:
     if not isinstance(x, int) or isinstance(x, bool) or not 0 <= x < n:
-        raise DataError(path, f"unknown {what} id {x!r} (valid: 0..{n - 1})",
-                        field=str(key), hint="the graph files come from different releases")
+        raise DataError(
+            path,
+            f"unknown {what} id {x!r} (valid: 0..{n - 1})",
+            field=str(key),
+            hint="the graph files come from different releases",
+        )
     return x
 
 
@@ -157,8 +172,11 @@ def load_kbrd_kg(kg_dir: str | Path) -> tuple[KnowledgeGraph, dict[Any, str | No
     sub_path = kg_dir / "subkg.pkl"
     subkg = safe_load_pickle(sub_path)
     id2entity = safe_load_pickle(kg_dir / "id2entity.pkl")
-    for name, obj in (("entity2entityId.pkl", e2id), ("subkg.pkl", subkg),
-                      ("id2entity.pkl", id2entity)):
+    for name, obj in (
+        ("entity2entityId.pkl", e2id),
+        ("subkg.pkl", subkg),
+        ("id2entity.pkl", id2entity),
+    ):
         if not isinstance(obj, dict):
             raise DataError(kg_dir / name, f"expected a dict, got {type(obj).__name__}")
     n = max(e2id.values(), default=-1) + 1
@@ -171,8 +189,12 @@ def load_kbrd_kg(kg_dir: str | Path) -> tuple[KnowledgeGraph, dict[Any, str | No
         _check_id(h, n, sub_path, "entity", h)
         for edge in edges:
             if not isinstance(edge, (tuple, list)) or len(edge) != 2:
-                raise DataError(sub_path, f"bad edge {edge!r}", field=str(h),
-                                hint="expected (relation id, tail id)")
+                raise DataError(
+                    sub_path,
+                    f"bad edge {edge!r}",
+                    field=str(h),
+                    hint="expected (relation id, tail id)",
+                )
             r, t = edge
             _check_id(t, n, sub_path, "entity", h)
             if not isinstance(r, int) or r < 0:
@@ -204,13 +226,16 @@ def load_dbpedia_kg(kg_dir: str | Path) -> KnowledgeGraph:
         try:
             h = int(h_str)
         except ValueError:
-            raise DataError(sub_path, f"head id {h_str!r} is not an integer",
-                            field=h_str) from None
+            raise DataError(sub_path, f"head id {h_str!r} is not an integer", field=h_str) from None
         _check_id(h, n, sub_path, "entity", h_str)
         for edge in edges:
             if not isinstance(edge, list) or len(edge) != 2:
-                raise DataError(sub_path, f"bad edge {edge!r}", field=h_str,
-                                hint="expected [relation id, tail id]")
+                raise DataError(
+                    sub_path,
+                    f"bad edge {edge!r}",
+                    field=h_str,
+                    hint="expected [relation id, tail id]",
+                )
             r, t = edge
             _check_id(r, n_rel, sub_path, "relation", h_str)
             _check_id(t, n, sub_path, "entity", h_str)

@@ -39,14 +39,16 @@ def load_movies(data_dir: str | Path) -> ItemCatalog:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None or [h.strip() for h in header[:2]] != ["movieId", "movieName"]:
-            raise DataError(path, f"bad header {header!r}", line=1,
-                            hint="expected movieId,movieName,nbMentions")
+            raise DataError(
+                path, f"bad header {header!r}", line=1, hint="expected movieId,movieName,nbMentions"
+            )
         for n, row in enumerate(reader, start=2):
             if not row:
                 continue
             if len(row) < 2 or not row[0].strip().isdigit():
-                raise DataError(path, f"bad row {row!r}", line=n,
-                                hint="expected an integer movieId and a name")
+                raise DataError(
+                    path, f"bad row {row!r}", line=n, hint="expected an integer movieId and a name"
+                )
             mid = row[0].strip()
             if mid in seen:
                 raise DataError(path, f"duplicate movieId {mid}", line=n)
@@ -79,8 +81,9 @@ def parse_conversation(obj: object, catalog: ItemCatalog, path: Path, line: int)
     messages = get_field(obj, "messages", list, path, line)
     mm = obj.get("movieMentions", {})  # type: ignore[union-attr]
     if not isinstance(mm, dict | list):
-        raise DataError(path, "expected an object (or empty list)", line=line,
-                        field="movieMentions")
+        raise DataError(
+            path, "expected an object (or empty list)", line=line, field="movieMentions"
+        )
     roles = {seeker: SEEKER, recommender: RECOMMENDER}
     turns: list[tuple[str, list[str], list[str]]] = []  # (role, texts, items)
     for k, msg in enumerate(messages):
@@ -89,8 +92,11 @@ def parse_conversation(obj: object, catalog: ItemCatalog, path: Path, line: int)
         role = roles.get(sender)
         if role is None:
             raise DataError(
-                path, f"message {k}: sender {sender} is neither the initiator ({seeker}) "
-                f"nor the respondent ({recommender})", line=line, field="senderWorkerId",
+                path,
+                f"message {k}: sender {sender} is neither the initiator ({seeker}) "
+                f"nor the respondent ({recommender})",
+                line=line,
+                field="senderWorkerId",
             )
         converted, items = _convert_text(text, catalog)
         if not converted:
@@ -110,7 +116,9 @@ def parse_conversation(obj: object, catalog: ItemCatalog, path: Path, line: int)
 def load_split(data_dir: str | Path, split: str, catalog: ItemCatalog) -> list[Conversation]:
     """All conversations of one split (``train``, ``valid`` or ``test``)."""
     if split not in SPLIT_FILES:
-        raise DataError(data_dir, f"unknown split {split!r}", hint=f"use one of {list(SPLIT_FILES)}")
+        raise DataError(
+            data_dir, f"unknown split {split!r}", hint=f"use one of {list(SPLIT_FILES)}"
+        )
     path = require_file(Path(data_dir) / SPLIT_FILES[split], f"ReDial {split} split")
     convs = [parse_conversation(obj, catalog, path, n) for n, obj in iter_jsonl(path)]
     ids = [c.conv_id for c in convs]

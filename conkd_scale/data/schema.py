@@ -123,9 +123,9 @@ def _unique(xs: Iterable[str]) -> tuple[str, ...]:
 
 
 def turn_samples(
-    conv: Conversation, roles: Sequence[str] = (RECOMMENDER,), *, skip_first: bool = True
+    conv: Conversation, roles: Sequence[str] = (RECOMMENDER,), *, skip_first: bool = False
 ) -> list[TurnSample]:
-    """One sample per turn of the given roles (the first turn has no context; skipped by default)."""
+    """One sample per turn of the given roles (``skip_first`` drops a turn with no context)."""
     out: list[TurnSample] = []
     for t, turn in enumerate(conv.turns):
         if turn.role not in roles or (skip_first and t == 0):

@@ -36,11 +36,10 @@ class EncodedSequence:
         return len(self.input_ids)
 
 
-def _turn_ids(tok: Any, role: str, text: str, items: bool, use_mode: bool
-              ) -> tuple[list[int], int]:
+def _turn_ids(tok: Any, role: str, text: str, items: bool, use_mode: bool) -> tuple[list[int], int]:
     """Token ids of one turn and the number of prompt (no-loss) tokens at its start."""
     role_id = tok.convert_tokens_to_ids(ROLE_TOKENS[role])
-    body = tok.encode(text, add_special_tokens=False) + [tok.eos_token_id]
+    body = [*tok.encode(text, add_special_tokens=False), tok.eos_token_id]
     if role == RECOMMENDER and use_mode:
         body = [tok.convert_tokens_to_ids(MODE_REC if items else MODE_GEN), *body]
     return [role_id, *body], 1

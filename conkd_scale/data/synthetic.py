@@ -46,6 +46,7 @@ import json
 import pickle
 import random
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -190,12 +191,12 @@ class _Movie:
     director: int
     weight: float  # hidden popularity
 
-    @property
-    def attrs(self) -> set[tuple[str, int]]:
-        return (
-            {("g", g) for g in self.genres}
-            | {("a", a) for a in self.actors}
-            | {("d", self.director)}
+    @cached_property
+    def attrs(self) -> frozenset[tuple[str, int]]:
+        return frozenset(
+            [("g", g) for g in self.genres]
+            + [("a", a) for a in self.actors]
+            + [("d", self.director)]
         )
 
 

@@ -90,8 +90,9 @@ def add_crs_tokens(tok: Any, item_ids: Sequence[str]) -> Any:
     if tok.pad_token is None:
         tok.add_special_tokens({"pad_token": tok.eos_token})
     specials = [*MODE_TOKENS, *ROLE_TOKENS.values()]
-    tok.add_special_tokens({"additional_special_tokens": specials},
-                           replace_extra_special_tokens=False)
+    tok.add_special_tokens(
+        {"additional_special_tokens": specials}, replace_extra_special_tokens=False
+    )
     vocab = tok.get_vocab()
     new = [item_token(i) for i in item_ids if item_token(i) not in vocab]
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in new])

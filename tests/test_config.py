@@ -1,0 +1,65 @@
+import json
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+
+from conkd_scale.config import build_config, config_to_dict
+from conkd_scale.utils.errors import ConfigError
+
+
+@dataclass
+class Inner:
+    tau: float = 1.0
+    mode: Literal["hard", "soft"] = "hard"
+
+    def __post_init__(self) -> None:
+        if self.tau <= 0:
+            raise ConfigError(f"inner.tau must be > 0, got {self.tau}")
+
+
+@dataclass
+class Outer:
+    steps: int = 10
+    name: str | None = None
+    flag: bool = False
+    sizes: list[str] = field(default_factory=lambda: ["a"])
+    inner: Inner = field(default_factory=Inner)
+
+
+def test_file_then_overrides(tmp_path):
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"steps": 3, "inner": {"tau": 2}}))
+    cfg = build_config(Outer, f, ["inner.mode=soft", "flag=true", "sizes=x,y", "name=none"])
+    assert cfg.steps == 3 and cfg.inner.tau == 2.0 and cfg.inner.mode == "soft"
+    assert cfg.flag is True and cfg.sizes == ["x", "y"] and cfg.name is None
+    assert config_to_dict(cfg)["inner"] == {"tau": 2.0, "mode": "soft"}
+    y = tmp_path / "c.yaml"
+    y.write_text("steps: 4\ninner:\n  mode: soft\n")
+    assert build_config(Outer, y).steps == 4
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("inner.tua=1", "unknown config key 'inner.tua'"),
+        ("steps=1.5", "steps: expected an integer"),
+        ("inner.mode=medium", "inner.mode: 'medium' is not one of"),
+        ("flag=maybe", "flag: expected true/false"),
+        ("inner.tau=-1", "inner.tau must be > 0"),
+        ("steps", "not of the form key=value"),
+        ("steps.x=1", "has no sub-keys"),
+    ],
+)
+def test_bad_values_name_the_key(override, needle):
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.").replace("(", r"\(")):
+        build_config(Outer, None, [override])
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        build_config(Outer, tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{nope")
+    with pytest.raises(ConfigError, match="bad.json: cannot parse"):
+        build_config(Outer, bad)
