@@ -1,0 +1,85 @@
+"""Run config of ``launch/distill.py`` (``--config FILE`` and ``key=value`` overrides).
+
+With no config at all the job runs the built-in default: the synthetic corpus (generated if
+missing), teachers trained first if their directories are missing, a ``tiny`` student.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from conkd_scale.loss.config import LossConfig
+from conkd_scale.models.builder import ModelConfig
+from conkd_scale.training.config import TrainConfig
+from conkd_scale.utils.errors import ConfigError
+
+DEFAULT_SYNTHETIC_DIR = "runs/data/synthetic"
+
+
+def _default_train() -> TrainConfig:
+    return TrainConfig(micro_batch=8, lr=2e-3, warmup_steps=20, epochs=4.0, eval_every=50,
+                       save_every=50, log_every=5)
+
+
+@dataclass
+class TeacherConfig:
+    """Where the two teachers live and how to get them (``teachers.<field>``)."""
+
+    rec_dir: str | None = None  # R's training dir; None: runs/teachers/<dataset>/rec
+    dialog_dir: str | None = None  # D's training dir (uses <dir>/hf) or any HF model dir;
+    # None: runs/teachers/<dataset>/dialog
+    auto_train: bool = True  # train a missing teacher first (False: a clear error instead)
+    rec_overrides: list[str] = field(default_factory=list)  # key=value for R's training
+    dialog_overrides: list[str] = field(default_factory=lambda: ["model.preset=mini"])
+    # key=value for D's training (e.g. model.preset=small train.epochs=8)
+    dialog_train_ds_config: str = "ds_configs/zero3.json"  # DeepSpeed config to train D
+    inference_ds_config: str = "ds_configs/zero3_inference.json"  # D's frozen, sharded engine
+    mode: Literal["online"] = "online"  # online: D runs in lockstep with the student
+
+
+@dataclass
+class DistillConfig:
+    """ConKD distillation: student ← gated (D, R) KD + CE (METHOD.md, "The student loss")."""
+
+    dataset: Literal["redial", "inspired", "synthetic"] = "synthetic"
+    data_dir: str | None = None  # None: runs/data/synthetic (generated if missing)
+    synthetic_seed: int = 0  # seed of the generated synthetic corpus
+    kg: Literal["kbrd", "dbpedia", "none"] | None = None  # R's KG (None: the dataset's default)
+    output_dir: str = "runs/distill"
+    max_length: int = 256  # tokens per training sequence (whole conversations, windowed)
+    use_mode_tokens: bool = True  # [REC]/[GEN] mode tokens (ablation: false)
+    context_budget: int | None = None  # context tokens carried into a later window (max/4)
+    max_train_conversations: int = 0  # 0: all
+    export: bool = True  # write OUT/hf (Hugging Face directory) at the end
+    student: ModelConfig = field(default_factory=ModelConfig)  # tokenizer always D's
+    teachers: TeacherConfig = field(default_factory=TeacherConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=_default_train)
+
+    def __post_init__(self) -> None:
+        if self.dataset != "synthetic" and self.data_dir is None:
+            raise ConfigError(f"data_dir is required for dataset={self.dataset!r}")
+        if self.max_length < 16:
+            raise ConfigError(f"max_length: expected >= 16, got {self.max_length}")
+        if self.student.pretrained is None and self.max_length > self.student.n_positions:
+            raise ConfigError(f"max_length {self.max_length} exceeds student.n_positions "
+                              f"{self.student.n_positions}")
+
+    @property
+    def resolved_data_dir(self) -> str:
+        return self.data_dir or DEFAULT_SYNTHETIC_DIR
+
+    @property
+    def rec_dir(self) -> Path:
+        return Path(self.teachers.rec_dir or f"runs/teachers/{self.dataset}/rec")
+
+    @property
+    def dialog_dir(self) -> Path:
+        return Path(self.teachers.dialog_dir or f"runs/teachers/{self.dataset}/dialog")
+
+    @property
+    def uses_teachers(self) -> bool:
+        """False for the one-hot multi-task baseline (w_kd = 0): no teacher forward at all."""
+        return self.loss.w_kd > 0

@@ -1,0 +1,266 @@
+"""The ConKD distillation job: setup -> train -> export -> cleanup.
+
+Per micro batch, on every rank and in the same order (ZeRO-3 forwards are collective):
+
+1. ``lockstep``: D's forward (sharded inference engine, ``no_grad``) -> its logits at the
+   loss rows only, ``[N, V]`` (the ``[B, T, V]`` tensor is freed at once); R's item
+   distribution for the batch's recommender turns, ``[S, |I|]`` (one row per turn);
+2. ``loss_step``: the student's forward -> logits at the loss rows -> the gated two-teacher
+   loss (``conkd_scale.loss.conkd_loss``; chunked on the CPU), whose parts are logged;
+   the teacher's rows are freed as soon as the loss has used them.
+
+Output directory (``output_dir``)::
+
+    config.json, ds_config.json, run_info.json   resolved configs and run facts
+    tokenizer/                                   D's tokenizer (the vocabulary U)
+    metrics.jsonl                                train rows: step, loss, ce, kd, kd_dialog,
+                                                 kd_rec, gate_mean, gate_frac_above_eta,
+                                                 gate_precision, gate_recall, tokens_per_s,
+                                                 samples_per_s, peak_mem_mb; eval rows
+    checkpoints/step_*/                          resumable DeepSpeed checkpoints
+    hf/                                          the exported student (Hugging Face dir)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from conkd_scale import distributed as D
+from conkd_scale.config import config_to_dict
+from conkd_scale.data.corpus import load_dataset
+from conkd_scale.data.sequences import IGNORE
+from conkd_scale.data.tokenizer import item_token_ids, save_tokenizer
+from conkd_scale.distill import teachers as T
+from conkd_scale.distill.config import DistillConfig
+from conkd_scale.loss import conkd_loss
+from conkd_scale.models.builder import build_model
+from conkd_scale.models.export import export_hf
+from conkd_scale.training.data import Batch, sequence_collate
+from conkd_scale.training.dialog_teacher import encode_split
+from conkd_scale.training.ds_config import resolve_ds_config
+from conkd_scale.training.metrics import JsonlLogger
+from conkd_scale.training.trainer import Trainer, lm_logits, make_optimizer, \
+    make_scheduler_factory, plan_steps
+from conkd_scale.utils.io import write_json
+
+GATE_COUNTS = ("gate_lam_sum", "item_mass_sum", "gate_n_tokens", "gate_n_pred", "gate_n_gold",
+               "gate_n_hit")
+
+
+class DistillLogger(JsonlLogger):
+    """metrics.jsonl rows with the gate figures derived from pooled counts.
+
+    The trainer averages every logged part over micro batches and ranks; ratios of those
+    averages are ratios of the pooled sums, so precision/recall are exact over the window.
+    """
+
+    def log(self, row: dict[str, Any]) -> None:
+        n = row.get("gate_n_tokens")
+        if n:
+            row["gate_mean"] = row["gate_lam_sum"] / n
+            row["item_mass_mean"] = row["item_mass_sum"] / n
+            row["gate_frac_above_eta"] = row["gate_n_pred"] / n
+            if row["gate_n_pred"] > 0:
+                row["gate_precision"] = row["gate_n_hit"] / row["gate_n_pred"]
+            if row["gate_n_gold"] > 0:
+                row["gate_recall"] = row["gate_n_hit"] / row["gate_n_gold"]
+        for k in ("gate_lam_sum", "item_mass_sum"):
+            row.pop(k, None)
+        super().log(row)
+
+
+def loss_rows(batch: Batch) -> torch.Tensor:
+    """``[B, T-1]`` mask of the positions whose next token carries loss."""
+    return batch["labels"][:, 1:] != IGNORE
+
+
+class DistillRecipe:
+    """ConKD distillation into a DeepSpeed (ZeRO-3 by default) student."""
+
+    def __init__(self, cfg: DistillConfig, ds_config: dict[str, Any],
+                 ds_config_path: str = "DeepSpeed config",
+                 inference_ds_config: dict[str, Any] | None = None) -> None:
+        self.cfg = cfg
+        self.ds_raw = ds_config
+        self.ds_path = ds_config_path
+        self.ds_inf_raw = inference_ds_config
+        self.out = Path(cfg.output_dir)
+        self.summary: dict[str, Any] = {}
+        self.teacher: Any = None
+        self.rec: Any = None
+
+    # ---------------------------------------------------------------------------- setup
+    def _ensure_data(self) -> None:
+        data_dir = Path(self.cfg.resolved_data_dir)
+        if self.cfg.dataset == "synthetic" and not data_dir.is_dir():
+            from conkd_scale.data.synthetic import write_synthetic
+
+            D.print0(f"generating the synthetic corpus in {data_dir}")
+            write_synthetic(data_dir, seed=self.cfg.synthetic_seed)
+
+    def setup(self) -> None:
+        import deepspeed
+
+        cfg = self.cfg
+        T.check_teachers_present(cfg)  # every rank, before any collective
+        self.dist = D.init_distributed()
+        D.run_on_main(self._ensure_data)
+        if cfg.teachers.auto_train:
+            T.train_missing_teachers(cfg)
+        corpus = load_dataset(cfg.dataset, cfg.resolved_data_dir, kg=cfg.kg or "none",
+                              splits=("train", "valid"))
+        tok = T.load_teacher_tokenizer(cfg)
+        if cfg.uses_teachers:
+            from conkd_scale.rec.api import RecTeacher
+
+            self.rec = RecTeacher.load(cfg.rec_dir)
+        self.item_ids = T.check_alignment(tok, self.rec, corpus.catalog.ids)
+        self.item_tok_I = torch.tensor(item_token_ids(tok, self.item_ids), dtype=torch.long)
+        self.vocab = len(tok)
+        ds = resolve_ds_config(self.ds_raw, micro_batch=cfg.train.micro_batch,
+                               grad_accum=cfg.train.grad_accum,
+                               world_size=self.dist.world_size, where=self.ds_path)
+
+        def prepare() -> None:
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_json(self.out / "config.json", config_to_dict(cfg))
+            write_json(self.out / "ds_config.json", ds)
+            if not (self.out / "tokenizer").is_dir():
+                save_tokenizer(tok, self.out / "tokenizer")
+
+        D.run_on_main(prepare)
+        train_convs = corpus.splits["train"]
+        if cfg.max_train_conversations:
+            train_convs = train_convs[: cfg.max_train_conversations]
+        self.train_data = encode_split(train_convs, tok, cfg)  # type: ignore[arg-type]
+        self.eval_data = encode_split(corpus.splits["valid"], tok, cfg)  # type: ignore[arg-type]
+        if cfg.uses_teachers:
+            inf_raw = self.ds_inf_raw
+            if inf_raw is None:
+                from conkd_scale.training.ds_config import load_ds_config
+
+                inf_raw = load_ds_config(cfg.teachers.inference_ds_config)
+            ds_inf = resolve_ds_config(inf_raw, micro_batch=cfg.train.micro_batch,
+                                       world_size=self.dist.world_size, client_optimizer=False,
+                                       where=cfg.teachers.inference_ds_config)
+            self.teacher = T.build_dialog_engine(T.dialog_model_dir(cfg.dialog_dir), ds_inf,
+                                                 self.vocab)
+        torch.manual_seed(cfg.train.seed)
+        self.built = build_model(cfg.student, tok, ds_config=ds, catalog=corpus.catalog)
+        total = plan_steps(cfg.train, len(self.train_data), self.dist.world_size)
+        self.engine, *_ = deepspeed.initialize(
+            model=self.built.model, optimizer=make_optimizer(self.built.model, cfg.train),
+            lr_scheduler=make_scheduler_factory(cfg.train, total), config=ds)
+        self.collate = sequence_collate(tok.pad_token_id)
+        logger = DistillLogger(self.out / "metrics.jsonl") if self.dist.is_main else None
+        self.trainer = Trainer(
+            self.engine, train_data=self.train_data, eval_data=self.eval_data,
+            collate_fn=self.collate, cfg=cfg.train, dist=self.dist, out_dir=self.out,
+            total_steps=total, loss_step=self.loss_step, eval_step=self.eval_step,
+            eval_metrics=self.eval_metrics, lockstep=self.lockstep, logger=logger)
+        info = {"world_size": self.dist.world_size, "launcher": self.dist.launcher,
+                "student_params": self.built.num_params, "student": self.built.source,
+                "teacher": str(T.dialog_model_dir(cfg.dialog_dir)) if self.teacher else None,
+                "teacher_params": _count(self.teacher), "rec_teacher": str(cfg.rec_dir)
+                if self.rec else None, "vocab": self.vocab, "items": len(self.item_ids),
+                "train_sequences": len(self.train_data), "total_steps": total,
+                "zero_stage": ds.get("zero_optimization", {}).get("stage", 0)}
+        D.run_on_main(write_json, self.out / "run_info.json", info)
+        D.print0(json.dumps(info))
+        self.trainer.resume()
+
+    # ---------------------------------------------------------------------------- hooks
+    @torch.no_grad()
+    def lockstep(self, batch: Batch, training: bool) -> Batch:
+        """Teacher outputs for this micro batch (every rank, every micro batch)."""
+        if self.teacher is None:
+            return batch
+        t0 = time.perf_counter()
+        logits_BTV = lm_logits(self.teacher, batch)
+        rows_BT = loss_rows(batch).to(logits_BTV.device)
+        batch["teacher_NV"] = logits_BTV[:, :-1][rows_BT][:, : self.vocab]  # [N, V]
+        del logits_BTV
+        turns = batch["turns"]
+        batch["rec_SI"] = (self.rec.item_distribution(turns, self.item_ids) if turns
+                           else torch.zeros(0, len(self.item_ids)))  # [S, I]
+        batch["time_teacher_s"] = time.perf_counter() - t0
+        return batch
+
+    def _loss(self, engine: Any, batch: Batch) -> tuple[torch.Tensor, dict[str, Any]]:
+        cfg = self.cfg
+        logits_BTV = lm_logits(engine, batch)
+        dev = logits_BTV.device
+        rows_BT = loss_rows(batch).to(dev)
+        labels_N = batch["labels"][:, 1:].to(dev)[rows_BT]  # [N]
+        student_NV = logits_BTV[:, :-1][rows_BT][:, : self.vocab]  # [N, V]
+        del logits_BTV
+        t0 = time.perf_counter()
+        if self.teacher is None:  # one-hot baseline: L = w_ce * CE
+            ce = torch.nn.functional.cross_entropy(student_NV.float(), labels_N,
+                                                   reduction="sum") / max(len(labels_N), 1)
+            parts = {"ce": ce.detach(), "kd": 0.0, "kd_dialog": 0.0, "kd_rec": 0.0,
+                     "time_loss_s": time.perf_counter() - t0}
+            return cfg.loss.w_ce * ce, parts
+        rec_row_N = batch["rec_turn"][:, 1:].to(dev)[rows_BT]  # [N]
+        out = conkd_loss(student_NV, batch.pop("teacher_NV"), batch["rec_SI"].to(dev),
+                         rec_row_N, self.item_tok_I.to(dev), labels_N, cfg.loss)
+        lam = out.lam_N.detach().float()
+        gold = torch.isin(labels_N, self.item_tok_I.to(dev))
+        pred = lam > cfg.loss.gate.eta
+        parts = {"ce": out.ce, "kd": out.kd, "kd_dialog": out.kd_dialog, "kd_rec": out.kd_rec,
+                 "gate_lam_sum": lam.sum(), "item_mass_sum": out.m_N.detach().float().sum(),
+                 "gate_n_tokens": float(len(labels_N)), "gate_n_pred": float(pred.sum()),
+                 "gate_n_gold": float(gold.sum()), "gate_n_hit": float((pred & gold).sum()),
+                 "time_teacher_s": batch.get("time_teacher_s", 0.0),
+                 "time_loss_s": time.perf_counter() - t0}
+        return out.loss, parts
+
+    def loss_step(self, engine: Any, batch: Batch) -> tuple[torch.Tensor, dict[str, Any]]:
+        return self._loss(engine, batch)
+
+    @torch.no_grad()
+    def eval_step(self, engine: Any, batch: Batch) -> dict[str, float]:
+        loss, parts = self._loss(engine, batch)
+        n = float(loss_rows(batch).sum())
+        return {"ce_sum": float(parts["ce"]) * n, "kd_sum": float(parts["kd"]) * n,
+                "loss_sum": float(loss) * n, "tokens": n}
+
+    @staticmethod
+    def eval_metrics(sums: dict[str, float]) -> dict[str, float]:
+        n = max(sums["tokens"], 1.0)
+        ce = sums["ce_sum"] / n
+        return {"val_loss": sums["loss_sum"] / n, "val_ce": ce, "val_kd": sums["kd_sum"] / n,
+                "val_ppl": math.exp(min(ce, 50.0)), "val_tokens": sums["tokens"]}
+
+    # ---------------------------------------------------------------------------- run
+    def train(self) -> dict[str, Any]:
+        self.summary = self.trainer.train()
+        return self.summary
+
+    def save_checkpoint(self) -> Path:
+        return self.trainer.save_checkpoint()
+
+    def export(self) -> Path | None:
+        """OUT/hf: the student as a Hugging Face directory (completed runs). Collective."""
+        if self.trainer.stopped_early or not self.cfg.export:
+            return None
+        path = export_hf(self.engine, self.built.tokenizer, self.out / "hf",
+                         meta={"step": self.trainer.step, "source": self.built.source,
+                               "loss": config_to_dict(self.cfg.loss), **self.trainer.last_eval})
+        D.print0(f"exported the student to {path}")
+        return path
+
+    def cleanup(self) -> None:
+        D.teardown()
+
+
+def _count(engine: Any) -> int | None:
+    if engine is None:
+        return None
+    return sum(int(getattr(p, "ds_numel", p.numel())) for p in engine.module.parameters())

@@ -1,0 +1,138 @@
+"""The two teachers as the distillation job sees them.
+
+- D, the dialogue teacher, runs **online** as a DeepSpeed ZeRO-3 engine with no optimizer
+  (``ds_configs/zero3_inference.json``): its parameters stay sharded across ranks and are
+  gathered layer by layer during each forward, so D may be larger than one rank's memory
+  share. It runs in eval mode under ``torch.no_grad()``, in lockstep on every rank.
+- R, the recommendation teacher, is small: every rank holds a replica (eval, no grad).
+
+Missing teachers are trained first when ``teachers.auto_train`` is set (R on rank 0 while
+the others wait; D with the same DeepSpeed training core on every rank).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from conkd_scale import distributed as D
+from conkd_scale.config import build_config
+from conkd_scale.data.tokenizer import load_tokenizer, tokenizer_item_ids
+from conkd_scale.distill.config import DistillConfig
+from conkd_scale.utils.errors import ConfigError
+
+
+def dialog_model_dir(path: str | Path) -> Path:
+    """D's Hugging Face directory: ``<dir>/hf`` of a training run, or ``<dir>`` itself."""
+    path = Path(path)
+    return path / "hf" if (path / "hf" / "config.json").is_file() else path
+
+
+def rec_ready(cfg: DistillConfig) -> bool:
+    from conkd_scale.rec.train import CHECKPOINT_DIR, CHECKPOINT_FILE
+
+    d = cfg.rec_dir
+    return (d / CHECKPOINT_FILE).is_file() or (d / CHECKPOINT_DIR / CHECKPOINT_FILE).is_file()
+
+
+def dialog_ready(cfg: DistillConfig) -> bool:
+    return (dialog_model_dir(cfg.dialog_dir) / "config.json").is_file()
+
+
+def check_teachers_present(cfg: DistillConfig) -> None:
+    """With auto-training off, a missing teacher is an error (raised on every rank)."""
+    if cfg.teachers.auto_train or not cfg.uses_teachers:
+        if not cfg.uses_teachers and not dialog_ready(cfg):
+            raise ConfigError(
+                f"the one-hot baseline (loss.w_kd=0) still needs D's tokenizer: no trained "
+                f"dialogue teacher in {cfg.dialog_dir}; train it or set teachers.dialog_dir"
+            )
+        return
+    for name, ready, path, how in (
+        ("recommendation", rec_ready(cfg), cfg.rec_dir, "launch/train_rec_teacher.py"),
+        ("dialogue", dialog_ready(cfg), cfg.dialog_dir, "launch/train_dialog_teacher.py"),
+    ):
+        if not ready:
+            raise ConfigError(
+                f"no trained {name} teacher in {path} and teachers.auto_train=false: train it "
+                f"with {how}, point teachers.{'rec' if name[0] == 'r' else 'dialog'}_dir at it, "
+                "or set teachers.auto_train=true"
+            )
+
+
+def train_missing_teachers(cfg: DistillConfig) -> None:
+    """Train R and/or D where their directories lack a trained model. Collective."""
+    if not rec_ready(cfg) and cfg.uses_teachers:
+        from conkd_scale.rec.train import RecTeacherConfig, train_rec_teacher
+
+        D.print0(f"training the recommendation teacher into {cfg.rec_dir}")
+        kg = "default" if cfg.kg is None else cfg.kg
+        rcfg = build_config(RecTeacherConfig, None, [
+            f"dataset={cfg.dataset}", f"data_dir={cfg.resolved_data_dir}", f"kg={kg}",
+            f"output_dir={cfg.rec_dir}", f"progress={cfg.train.progress}",
+            *cfg.teachers.rec_overrides])
+        train_rec_teacher(rcfg)
+    if not dialog_ready(cfg):
+        from conkd_scale.training.dialog_teacher import DialogTeacherConfig, DialogTeacherRecipe
+        from conkd_scale.training.ds_config import load_ds_config
+
+        D.print0(f"training the dialogue teacher into {cfg.dialog_dir}")
+        dcfg = build_config(DialogTeacherConfig, None, [
+            f"dataset={cfg.dataset}", f"data_dir={cfg.resolved_data_dir}",
+            f"output_dir={cfg.dialog_dir}", f"max_length={cfg.max_length}",
+            f"use_mode_tokens={cfg.use_mode_tokens}", f"train.progress={cfg.train.progress}",
+            f"max_train_conversations={cfg.max_train_conversations}",
+            *cfg.teachers.dialog_overrides])
+        ds_path = cfg.teachers.dialog_train_ds_config
+        recipe = DialogTeacherRecipe(dcfg, load_ds_config(ds_path), ds_path)
+        recipe.setup()
+        recipe.train()
+        recipe.export()
+        del recipe  # frees D's training engine; the process group stays for the student
+        D.barrier()
+
+
+def load_teacher_tokenizer(cfg: DistillConfig) -> Any:
+    """The vocabulary U of D (the student is trained over the same tokens)."""
+    return load_tokenizer(dialog_model_dir(cfg.dialog_dir))
+
+
+def check_alignment(tok: Any, rec: Any | None, catalog_ids: list[str]) -> list[str]:
+    """Item ids of the tokenizer, checked against the dataset's catalog and R's item index."""
+    items = tokenizer_item_ids(tok)
+    if not items:
+        raise ConfigError("the dialogue teacher's tokenizer has no item tokens (<item_ID>)")
+    known = set(catalog_ids)
+    missing = [i for i in catalog_ids if i not in set(items)]
+    extra = [i for i in items if i not in known]
+    if missing or extra:
+        raise ConfigError(
+            f"the tokenizer's item tokens do not match the dataset's items ({len(missing)} "
+            f"missing, e.g. {missing[:3]}; {len(extra)} unknown, e.g. {extra[:3]}): D was "
+            "trained on another dataset; retrain it or point teachers.dialog_dir elsewhere"
+        )
+    if rec is not None:
+        rec.aligned_index(items)  # raises, naming the first item R does not know
+    return items
+
+
+def build_dialog_engine(model_dir: Path, ds_config: dict[str, Any], vocab: int) -> Any:
+    """D as a ZeRO-3 inference engine (sharded parameters, no optimizer), in eval mode."""
+    import deepspeed
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    keep = HfDeepSpeedConfig(ds_config)  # from_pretrained loads straight into partitions
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    rows = int(model.get_input_embeddings().num_embeddings)
+    if rows < vocab:
+        raise ConfigError(f"{model_dir}: the dialogue teacher has {rows} embedding rows but "
+                          f"its tokenizer has {vocab} tokens")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+    engine.module.eval()
+    engine._conkd_hf_ds_config = keep
+    return engine

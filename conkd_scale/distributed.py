@@ -1,0 +1,294 @@
+"""Distributed initialisation in one function, rank-0 helpers, and teardown.
+
+Every DeepSpeed job calls :func:`init_distributed` once, before any collective. It finds the
+launcher from the environment, in this order:
+
+1. ``env``: ``RANK``/``WORLD_SIZE`` already set (the DeepSpeed launcher, ``torchrun``,
+   ``deepspeed --launcher openmpi`` with ``OMPI_*`` mapped by DeepSpeed);
+2. ``mpi``: an MPI launch (``mpirun``, ``srun --mpi=pmix``): ``OMPI_COMM_WORLD_SIZE``,
+   ``PMI_SIZE`` or ``PMIX_RANK`` present. DeepSpeed's MPI discovery (mpi4py) fills
+   ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT``;
+3. ``slurm``: a plain ``srun`` step (``SLURM_STEPID`` set): ``RANK = SLURM_PROCID``,
+   ``WORLD_SIZE = SLURM_STEP_NUM_TASKS`` (else ``SLURM_NTASKS``), ``LOCAL_RANK = SLURM_LOCALID``,
+   ``MASTER_ADDR`` = first host of ``SLURM_JOB_NODELIST``, ``MASTER_PORT`` from the job id
+   (unless set). The batch script itself (no step id) is *not* a SLURM launch: running
+   ``python launch/x.py`` there is a single process, not rank 0 of many that never arrive;
+4. ``single``: none of these: one process, world size 1, on a free local port.
+
+Backend: ``nccl`` when CUDA is available, else ``gloo`` (DeepSpeed's CPU accelerator).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+LAUNCHERS = ("env", "mpi", "slurm", "single")
+_MPI_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process stands in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    backend: str  # "nccl" or "gloo"
+    device: torch.device
+    launcher: str  # one of LAUNCHERS
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Expand a SLURM node list (``"gpu[01-03,07],login1"``) into host names.
+
+    >>> expand_nodelist("gpu[01-02,07],cpu1")
+    ['gpu01', 'gpu02', 'gpu07', 'cpu1']
+    """
+    hosts: list[str] = []
+    for m in re.finditer(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist):
+        prefix, ranges = m.group(1), m.group(2)
+        if ranges is None:
+            hosts.append(prefix)
+            continue
+        for part in ranges.split(","):
+            lo, _, hi = part.partition("-")
+            if not hi:
+                hosts.append(prefix + lo)
+            else:
+                hosts += [f"{prefix}{i:0{len(lo)}d}" for i in range(int(lo), int(hi) + 1)]
+    return hosts
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist],
+            capture_output=True, text=True, timeout=30, check=True,
+        ).stdout.split()
+        if out:
+            return out[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return expand_nodelist(nodelist)[0]
+
+
+def detect_launcher(env: dict[str, str] | os._Environ[str]) -> str:
+    """Which launcher started this process (see the module docstring for the order)."""
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return "env"
+    if any(v in env for v in _MPI_VARS):
+        return "mpi"
+    if "SLURM_PROCID" in env and ("SLURM_STEPID" in env or "SLURM_STEP_ID" in env):
+        return "slurm"
+    return "single"
+
+
+def slurm_env(env: dict[str, str] | os._Environ[str]) -> dict[str, str]:
+    """The torch.distributed variables for a plain ``srun`` step, from the ``SLURM_*`` ones."""
+    world = env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or "1"
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
+    job = int(env.get("SLURM_JOB_ID", "0") or 0)
+    return {
+        "RANK": env["SLURM_PROCID"],
+        "WORLD_SIZE": world,
+        "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+        "LOCAL_WORLD_SIZE": env.get("SLURM_STEP_TASKS_PER_NODE", "").split("(")[0] or "1",
+        "MASTER_ADDR": env.get("MASTER_ADDR") or _first_slurm_host(nodelist),
+        "MASTER_PORT": env.get("MASTER_PORT") or str(20000 + job % 40000),
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _set_cpu_threads(local_world_size: int) -> None:
+    """Share the node's cores between its ranks unless the user chose (OMP_NUM_THREADS)."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(max(1, (cores or 1) // max(1, local_world_size)))
+
+
+def init_distributed(backend: str | None = None, *, timeout_minutes: float = 30.0) -> DistInfo:
+    """Initialise torch.distributed through DeepSpeed for whatever launcher started us.
+
+    Idempotent: a second call returns the same info. ``backend`` defaults to ``nccl`` with
+    CUDA and ``gloo`` without.
+    """
+    import deepspeed
+
+    env = os.environ
+    launcher = detect_launcher(env)
+    if launcher == "slurm":
+        for k, v in slurm_env(env).items():
+            env.setdefault(k, v)
+    elif launcher == "single":
+        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", str(_free_port()))
+    elif launcher == "env":
+        env.setdefault("LOCAL_RANK", "0")
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", "29500")
+    on_gpu = torch.cuda.is_available()
+    backend = backend or ("nccl" if on_gpu else "gloo")
+    deepspeed.init_distributed(
+        dist_backend=backend,
+        auto_mpi_discovery=True,
+        timeout=timedelta(minutes=timeout_minutes),
+        verbose=False,
+    )
+    rank = int(env["RANK"])
+    world = int(env["WORLD_SIZE"])
+    local_rank = int(env.get("LOCAL_RANK", "0"))
+    local_world = int(env.get("LOCAL_WORLD_SIZE", "0") or 0) or _count_local_ranks(world)
+    if on_gpu:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+        _set_cpu_threads(local_world)
+    return DistInfo(rank, world, local_rank, local_world, backend, device, launcher)
+
+
+def _count_local_ranks(world: int) -> int:
+    """Ranks on this host (one all_gather of host names), for the CPU thread split."""
+    import torch.distributed as dist
+
+    if world == 1:
+        return 1
+    names: list[Any] = [None] * world
+    dist.all_gather_object(names, socket.gethostname())
+    return sum(n == socket.gethostname() for n in names)
+
+
+def is_initialized() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if is_initialized() else int(os.environ.get("RANK", "0"))
+
+
+def get_world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def is_main() -> bool:
+    return get_rank() == 0
+
+
+def print0(*args: Any, **kwargs: Any) -> None:
+    """``print`` on rank 0 only, as one write (ranks sharing a stdout never interleave)."""
+    if is_main():
+        sep = kwargs.pop("sep", " ")
+        end = kwargs.pop("end", "\n")
+        f = kwargs.pop("file", sys.stdout)
+        f.write(sep.join(str(a) for a in args) + end)
+        f.flush()
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj: T, src: int = 0) -> T:
+    """Rank ``src``'s ``obj`` on every rank (identity without a process group)."""
+    import torch.distributed as dist
+
+    if not is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Element-wise sum of ``values`` over all ranks (float64 on the CPU)."""
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    if is_initialized() and dist.get_world_size() > 1:
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t)
+    return t.cpu().tolist()
+
+
+def all_reduce_max(values: list[float]) -> list[float]:
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    if is_initialized() and dist.get_world_size() > 1:
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.cpu().tolist()
+
+
+def run_on_main(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run ``fn`` on rank 0 only; every rank returns its result or raises its error.
+
+    The outcome is broadcast, so a failure on rank 0 never leaves the other ranks waiting
+    in a barrier (the error is re-raised everywhere, with rank 0's message).
+    """
+    import pickle
+
+    result: tuple[bool, Any] = (True, None)
+    error: Exception | None = None
+    if is_main():
+        try:
+            result = (True, fn(*args, **kwargs))
+        except Exception as e:
+            error = e
+            try:
+                pickle.dumps(e)
+                result = (False, e)
+            except Exception:
+                result = (False, RuntimeError(f"{type(e).__name__}: {e}"))
+    ok, value = broadcast_object(result)
+    if error is not None:
+        raise error
+    if not ok:
+        raise value
+    return value
+
+
+def teardown() -> None:
+    """Destroy the process group (safe to call twice or without one).
+
+    No barrier here: after an error on one rank the others may sit in another collective.
+    The launchers (deepspeed, torchrun, srun) stop the remaining ranks when one fails.
+    """
+    import torch.distributed as dist
+
+    if is_initialized():
+        dist.destroy_process_group()

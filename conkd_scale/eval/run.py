@@ -1,0 +1,397 @@
+"""Evaluate one system of the results table on a split; write ``metrics.json`` and
+``generations.jsonl``.
+
+    python launch/evaluate.py --system student --model runs/distill/hf \
+        --dataset redial --data-dir ../shared/data/redial --output-dir runs/eval/student
+
+Systems (METHOD.md "Systems in the results table") and the metrics each gets:
+
+- ``student`` / ``dialog`` (an exported HF causal LM): teacher-forced ``R@1/10/50``,
+  ``MRR@10``, ``NDCG@10`` and ``PPL``; generated replies give ``ReR/PrR/F1@1,3,5``,
+  ``rec_turn_item_rate``, ``Dist-2/3/4``, ``BLEU-1..4``.
+- ``rec`` (R alone): ``R@1/10/50``, ``MRR@10``, ``NDCG@10`` of ``q_R``.
+- ``pipeline`` (D writes, R chooses the items): R's module metrics, D's ``PPL``, the
+  in-response and generation metrics of the replaced replies, and ``discrepancy``.
+
+Every metric with gold items is also reported with the ``/new`` suffix (gold items already
+mentioned in the context removed). ``metrics.json`` holds the metric values at the top level
+(``null`` when undefined), ``definitions`` (what each name means here), ``counts`` and
+``meta``. Evaluated turns: every recommender turn of the split (the first ``max_turns`` when
+set), in corpus order.
+
+Under a launcher with ``WORLD_SIZE > 1`` (torchrun, the DeepSpeed launcher, srun) the turns
+are sharded round-robin across ranks; rank 0 gathers every shard (``gather_object``),
+computes the metrics and writes the files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from conkd_scale.config import config_to_dict
+from conkd_scale.data.corpus import load_dataset
+from conkd_scale.data.schema import ItemCatalog, TurnSample
+from conkd_scale.eval.generation import (
+    GenerationSettings,
+    ItemScorer,
+    LMGenerator,
+    Mode,
+    Pipeline,
+    build_generator,
+    rec_item_scores,
+    resolve_device,
+    top_indices,
+)
+from conkd_scale.eval.metrics_lm import (
+    DEFINITIONS,
+    NEW,
+    InResponseAccumulator,
+    discrepancy_rate,
+    generation_metrics,
+    json_safe,
+    merge_ranking_results,
+    perplexity,
+)
+from conkd_scale.eval.scoring import RANK_KS, ScoredTurns, TeacherForcedScorer
+from conkd_scale.metrics.ranking import RankingAccumulator
+from conkd_scale.utils.errors import ConfigError
+from conkd_scale.utils.io import write_json, write_jsonl
+
+SYSTEMS = ("student", "dialog", "rec", "pipeline")
+LM_SYSTEMS = ("student", "dialog", "pipeline")
+RANK_KEYS = ("R@1", "R@10", "R@50", "MRR@10", "NDCG@10")
+COMMON_DEFINITIONS = ("recommendation_turn", "gold_items", "/new", "R@k,MRR@k,NDCG@k", "null")
+LM_DEFINITIONS = ("ReR@k", "PrR@k", "F1@k", "rec_turn_item_rate", "PPL", "Dist-n", "BLEU-n")
+
+
+@dataclass
+class EvalConfig:
+    """Run config of ``launch/evaluate.py`` (``key=value`` overrides; nested: ``generation.*``)."""
+
+    system: Literal["student", "dialog", "rec", "pipeline"] = "student"
+    model: str | None = None  # exported HF dir: the LM (student/dialog) or D (pipeline)
+    rec_teacher: str | None = None  # R's training output dir or its checkpoint/ (rec/pipeline)
+    dataset: Literal["redial", "inspired", "synthetic"] = "synthetic"
+    data_dir: str | None = None
+    kg: Literal["kbrd", "dbpedia", "none"] = "none"  # turns need no KG (R carries its own)
+    split: Literal["train", "valid", "test"] = "test"
+    output_dir: str = "runs/eval"
+    max_turns: int = 0  # 0: every recommender turn of the split; N: the first N
+    mode: Literal["auto", "rec", "gen"] = "auto"  # auto: the model writes the mode token
+    ppl_include_mode: bool = False  # count the gold mode token in PPL
+    pipeline_exclude_context: bool = False  # R skips items already mentioned in the context
+    device: str = "auto"  # auto: cuda (this rank's GPU) if available, else cpu
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # LM weights
+    score_batch_size: int = 8  # teacher-forced batch (logits are [B, T, V])
+    rec_batch_size: int = 256
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+
+    def __post_init__(self) -> None:
+        if self.max_turns < 0:
+            raise ConfigError(f"max_turns: expected >= 0, got {self.max_turns}")
+        if self.score_batch_size < 1 or self.rec_batch_size < 1:
+            raise ConfigError("score_batch_size and rec_batch_size must be >= 1")
+
+    def check(self) -> None:
+        """The paths this system needs (called before any work)."""
+        if self.data_dir is None:
+            raise ConfigError("data_dir is required (--data-dir)")
+        if self.system in LM_SYSTEMS and self.model is None:
+            raise ConfigError(f"system={self.system} needs --model (an exported HF directory)")
+        if self.system in ("rec", "pipeline") and self.rec_teacher is None:
+            raise ConfigError(f"system={self.system} needs --rec-teacher")
+
+
+@dataclass
+class ShardResult:
+    """What one rank computed on its turns (picklable, gathered on rank 0)."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    scored: ScoredTurns | None = None  # LM teacher-forced sums
+    rec_ranking: list[dict[str, float]] = field(default_factory=list)  # R, all gold
+    rec_ranking_new: list[dict[str, float]] = field(default_factory=list)  # R, /new
+    seconds: float = 0.0
+
+
+# ---------------------------------------------------------------------- building blocks
+
+
+def load_rec_teacher(path: str | Path, device: str | torch.device = "cpu") -> ItemScorer:
+    from conkd_scale.rec.api import RecTeacher
+
+    return RecTeacher.load(path, map_location=device)
+
+
+def rec_ranking(
+    rec: ItemScorer, turns: Sequence[TurnSample], catalog_ids: Sequence[str], batch_size: int
+) -> tuple[dict[str, float], dict[str, float]]:
+    """R's module metrics (all gold items, and ``/new``) on the recommendation turns."""
+    index = {i: n for n, i in enumerate(catalog_ids)}
+    acc, acc_new = RankingAccumulator(RANK_KS), RankingAccumulator(RANK_KS)
+    rec_turns = [t for t in turns if t.is_recommendation]
+    for s in range(0, len(rec_turns), batch_size):
+        chunk = rec_turns[s : s + batch_size]
+        scores_SI = rec_item_scores(rec, chunk, catalog_ids)  # [S, I]
+        gold = [[index[g] for g in dict.fromkeys(t.gold_items) if g in index] for t in chunk]
+        new = [
+            [
+                index[g]
+                for g in dict.fromkeys(t.gold_items)
+                if g in index and g not in set(t.context_items)
+            ]
+            for t in chunk
+        ]
+        acc.add(scores_SI, gold)
+        acc_new.add(scores_SI, new)
+    return acc.result(), acc_new.result()
+
+
+def _base_record(t: TurnSample, catalog: ItemCatalog) -> dict[str, Any]:
+    return {
+        "conv_id": t.conv_id,
+        "turn_index": t.turn_index,
+        "context": [list(c) for c in t.context],
+        "gold": t.response,
+        "gold_rendered": catalog.render(t.response),
+        "gold_items": list(dict.fromkeys(t.gold_items)),
+        "context_items": list(t.context_items),
+        "is_recommendation": t.is_recommendation,
+    }
+
+
+def evaluate_shard(
+    cfg: EvalConfig,
+    turns: Sequence[TurnSample],
+    catalog: ItemCatalog,
+    *,
+    generator: LMGenerator | None = None,
+    rec: ItemScorer | None = None,
+) -> ShardResult:
+    """Everything one rank computes for its turns; models are passed in already loaded."""
+    t0 = time.perf_counter()
+    res = ShardResult()
+    ids = catalog.ids
+    mode: Mode = cfg.mode
+    records = [_base_record(t, catalog) for t in turns]
+    if cfg.system in ("rec", "pipeline"):
+        assert rec is not None
+        r_all, r_new = rec_ranking(rec, turns, ids, cfg.rec_batch_size)
+        res.rec_ranking, res.rec_ranking_new = [r_all], [r_new]
+    if cfg.system in LM_SYSTEMS:
+        assert generator is not None
+        scorer = TeacherForcedScorer(
+            generator, ids, include_mode=cfg.ppl_include_mode, batch_size=cfg.score_batch_size
+        )
+        res.scored = scorer.score(turns)
+    if cfg.system in ("student", "dialog"):
+        assert generator is not None
+        for rec_, g in zip(
+            records, generator.generate([t.context for t in turns], mode), strict=True
+        ):
+            rec_.update(
+                generated=g.reply, mode=g.mode, items=g.items, rendered=catalog.render(g.reply)
+            )
+    elif cfg.system == "pipeline":
+        assert generator is not None and rec is not None
+        pipe = Pipeline(
+            generator,
+            rec,
+            ids,
+            exclude_context=cfg.pipeline_exclude_context,
+            rec_batch_size=cfg.rec_batch_size,
+        )
+        for rec_, p in zip(records, pipe.generate(turns, mode), strict=True):
+            rec_.update(
+                generated=p.reply,
+                mode=p.mode,
+                items=p.items,
+                rendered=catalog.render(p.reply),
+                d_generated=p.d_reply,
+                d_items=p.d_items,
+                r_top_item=p.r_top_item,
+            )
+    elif cfg.system == "rec":
+        assert rec is not None
+        for s in range(0, len(turns), cfg.rec_batch_size):
+            chunk = turns[s : s + cfg.rec_batch_size]
+            scores_SI = rec_item_scores(rec, chunk, ids)  # [S, I]
+            top_SK = top_indices(scores_SI, 10)  # [S][10]
+            for n, row in enumerate(top_SK):
+                records[s + n]["r_top_items"] = [ids[i] for i in row]
+    res.records = records
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def compute_metrics(cfg: EvalConfig, shards: Sequence[ShardResult]) -> dict[str, Any]:
+    """``metrics.json`` content from all shards (rank 0)."""
+    records = [r for s in shards for r in s.records]
+    metrics: dict[str, float | None] = {}
+    counts: dict[str, int] = {
+        "turns": len(records),
+        "recommendation_turns": sum(r["is_recommendation"] for r in records),
+    }
+    scored = ScoredTurns()
+    for s in shards:
+        if s.scored is not None:
+            scored.merge(s.scored)
+    if cfg.system in ("rec", "pipeline"):  # the pipeline's recommender is R
+        ranking = merge_ranking_results([r for s in shards for r in s.rec_ranking])
+        ranking_new = merge_ranking_results([r for s in shards for r in s.rec_ranking_new])
+    else:
+        ranking = merge_ranking_results(scored.ranking)
+        ranking_new = merge_ranking_results(scored.ranking_new)
+    for k in RANK_KEYS:
+        metrics[k] = json_safe(ranking.get(k))
+        metrics[k + NEW] = json_safe(ranking_new.get(k))
+    counts["ranked_gold_items"] = int(ranking.get("n", 0))
+    counts["ranked_gold_items/new"] = int(ranking_new.get("n", 0))
+    names = [*COMMON_DEFINITIONS]
+    if cfg.system in LM_SYSTEMS:
+        names += LM_DEFINITIONS
+        metrics["PPL"] = json_safe(perplexity(scored.nll_sum, scored.n_tokens))
+        counts["ppl_tokens"] = scored.n_tokens
+        counts["gold_item_tokens_not_found"] = scored.items_not_found
+        acc = InResponseAccumulator()
+        for r in records:
+            acc.add(r["items"], r["gold_items"], r["context_items"])
+        metrics.update({k: json_safe(v) for k, v in acc.result().items()})
+        counts["recommendation_turns/new"] = acc.turns_new
+        gen = generation_metrics([r["generated"] for r in records], [r["gold"] for r in records])
+        metrics.update({k: json_safe(v) for k, v in gen.items()})
+        counts["generated_mode_rec"] = sum(r["mode"] == "rec" for r in records)
+        counts["generated_mode_gen"] = sum(r["mode"] == "gen" for r in records)
+    if cfg.system == "pipeline":
+        names.append("discrepancy")
+        rate, n = discrepancy_rate(
+            (r["d_items"][0] if r["d_items"] else None, r["r_top_item"]) for r in records
+        )
+        metrics["discrepancy"] = json_safe(rate)
+        counts["discrepancy_turns"] = n
+    definitions = {k: DEFINITIONS[k] for k in names}
+    return {
+        **metrics,
+        "definitions": definitions,
+        "counts": counts,
+        "meta": {
+            "system": cfg.system,
+            "model": cfg.model,
+            "rec_teacher": cfg.rec_teacher,
+            "dataset": cfg.dataset,
+            "data_dir": cfg.data_dir,
+            "split": cfg.split,
+            "decoding": cfg.generation.decoding,
+            "mode": cfg.mode,
+            "shards": len(shards),
+            "shard_seconds": [round(s.seconds, 3) for s in shards],
+        },
+    }
+
+
+def write_outputs(cfg: EvalConfig, metrics: dict[str, Any], shards: Sequence[ShardResult]) -> Path:
+    out = Path(cfg.output_dir)
+    records = sorted((r for s in shards for r in s.records), key=lambda r: r.get("_order", 0))
+    for r in records:
+        r.pop("_order", None)
+    write_json(out / "config.json", config_to_dict(cfg))
+    write_jsonl(out / "generations.jsonl", records)
+    write_json(out / "metrics.json", metrics)
+    return out
+
+
+# ---------------------------------------------------------------------- entry
+
+
+def evaluate(
+    cfg: EvalConfig,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    rec: ItemScorer | None = None,
+    generator: LMGenerator | None = None,
+) -> dict[str, Any] | None:
+    """Run one evaluation; returns the metrics on rank 0 (``None`` on other ranks).
+
+    ``rec`` / ``generator`` may be passed in already loaded (tests, notebooks); otherwise they
+    are loaded from ``cfg.rec_teacher`` / ``cfg.model``. Collective when ``world_size > 1``.
+    """
+    cfg.check()
+    error: str | None = None
+    shard = ShardResult()
+    try:
+        assert cfg.data_dir is not None
+        corpus = load_dataset(cfg.dataset, cfg.data_dir, kg=cfg.kg, splits=(cfg.split,))
+        turns = corpus.samples(cfg.split)
+        if cfg.max_turns:
+            turns = turns[: cfg.max_turns]
+        mine = list(range(rank, len(turns), world_size))
+        device = resolve_device(cfg.device)
+        if generator is None and cfg.system in LM_SYSTEMS:
+            assert cfg.model is not None
+            settings = dataclasses.replace(
+                cfg.generation, progress=cfg.generation.progress and rank == 0
+            )
+            generator = build_generator(cfg.model, settings, device=device, dtype=cfg.dtype)
+        if rec is None and cfg.system in ("rec", "pipeline"):
+            assert cfg.rec_teacher is not None
+            rec = load_rec_teacher(cfg.rec_teacher, device)
+        shard = evaluate_shard(
+            cfg, [turns[n] for n in mine], corpus.catalog, generator=generator, rec=rec
+        )
+        for n, r in zip(mine, shard.records, strict=True):
+            r["_order"] = n
+    except Exception as e:
+        if world_size == 1:
+            raise
+        error = f"rank {rank}: {type(e).__name__}: {e}"
+    shards = _gather(shard, error, rank, world_size)
+    if shards is None:
+        return None
+    metrics = compute_metrics(cfg, shards)
+    write_outputs(cfg, metrics, shards)
+    return metrics
+
+
+def _gather(
+    shard: ShardResult, error: str | None, rank: int, world_size: int
+) -> list[ShardResult] | None:
+    """All shards on rank 0 (``None`` elsewhere); raises on rank 0 if any rank failed."""
+    if world_size == 1:
+        return [shard]
+    import torch.distributed as dist
+
+    box: list[Any] | None = [None] * world_size if rank == 0 else None
+    dist.gather_object((shard, error), box, dst=0)
+    if rank != 0:
+        if error is not None:
+            raise RuntimeError(error)
+        return None
+    assert box is not None
+    errors = [e for _, e in box if e is not None]
+    if errors:
+        raise RuntimeError("evaluation failed: " + "; ".join(errors))
+    return [s for s, _ in box]
+
+
+def run_evaluation(cfg: EvalConfig) -> dict[str, Any] | None:
+    """The CLI's entry: joins the process group under a multi-rank launcher, then evaluates."""
+    cfg.check()
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return evaluate(cfg)
+    from conkd_scale import distributed as D
+
+    info = D.init_distributed()
+    try:
+        if cfg.device == "auto":
+            cfg = dataclasses.replace(cfg, device=str(info.device))
+        return evaluate(cfg, rank=info.rank, world_size=info.world_size)
+    finally:
+        D.teardown()

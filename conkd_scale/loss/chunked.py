@@ -1,0 +1,247 @@
+"""The ConKD loss on the CPU: rows in chunks, gradient computed in the forward.
+
+Same function as :mod:`conkd_scale.loss.reference`. Per chunk of C loss rows (ARCHITECTURE.md
+"The loss path"), one exp pass per distribution gives the student's and the dialogue
+teacher's probabilities and log-sum-exps; the teacher's item mass m = exp(lse_items − lse_all)
+is read off the same pass as Σ_items p_D (a [C, I] gather; τ ≠ 1 needs one more untempered
+pass), then come the loss parts and the gradient with respect to the student logits::
+
+    ∂L/∂z_t = [ w_ce·(p_S − e_{y_t}) + w_kd·τ·(p_S^τ − (1−λ_t)·p_D^τ − λ_t·q_R^τ) ] / N_valid
+
+(q_R^τ scattered to the item columns). The gradient is stored in the student's dtype, in a
+separate [N, V] buffer or, with ``inplace=True``, in the student-logits buffer itself; the
+backward only scales it by ``grad_output``. Live fp32 memory beyond that is a few [C, V]
+temporaries. R's table stays [S, I]: its rows are gathered per chunk. Teacher logits get
+no gradient; rows with label -100 are skipped (gradient 0) and, when every row is ignored,
+the loss and its parts are 0.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from conkd_scale.loss.common import (
+    IGNORE_INDEX,
+    LossOutput,
+    compute_dtype,
+    flatten_inputs,
+    tempered_log_q,
+)
+from conkd_scale.loss.config import GateConfig, LossConfig
+from conkd_scale.loss.gates import gate, item_mass
+
+
+def _softmax_lse(x_CV: Tensor, out_CV: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(softmax(x) [C, V], logsumexp(x) [C]) from one fused softmax, into ``out_CV`` if given.
+
+    lse = max(x) − log(max(p)): the largest probability is ≥ 1/V, so its log is exact.
+    """
+    if out_CV is None:
+        p_CV = torch.softmax(x_CV, dim=-1)  # [C, V]
+    else:
+        p_CV = torch.ops.aten._softmax.out(x_CV, -1, False, out=out_CV)  # [C, V]
+    lse_C = x_CV.amax(dim=-1) - p_CV.amax(dim=-1).log()  # [C]
+    return p_CV, lse_C
+
+
+def _chunk(
+    z_CV: Tensor,  # [C, V] student logits (compute dtype; not modified before the grad)
+    t_CV: Tensor,  # [C, V] teacher logits (compute dtype; not modified)
+    y_C: Tensor,  # [C] gold labels
+    logq_CI: Tensor,  # [C, I] log q_R^τ of each row's turn (compute dtype)
+    item_ids_I: Tensor,  # [I]
+    work: list[Tensor],  # 3 × [≥C, V] scratch buffers (compute dtype)
+    grad_out_CV: Tensor | None,  # [C, V] where to write the gradient (compute dtype) or None
+    gate_cfg: GateConfig,
+    tau: float,
+    w_ce: float,
+    w_kd: float,
+    inv_M: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Loss parts of one chunk and its gradient [C, V] (already / N_valid).
+
+    The gradient goes into ``grad_out_CV`` when given (it may alias ``z_CV``: every read of
+    z happens first), else into a scratch buffer. Returns (grad_CV, ce_C, kd_d_C, kd_r_C,
+    lam_C, m_C).
+    """
+    C = z_CV.shape[0]
+    buf_pd, buf_ps, buf_tmp = (w[:C] for w in work)
+    zt_CV = z_CV if tau == 1.0 else z_CV / tau  # [C, V] student logits / τ
+    tt_CV = t_CV if tau == 1.0 else t_CV / tau  # [C, V] teacher logits / τ
+    rows_C = torch.arange(C, device=z_CV.device)
+
+    # Teacher: p_D^τ, its lse, and the untempered item mass m (the gate's input).
+    pd_CV, lse_tt_C = _softmax_lse(tt_CV, buf_pd)  # [C, V], [C]
+    # m = Σ_items p_D = exp(lse_items − lse_all) without the cancellation of two large lse's
+    m_C = (  # [C]
+        pd_CV.index_select(1, item_ids_I).sum(-1) if tau == 1.0 else item_mass(t_CV, item_ids_I)
+    )
+    lam_C = gate(m_C, y_C, item_ids_I, gate_cfg)  # [C]
+
+    # Student: p_S^τ and its lse; untempered lse and p_S for the cross-entropy.
+    ps_CV, lse_s_C = _softmax_lse(zt_CV, buf_ps)  # [C, V] p_S^τ, [C]
+    psu_CV, lse_z_C = (None, lse_s_C) if tau == 1.0 else _softmax_lse(z_CV, None)
+    ce_C = lse_z_C - z_CV[rows_C, y_C]  # [C]
+
+    # KL(p_D^τ ‖ p_S^τ) = Σ p_D·(tt − zt) + lse_s − lse_tt. nansum drops 0·(±inf) = NaN, which
+    # only arises where p_D = 0 (a NaN input would still poison ce through the lse).
+    use_d, use_r = gate_cfg.mode != "rec", gate_cfg.mode != "dialog"
+    if use_d:
+        diff_CV = torch.sub(tt_CV, zt_CV, out=buf_tmp).mul_(pd_CV)  # [C, V]
+        kl_d_C = diff_CV.nansum(dim=-1) + (lse_s_C - lse_tt_C)  # [C]
+    else:
+        kl_d_C = torch.zeros_like(m_C)
+
+    # KL(q_R^τ ‖ p_S^τ) over items only; p_S^τ normalised over U.
+    q_CI = logq_CI.exp()  # [C, I]
+    if use_r:
+        logps_CI = zt_CV.index_select(1, item_ids_I) - lse_s_C.unsqueeze(1)  # [C, I]
+        kl_r_C = (q_CI * (logq_CI - logps_CI)).nansum(dim=-1)  # [C]
+    else:
+        kl_r_C = torch.zeros_like(m_C)
+
+    zero_C = torch.zeros_like(m_C)
+    kd_d_C = tau**2 * torch.where(lam_C < 1, (1 - lam_C) * kl_d_C, zero_C)  # [C]
+    kd_r_C = tau**2 * torch.where(lam_C > 0, lam_C * kl_r_C, zero_C)  # [C]
+
+    # Gradient / N_valid: w_ce·(p_S − e_y) + a·(p_S^τ − (1−λ)·p_D^τ − λ·q), a = w_kd·τ.
+    a = w_kd * tau
+    g_CV = ps_CV if grad_out_CV is None else grad_out_CV
+    if psu_CV is None:
+        torch.mul(ps_CV, (w_ce + a) * inv_M, out=g_CV)
+    else:
+        torch.mul(ps_CV, a * inv_M, out=g_CV).add_(psu_CV, alpha=w_ce * inv_M)
+    if use_d and a != 0.0:
+        g_CV.addcmul_(pd_CV, (a * inv_M * (1 - lam_C)).unsqueeze(1), value=-1.0)
+    if use_r and a != 0.0:
+        g_CV.index_add_(1, item_ids_I, q_CI * (-a * inv_M * lam_C).unsqueeze(1))
+    if w_ce != 0.0:
+        g_CV[rows_C, y_C] -= w_ce * inv_M
+    return g_CV, ce_C, kd_d_C, kd_r_C, lam_C, m_C
+
+
+def _gather_rows(src_NV: Tensor, rows_C: Tensor, buf_CV: Tensor) -> Tensor:
+    """``src_NV[rows_C]`` in the buffer's dtype, through the buffer when dtypes agree."""
+    if src_NV.dtype == buf_CV.dtype:
+        return torch.index_select(src_NV, 0, rows_C, out=buf_CV)
+    return src_NV.index_select(0, rows_C).to(buf_CV.dtype)
+
+
+class ConKDChunkedFunction(torch.autograd.Function):
+    """autograd.Function of the chunked loss; see :func:`conkd_loss_chunked`."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        student_NV: Tensor,  # [N, V]
+        teacher_NV: Tensor,  # [N, V]
+        logq_SI: Tensor,  # [S, I] log q_R^τ
+        rec_row_N: Tensor,  # [N]
+        item_ids_I: Tensor,  # [I]
+        labels_N: Tensor,  # [N]
+        cfg: LossConfig,
+        inplace: bool,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        N, V = student_NV.shape
+        dtype = compute_dtype(student_NV, teacher_NV)
+        device = student_NV.device
+        tau = float(cfg.tau)
+        z_NV = student_NV.detach()  # shares storage (and version counter) with the input
+        t_NV = teacher_NV.detach()
+
+        valid_N = labels_N != IGNORE_INDEX  # [N]
+        idx_M = valid_N.nonzero().squeeze(1)  # [M]
+        M = idx_M.numel()
+        all_valid = M == N
+        inv_M = 1.0 / max(M, 1)
+
+        grad_NV = z_NV if inplace else torch.empty_like(z_NV)  # ignored rows zeroed below
+
+        sums = torch.zeros(3, dtype=dtype, device=device)  # Σ ce, Σ kd_dialog, Σ kd_rec
+        lam_N = torch.zeros(N, dtype=torch.float32, device=device)
+        m_N = torch.zeros(N, dtype=torch.float32, device=device)
+        C = min(cfg.chunk_size, max(M, 1))
+        # Scratch reused by every chunk (no per-chunk allocation, no page faults): p_D, p_S,
+        # a temporary, and row gathers when some rows are ignored.
+        n_work = 3 if all_valid else 5
+        work = [torch.empty(C, V, dtype=dtype, device=device) for _ in range(n_work)] if M else []
+        direct = grad_NV.dtype == dtype  # gradient written straight into its final buffer
+        for start in range(0, M, C):
+            end = min(start + C, M)
+            c = end - start
+            if all_valid:
+                rows: slice | Tensor = slice(start, end)
+                z_CV, t_CV = z_NV[start:end].to(dtype), t_NV[start:end].to(dtype)
+            else:
+                rows = idx_M[start:end]
+                z_CV = _gather_rows(z_NV, rows, work[3][:c])
+                t_CV = _gather_rows(t_NV, rows, work[4][:c])
+            y_C, r_C = labels_N[rows], rec_row_N[rows]
+            out_CV = grad_NV[start:end] if all_valid and direct else None
+            g_CV, ce_C, kd_d_C, kd_r_C, lam_C, m_C = _chunk(
+                z_CV, t_CV, y_C, logq_SI.index_select(0, r_C), item_ids_I, work[:3], out_CV,
+                cfg.gate, tau, cfg.w_ce, cfg.w_kd, inv_M,
+            )  # fmt: skip
+            if out_CV is None and all_valid:
+                grad_NV[start:end].copy_(g_CV)  # casts to the gradient's dtype
+            elif out_CV is None:
+                grad_NV.index_copy_(0, rows, g_CV.to(grad_NV.dtype))
+            sums[0] += ce_C.sum()
+            sums[1] += kd_d_C.sum()
+            sums[2] += kd_r_C.sum()
+            lam_N[rows] = lam_C.float()
+            m_N[rows] = m_C.float()
+        del work
+        if not all_valid:
+            grad_NV.index_fill_(0, (~valid_N).nonzero().squeeze(1), 0.0)
+
+        means = sums * inv_M
+        ce, kd_d, kd_r = means[0], means[1], means[2]
+        kd = kd_d + kd_r
+        loss = cfg.w_ce * ce + cfg.w_kd * kd
+        ctx.save_for_backward(grad_NV)
+        ctx.inplace = inplace
+        ctx.mark_non_differentiable(ce, kd, kd_d, kd_r, lam_N, m_N)
+        return loss, ce, kd, kd_d, kd_r, lam_N, m_N
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: Tensor, *_: Any) -> tuple[Tensor | None, ...]:
+        (grad_NV,) = ctx.saved_tensors
+        if not torch.equal(grad_loss, torch.ones_like(grad_loss)):
+            scale = grad_loss.to(grad_NV.dtype)
+            # in place: the buffer is already the caller's (single backward only)
+            grad_NV = grad_NV.mul_(scale) if ctx.inplace else grad_NV * scale
+        return grad_NV, None, None, None, None, None, None, None
+
+
+def conkd_loss_chunked(
+    student_logits: Tensor,  # [N, V] or [B, T, V], any float dtype (needs grad)
+    teacher_logits: Tensor,  # [N, V] or [B, T, V], D's logits (no grad)
+    rec_probs_SI: Tensor,  # [S, I] R's item distribution per recommender turn
+    rec_row: Tensor,  # [N] or [B, T] row of rec_probs for each loss row (-1 where no loss)
+    item_ids_I: Tensor,  # [I] vocabulary id of each rec_probs column (any order)
+    labels: Tensor,  # [N] or [B, T] gold next token, -100 where no loss
+    cfg: LossConfig,
+    *,
+    inplace: bool = False,
+) -> LossOutput:
+    """The ConKD loss in chunks of ``cfg.chunk_size`` loss rows (CPU path; any device works).
+
+    ``inplace=True`` writes the gradient into the student-logits buffer during the forward,
+    so the logits' values are destroyed and the backward may run only once. Use it only for
+    logits nothing else reads afterwards and no other autograd node saved (a matmul output
+    is fine; autograd raises if a saved tensor was overwritten). It takes effect only when
+    the logits flatten to [N, V] without a copy.
+    """
+    x = flatten_inputs(student_logits, teacher_logits, rec_probs_SI, rec_row, item_ids_I, labels)
+    dtype = compute_dtype(x.student_NV, x.teacher_NV)
+    logq_SI = tempered_log_q(x.rec_probs_SI, float(cfg.tau), dtype)  # [S, I]
+    loss, ce, kd, kd_d, kd_r, lam_N, m_N = ConKDChunkedFunction.apply(
+        x.student_NV, x.teacher_NV, logq_SI, x.rec_row_N, x.item_ids_I, x.labels_N, cfg,
+        inplace,
+    )  # fmt: skip
+    n_tokens = int((x.labels_N != IGNORE_INDEX).sum())
+    return LossOutput(loss, ce, kd, kd_d, kd_r, lam_N, m_N, n_tokens)

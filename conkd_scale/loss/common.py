@@ -1,0 +1,102 @@
+"""Pieces shared by every implementation of the ConKD loss: output type, input checks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+IGNORE_INDEX = -100
+"""Label of positions without loss (same value as ``conkd_scale.data.sequences.IGNORE``)."""
+
+
+@dataclass
+class LossOutput:
+    """The loss and its parts. Means are over the N_valid response tokens (0 when none)."""
+
+    loss: Tensor  # [] differentiable: w_ce·ce + w_kd·kd
+    ce: Tensor  # [] detached: mean −log p_S(y_t), untempered
+    kd: Tensor  # [] detached: mean kd_t = kd_dialog + kd_rec
+    kd_dialog: Tensor  # [] detached: mean τ²·(1−λ_t)·KL(p_D^τ ‖ p_S^τ)
+    kd_rec: Tensor  # [] detached: mean τ²·λ_t·KL(q_R^τ ‖ p_S^τ)
+    lam_N: Tensor  # [N] gate λ_t (fp32; 0 at ignored rows)
+    m_N: Tensor  # [N] D's untempered item mass m_t (fp32; 0 at ignored rows)
+    n_tokens: int  # N_valid
+
+
+@dataclass
+class FlatInputs:
+    """The loss inputs flattened to rows, checked for shape."""
+
+    student_NV: Tensor  # [N, V]
+    teacher_NV: Tensor  # [N, V]
+    rec_probs_SI: Tensor  # [S, I]
+    rec_row_N: Tensor  # [N] long
+    item_ids_I: Tensor  # [I] long
+    labels_N: Tensor  # [N] long
+
+
+def compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """float64 when any input is float64 (gradcheck), else float32 (bf16/fp16 are upcast)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def flatten_inputs(
+    student_logits: Tensor,  # [..., V]
+    teacher_logits: Tensor,  # [..., V]
+    rec_probs_SI: Tensor,  # [S, I]
+    rec_row: Tensor,  # [...]
+    item_ids_I: Tensor,  # [I]
+    labels: Tensor,  # [...]
+) -> FlatInputs:
+    """Flatten ``[B, T, V]`` / ``[N, V]`` inputs to rows and check shapes and index ranges.
+
+    Raises ``ValueError`` on a shape mismatch, an item id outside ``[0, V)``, a label of a
+    loss row outside ``[0, V)``, or a loss row whose ``rec_row`` is not in ``[0, S)``.
+    """
+    V = student_logits.shape[-1]
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(
+            f"teacher logits {tuple(teacher_logits.shape)} and student logits "
+            f"{tuple(student_logits.shape)} must have the same shape"
+        )
+    lead = student_logits.shape[:-1]
+    if labels.shape != lead or rec_row.shape != lead:
+        raise ValueError(
+            f"labels {tuple(labels.shape)} and rec_row {tuple(rec_row.shape)} must have the "
+            f"logits' leading shape {tuple(lead)}"
+        )
+    if item_ids_I.dim() != 1 or rec_probs_SI.dim() != 2:
+        raise ValueError("item_ids must be [I] and rec_probs [S, I]")
+    I = item_ids_I.numel()
+    if rec_probs_SI.shape[1] != I:
+        raise ValueError(f"rec_probs has {rec_probs_SI.shape[1]} columns but there are {I} items")
+    if I > 0 and (int(item_ids_I.min()) < 0 or int(item_ids_I.max()) >= V):
+        raise ValueError(f"item ids must lie in [0, {V})")
+    student_NV = student_logits.reshape(-1, V)
+    teacher_NV = teacher_logits.reshape(-1, V)
+    labels_N = labels.reshape(-1).long()
+    rec_row_N = rec_row.reshape(-1).long()
+    valid_N = labels_N != IGNORE_INDEX
+    if bool(valid_N.any()):
+        y_M = labels_N[valid_N]
+        if int(y_M.min()) < 0 or int(y_M.max()) >= V:
+            raise ValueError(f"labels of loss rows must lie in [0, {V}) (or be {IGNORE_INDEX})")
+        r_M = rec_row_N[valid_N]
+        S = rec_probs_SI.shape[0]
+        if int(r_M.min()) < 0 or int(r_M.max()) >= S:
+            raise ValueError(
+                f"every loss row needs a recommender-turn row in [0, {S}) in rec_row "
+                f"(got {int(r_M.min())}..{int(r_M.max())})"
+            )
+    return FlatInputs(student_NV, teacher_NV, rec_probs_SI, rec_row_N, item_ids_I.long(), labels_N)
+
+
+def tempered_log_q(rec_probs_SI: Tensor, tau: float, dtype: torch.dtype) -> Tensor:
+    """log q_R^τ: ``log q / τ`` renormalised over items (zero probabilities stay -inf)."""
+    with torch.no_grad():
+        logq_SI = torch.log(rec_probs_SI.detach().to(dtype))  # [S, I]
+        if tau != 1.0:
+            logq_SI = logq_SI / tau
+        return torch.log_softmax(logq_SI, dim=-1)  # [S, I]

@@ -1,0 +1,51 @@
+"""The gate λ_t of ConKD (METHOD.md "The gate"): D's item mass m_t and the gate modes."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from conkd_scale.loss.common import IGNORE_INDEX, compute_dtype
+from conkd_scale.loss.config import GateConfig
+
+
+@torch.no_grad()
+def item_mass(teacher_logits_NV: Tensor, item_ids_I: Tensor) -> Tensor:
+    """m_N = Σ_{i∈I} p_D(i) from D's untempered full distribution.
+
+    This is exp(lse_items − lse_all), evaluated as a ratio of sums of exp(logit − row max) so
+    that logits of magnitude 1e4 lose no precision to the cancellation of two large lse's.
+    ``teacher_logits_NV``: [N, V] (any float dtype; computed in fp32, or fp64 for fp64).
+    Returns [N] in the compute dtype. -inf logits are fine; a row of only -inf is not.
+    """
+    t_NV = teacher_logits_NV.to(compute_dtype(teacher_logits_NV))  # [N, V]
+    mx_N1 = t_NV.amax(dim=-1, keepdim=True)  # [N, 1]
+    mx_N1 = torch.where(torch.isinf(mx_N1), torch.zeros_like(mx_N1), mx_N1)
+    s_all_N = torch.exp(t_NV - mx_N1).sum(-1)  # [N]
+    s_items_N = torch.exp(t_NV.index_select(-1, item_ids_I) - mx_N1).sum(-1)  # [N]
+    return s_items_N / s_all_N  # [N]
+
+
+@torch.no_grad()
+def gate(m_N: Tensor, labels_N: Tensor, item_ids_I: Tensor, cfg: GateConfig) -> Tensor:
+    """λ_N for each row from the item mass ``m_N`` [N] and gold ``labels_N`` [N].
+
+    hard: 1[m > η]; soft: m; static: c; oracle: 1[y ∈ I] (0 at ignored labels);
+    dialog: 0; rec: 1. ``item_ids_I`` [I] are the vocabulary ids of the items.
+    Returns [N] in ``m_N``'s dtype; no gradient flows through λ.
+    """
+    mode = cfg.mode
+    if mode == "hard":
+        return (m_N > cfg.eta).to(m_N.dtype)
+    if mode == "soft":
+        return m_N.detach().clone()
+    if mode == "static":
+        return torch.full_like(m_N, cfg.c)
+    if mode == "oracle":
+        is_item_N = torch.isin(labels_N, item_ids_I) & (labels_N != IGNORE_INDEX)
+        return is_item_N.to(m_N.dtype)
+    if mode == "dialog":
+        return torch.zeros_like(m_N)
+    if mode == "rec":
+        return torch.ones_like(m_N)
+    raise ValueError(f"unknown gate mode {mode!r}")

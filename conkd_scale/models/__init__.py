@@ -1,0 +1,1 @@
+"""Causal-LM builder (size presets, from_pretrained, CRS tokens) and Hugging Face export."""

@@ -1,0 +1,453 @@
+"""Train and evaluate the recommendation teacher R (KBRD protocol).
+
+    python launch/train_rec_teacher.py --dataset redial --data-dir ../shared/data/redial \
+        --output-dir runs/rec_redial
+
+Samples: every recommendation turn of a split (a recommender turn that mentions an item);
+one training sample per gold item, its context being the items (and entities) mentioned
+before it. Loss: cross-entropy of ``s = u · e + b`` over the whole catalog. Early stopping
+on validation R@10; the best epoch's checkpoint is saved and evaluated on the test split,
+next to the popularity baseline.
+
+Output directory::
+
+    config.json       the full RecTeacherConfig, plus graph and data sizes
+    metrics.jsonl     one row per epoch: epoch, train_loss, valid R@1/10/50, seconds
+    metrics.json      test metrics of R and of popularity (keys in ``evaluate_turns``)
+    checkpoint/       rec_teacher.pt (state dict, config, item ids, graph), item_ids.json,
+                      rec_teacher.json (human-readable metadata); loaded by
+                      :meth:`conkd_scale.rec.api.RecTeacher.load`
+
+Distributed launch (torchrun / the DeepSpeed launcher, ``WORLD_SIZE > 1``): R is small, so
+**rank 0 trains alone** and the other ranks wait in a gloo collective until it finishes; a
+failure on rank 0 is reported on every rank. Rank 0 then uses every CPU the process may run
+on (launchers set ``OMP_NUM_THREADS=1``), unless ``threads`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from conkd_scale.config import config_to_dict
+from conkd_scale.data.corpus import DATASETS, Corpus, load_dataset
+from conkd_scale.data.schema import TurnSample
+from conkd_scale.metrics.ranking import RankingAccumulator
+from conkd_scale.rec.graph import ContextIndex, RecGraph, build_rec_graph
+from conkd_scale.rec.model import RecTeacherModel, pad_contexts
+from conkd_scale.rec.popularity import Popularity
+from conkd_scale.utils.errors import ConfigError, ConkdError
+from conkd_scale.utils.io import atomic_dir, atomic_open, write_json, write_jsonl
+
+CHECKPOINT_DIR = "checkpoint"
+CHECKPOINT_FILE = "rec_teacher.pt"
+CHECKPOINT_FORMAT = 1
+EVAL_KS = (1, 10, 50)
+
+
+@dataclass
+class RecTeacherConfig:
+    """Configuration of the recommendation teacher R (``config.json`` in the output dir)."""
+
+    dataset: Literal["redial", "inspired", "synthetic"] = "synthetic"
+    data_dir: str = ""  # dataset directory (required)
+    kg: Literal["default", "kbrd", "dbpedia", "none"] = "default"  # default: the dataset's
+    output_dir: str = ""  # run directory (required)
+    use_kg: bool = True  # False: the --no-kg ablation (plain item/entity embeddings)
+    dim: int = 128  # embedding size d
+    layers: int = 1  # R-GCN layers (FINDINGS: 1; more layers reach a much larger graph)
+    num_bases: int = 8  # RGCNConv basis decomposition (0: one full matrix per relation)
+    min_relation_count: int = 1000  # relations with fewer triples are merged (FINDINGS)
+    rare_relations: Literal["merge", "drop"] = "merge"  # what to do with rare relations
+    rgcn_impl: Literal["basis", "pyg"] = "basis"  # RGCNConv forward: the exact per-basis
+    # one (rec/rgcn.py, ~5x faster) or torch-geometric's per-relation loop; same weights
+    dropout: float = 0.0  # dropout on the user vector u
+    lr: float = 1e-3  # Adam learning rate
+    weight_decay: float = 0.0  # Adam weight decay (L2)
+    epochs: int = 30  # at most this many epochs
+    batch_size: int = 128  # training samples (gold items) per step
+    patience: int = 3  # stop after this many epochs without a better validation R@10
+    tau_R: float = 1.0  # temperature of q_R = softmax(s / tau_R) (api.item_distribution)
+    exclude_seen: bool = False  # mask items already in the context (evaluation and q_R)
+    seed: int = 0  # model init, shuffling and the popularity tie-break
+    eval_batch_size: int = 256  # turns per evaluation batch
+    threads: int = 0  # torch CPU threads; 0: torch's default, or on rank 0 of a
+    # multi-process launch (where launchers set 1 per process) every CPU it may use
+    progress: bool = True  # tqdm progress bars (rank 0 only)
+    dist_timeout_minutes: int = 120  # gloo timeout while ranks > 0 wait for rank 0
+
+    def __post_init__(self) -> None:
+        if self.dataset not in DATASETS:
+            raise ConfigError(f"dataset: {self.dataset!r} is not one of {list(DATASETS)}")
+        if self.kg == "none" and self.use_kg:
+            raise ConfigError("kg=none leaves R without a graph: add --no-kg (use_kg=false)")
+        positive = {
+            "dim": self.dim,
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "patience": self.patience,
+            "eval_batch_size": self.eval_batch_size,
+            "dist_timeout_minutes": self.dist_timeout_minutes,
+        }
+        for name, v in positive.items():
+            if v < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {v}")
+        if self.use_kg and self.layers < 1:
+            raise ConfigError(f"layers: must be >= 1 with a KG, got {self.layers}")
+        for name, v in {
+            "num_bases": self.num_bases,
+            "min_relation_count": self.min_relation_count,
+            "threads": self.threads,
+        }.items():
+            if v < 0:
+                raise ConfigError(f"{name}: must be >= 0, got {v}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout: must be in [0, 1), got {self.dropout}")
+        for name, v in {"lr": self.lr, "tau_R": self.tau_R}.items():
+            if not v > 0 or math.isinf(v):
+                raise ConfigError(f"{name}: must be a positive number, got {v}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay: must be >= 0, got {self.weight_decay}")
+
+    def check_paths(self) -> None:
+        """The fields a run needs but a config file may leave to the command line."""
+        if not self.data_dir:
+            raise ConfigError("data_dir is required (--data-dir DIR)")
+        if not self.output_dir:
+            raise ConfigError("output_dir is required (--output-dir OUT)")
+
+    def graph_params(self) -> dict[str, Any]:
+        """What :func:`build_rec_graph` was called with (saved with the checkpoint)."""
+        return {
+            "layers": self.layers,
+            "use_kg": self.use_kg,
+            "min_relation_count": self.min_relation_count,
+            "rare_relations": self.rare_relations,
+        }
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class EncodedTurns:
+    """Recommendation turns of one split, as R's indices."""
+
+    ctx: list[list[int]]  # context nodes per turn
+    ctx_items: list[list[int]]  # context item indices per turn
+    gold: list[list[int]]  # gold item indices per turn
+
+    def __len__(self) -> int:
+        return len(self.gold)
+
+
+def encode_turns(turns: list[TurnSample], index: ContextIndex) -> EncodedTurns:
+    """Encode the turns with at least one gold item known to R (others are dropped)."""
+    enc = EncodedTurns([], [], [])
+    for t in turns:
+        gold = index.items(t.gold_items)
+        if not gold:
+            continue
+        nodes, items = index.encode(t)
+        enc.ctx.append(nodes)
+        enc.ctx_items.append(items)
+        enc.gold.append(gold)
+    return enc
+
+
+def new_gold(enc: EncodedTurns) -> list[list[int]]:
+    """Gold items not already mentioned in the context (the "new items" variant)."""
+    out = []
+    for gold, seen in zip(enc.gold, enc.ctx_items, strict=True):
+        seen_set = set(seen)
+        out.append([g for g in gold if g not in seen_set])
+    return out
+
+
+def mask_seen(scores_BI: torch.Tensor, ctx_items: list[list[int]]) -> torch.Tensor:
+    """Scores with the items already in each context set to ``-inf`` (a new tensor)."""
+    out_BI = scores_BI.clone()
+    for b, items in enumerate(ctx_items):
+        if items and len(items) < out_BI.shape[1]:
+            out_BI[b, items] = float("-inf")
+    return out_BI
+
+
+def evaluate_turns(
+    score_fn: Any,
+    enc: EncodedTurns,
+    *,
+    batch_size: int = 256,
+    exclude_seen: bool = False,
+    ks: tuple[int, ...] = EVAL_KS,
+) -> dict[str, float]:
+    """Metrics of ``score_fn(ctx_lists) -> [B, I]`` on encoded turns.
+
+    Keys: ``R@k``, ``MRR@k``, ``NDCG@k`` (per gold item, KBRD protocol), the same under
+    ``new/`` (only gold items not already in the context; same scores) and ``turn/``
+    (one sample per turn with all its gold items), each with ``n`` and ``skipped`` counts.
+    """
+    accs = {
+        "": RankingAccumulator(ks),
+        "new/": RankingAccumulator(ks),
+        "turn/": RankingAccumulator(ks, per_turn=True),
+    }
+    fresh = new_gold(enc)
+    for s in range(0, len(enc), batch_size):
+        sl = slice(s, s + batch_size)
+        scores_BI = score_fn(enc.ctx[sl])  # [B, I]
+        if exclude_seen:
+            scores_BI = mask_seen(scores_BI, enc.ctx_items[sl])
+        accs[""].add(scores_BI, enc.gold[sl])
+        accs["new/"].add(scores_BI, fresh[sl])
+        accs["turn/"].add(scores_BI, enc.gold[sl])
+    return {f"{p}{k}": v for p, acc in accs.items() for k, v in acc.result().items()}
+
+
+# ----------------------------------------------------------------------------- recipe
+
+
+def _progress(cfg: RecTeacherConfig, rank: int) -> bool:
+    return cfg.progress and rank == 0
+
+
+class RecTeacherTrainer:
+    """One training run: ``setup() / train() / evaluate() / save_checkpoint()``."""
+
+    def __init__(self, cfg: RecTeacherConfig, *, rank: int = 0) -> None:
+        cfg.check_paths()
+        self.cfg = cfg
+        self.rank = rank
+        self.out = Path(cfg.output_dir)
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        self.corpus: Corpus = load_dataset(
+            cfg.dataset, cfg.data_dir, kg=None if cfg.kg == "default" else cfg.kg
+        )
+        self.graph: RecGraph = build_rec_graph(self.corpus, **cfg.graph_params())
+        self.model = RecTeacherModel(
+            self.graph,
+            dim=cfg.dim,
+            num_bases=cfg.num_bases,
+            dropout=cfg.dropout,
+            use_kg=cfg.use_kg,
+            rgcn_impl=cfg.rgcn_impl,
+        )
+        self.optim = torch.optim.Adam(
+            self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
+        )
+        index = ContextIndex(self.graph)
+        self.data = {s: encode_turns(self.corpus.samples(s), index) for s in self.corpus.splits}
+        train = self.data["train"]
+        # One training sample per gold item: (turn row, gold item).
+        self.train_pairs = torch.tensor(
+            [(r, g) for r, gold in enumerate(train.gold) for g in gold], dtype=torch.long
+        ).reshape(-1, 2)
+        if len(self.train_pairs) == 0:
+            raise ConfigError(f"{cfg.data_dir}: the training split has no recommendation turns")
+        self.popularity = Popularity.from_samples(
+            self.corpus.samples("train"), self.graph.item_ids, seed=cfg.seed
+        )
+        self.out.mkdir(parents=True, exist_ok=True)
+        info = {
+            "items": self.graph.num_items,
+            "items_without_kg_node": self.corpus.items_without_kg_node,
+            "context_entities": len(self.graph.entity_keys),
+            "nodes": self.graph.layer_sizes,
+            "edges": [int(e.shape[1]) for e in self.graph.edge_index],
+            "relations": self.graph.num_relations,
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "train_samples": len(self.train_pairs),
+            "turns": {s: len(d) for s, d in self.data.items()},
+            "torch": str(torch.__version__),
+            "threads": torch.get_num_threads(),
+        }
+        write_json(self.out / "config.json", {**config_to_dict(cfg), "derived": info})
+        self.info = info
+
+    def _scores(self, ctx: list[list[int]]) -> torch.Tensor:
+        ctx_BC, mask_BC = pad_contexts(ctx)
+        return self.model.scores_from_nodes(self._nodes, ctx_BC, mask_BC)
+
+    @torch.no_grad()
+    def evaluate(self, split: str) -> dict[str, float]:
+        """Metrics of the current model on a split (see :func:`evaluate_turns`)."""
+        self.model.eval()
+        self._nodes = self.model.node_embeddings()
+        return evaluate_turns(
+            self._scores,
+            self.data[split],
+            batch_size=self.cfg.eval_batch_size,
+            exclude_seen=self.cfg.exclude_seen,
+        )
+
+    def evaluate_popularity(self, split: str) -> dict[str, float]:
+        return evaluate_turns(
+            lambda ctx: self.popularity.scores(len(ctx)),
+            self.data[split],
+            batch_size=self.cfg.eval_batch_size,
+            exclude_seen=self.cfg.exclude_seen,
+        )
+
+    def _train_epoch(self, epoch: int) -> float:
+        cfg, model, train = self.cfg, self.model, self.data["train"]
+        model.train()
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+        perm = self.train_pairs[torch.randperm(len(self.train_pairs), generator=gen)]
+        total, n = 0.0, 0
+        bar = tqdm(
+            range(0, len(perm), cfg.batch_size),
+            desc=f"epoch {epoch}",
+            leave=False,
+            disable=not _progress(cfg, self.rank),
+        )
+        for s in bar:
+            batch = perm[s : s + cfg.batch_size]
+            ctx_BC, mask_BC = pad_contexts([train.ctx[r] for r in batch[:, 0].tolist()])
+            scores_BI = model(ctx_BC, mask_BC)  # [B, I]
+            loss = F.cross_entropy(scores_BI, batch[:, 1])
+            self.optim.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optim.step()
+            total += loss.item() * len(batch)
+            n += len(batch)
+            bar.set_postfix(loss=f"{total / n:.3f}")
+        return total / n
+
+    def train(self) -> dict[str, Any]:
+        """Train with early stopping on validation R@10; keeps the best weights."""
+        cfg = self.cfg
+        rows: list[dict[str, Any]] = []
+        best, best_epoch, best_state = -1.0, 0, None
+        t0 = time.perf_counter()
+        epochs = tqdm(
+            range(1, cfg.epochs + 1), desc="rec teacher", disable=not _progress(cfg, self.rank)
+        )
+        for epoch in epochs:
+            te = time.perf_counter()
+            loss = self._train_epoch(epoch)
+            valid = self.evaluate("valid")
+            row = {
+                "epoch": epoch,
+                "train_loss": loss,
+                **{f"valid/R@{k}": valid[f"R@{k}"] for k in EVAL_KS},
+                "seconds": time.perf_counter() - te,
+            }
+            rows.append(row)
+            write_jsonl(self.out / "metrics.jsonl", rows)
+            if _progress(cfg, self.rank):
+                tqdm.write(
+                    f"epoch {epoch}: loss {loss:.4f} valid R@1/10/50 "
+                    f"{valid['R@1']:.4f}/{valid['R@10']:.4f}/{valid['R@50']:.4f}"
+                )
+            if valid["R@10"] > best:
+                best, best_epoch = valid["R@10"], epoch
+                best_state = copy.deepcopy(self.model.state_dict())
+                self.save_checkpoint(epoch=epoch, valid=valid)
+            elif epoch - best_epoch >= cfg.patience:
+                break
+        assert best_state is not None
+        self.model.load_state_dict(best_state)
+        return {
+            "best_epoch": best_epoch,
+            "valid/R@10": best,
+            "epochs_run": len(rows),
+            "train_seconds": time.perf_counter() - t0,
+        }
+
+    def save_checkpoint(self, *, epoch: int, valid: dict[str, float]) -> Path:
+        """Write ``OUT/checkpoint/`` atomically (replacing the previous best)."""
+        meta = {
+            "format": CHECKPOINT_FORMAT,
+            "epoch": epoch,
+            "valid/R@10": valid["R@10"],
+            "config": config_to_dict(self.cfg),
+            "graph_params": self.cfg.graph_params(),
+            "num_items": self.graph.num_items,
+            "derived": self.info,
+        }
+        state = {**meta, "graph": self.graph.state(), "state_dict": self.model.state_dict()}
+        with atomic_dir(self.out / CHECKPOINT_DIR) as tmp:
+            with atomic_open(tmp / CHECKPOINT_FILE, "wb") as f:
+                torch.save(state, f)
+            write_json(tmp / "item_ids.json", self.graph.item_ids, indent=None)
+            write_json(tmp / "rec_teacher.json", meta)
+        return self.out / CHECKPOINT_DIR
+
+    def run(self) -> dict[str, Any]:
+        """setup, train, evaluate R and popularity on the test split, write metrics.json."""
+        self.setup()
+        summary = self.train()
+        metrics: dict[str, Any] = dict(self.evaluate("test"))
+        metrics.update({f"popularity/{k}": v for k, v in self.evaluate_popularity("test").items()})
+        metrics.update(summary)
+        metrics["model"] = "rgcn" if self.cfg.use_kg else "no_kg"
+        write_json(self.out / "metrics.json", metrics)
+        return metrics
+
+
+# ----------------------------------------------------------------------------- launch
+
+
+class RankZeroError(ConkdError, RuntimeError):
+    """Raised on ranks > 0 when rank 0 failed to train the teacher."""
+
+
+def init_distributed(timeout_minutes: int = 120) -> tuple[int, int, bool]:
+    """``(rank, world_size, created)``: joins a gloo group when ``WORLD_SIZE > 1``.
+
+    ``created`` says whether this call created the process group (the caller destroys it).
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), False
+    if world <= 1:
+        return 0, 1, False
+    dist.init_process_group("gloo", timeout=timedelta(minutes=timeout_minutes))
+    return dist.get_rank(), dist.get_world_size(), True
+
+
+def train_rec_teacher(cfg: RecTeacherConfig) -> dict[str, Any]:
+    """Train R on rank 0 (the only rank when not distributed); every rank returns the metrics.
+
+    With several ranks the others wait in a gloo collective until rank 0 is done; if rank 0
+    fails, every rank raises.
+    """
+    cfg.check_paths()
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    rank = dist.get_rank() if distributed else 0
+    result: dict[str, Any] | None = None
+    error: BaseException | None = None
+    if rank == 0:
+        threads = cfg.threads or (len(os.sched_getaffinity(0)) if distributed else 0)
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            result = RecTeacherTrainer(cfg, rank=rank).run()
+        except BaseException as e:  # reported to the other ranks below, then re-raised
+            error = e
+    if distributed:
+        status = [None if error is None else f"{type(error).__name__}: {error}"]
+        dist.broadcast_object_list(status, src=0)  # ranks > 0 wait here while rank 0 trains
+        if status[0] is not None and rank != 0:
+            raise RankZeroError(f"rank 0 failed to train the recommendation teacher: {status[0]}")
+    if error is not None:
+        raise error
+    if result is None:
+        import json
+
+        result = json.loads((Path(cfg.output_dir) / "metrics.json").read_text(encoding="utf-8"))
+    return result

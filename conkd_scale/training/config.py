@@ -1,0 +1,52 @@
+"""The training-loop config shared by every DeepSpeed job (``train.<field>`` overrides)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from conkd_scale.utils.errors import ConfigError
+
+
+@dataclass
+class TrainConfig:
+    """Schedule, batching, checkpointing and logging of one training run."""
+
+    micro_batch: int = 8  # sequences per rank per forward (DeepSpeed micro batch)
+    grad_accum: int = 1  # micro batches per optimizer step (filled into the DeepSpeed config)
+    lr: float = 1e-3  # peak learning rate
+    weight_decay: float = 0.01  # AdamW decay on weight matrices (not on biases / norms)
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    optimizer: Literal["adamw", "cpu_adam"] = "adamw"  # client optimizer (ds_configs/README)
+    warmup_steps: int = 100  # linear warm-up from 0 to `lr`
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"  # decay after warm-up
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio (cosine / linear)
+    max_steps: int = 0  # optimizer steps; 0: derived from `epochs`
+    epochs: float = 1.0  # used when max_steps == 0
+    eval_every: int = 0  # steps between validation runs; 0: only at the end
+    eval_max_batches: int = 0  # micro batches per rank per validation run; 0: the whole split
+    save_every: int = 0  # steps between checkpoints; 0: only at the end
+    keep_last: int = 2  # checkpoints kept (the newest ones)
+    log_every: int = 10  # steps between metrics.jsonl rows
+    seed: int = 0  # model init, data order and dropout (reseeded per micro step)
+    num_workers: int = 0  # DataLoader workers per rank
+    resume: str = "auto"  # auto: newest checkpoint in OUT/checkpoints; none; or a path
+    stop_at_step: int = 0  # stop cleanly after this step (checkpoint written), as if pre-empted
+    progress: bool = True  # tqdm progress bar on rank 0
+
+    def __post_init__(self) -> None:
+        for name in ("micro_batch", "grad_accum", "log_every", "keep_last"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}: expected >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "warmup_steps", "eval_every", "save_every", "stop_at_step",
+                     "eval_max_batches", "num_workers"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name}: expected >= 0, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr: expected > 0, got {self.lr}")
+        if self.max_steps == 0 and self.epochs <= 0:
+            raise ConfigError("train.epochs must be > 0 when train.max_steps is 0")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"train.min_lr_ratio: expected in [0, 1], got {self.min_lr_ratio}")
+        if len(self.adam_betas) != 2:
+            raise ConfigError(f"train.adam_betas: expected two numbers, got {self.adam_betas}")

@@ -1,0 +1,57 @@
+"""Metric loggers: a small interface, a JSONL back-end (rank 0 only) and a null one."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Protocol
+
+from conkd_scale.utils.io import append_jsonl, write_jsonl
+
+
+class MetricLogger(Protocol):
+    def log(self, row: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class NullLogger:
+    def log(self, row: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # JSON has no NaN/inf
+    return v
+
+
+class JsonlLogger:
+    """One JSON object per line in ``path``; each line written in one call."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def log(self, row: dict[str, Any]) -> None:
+        append_jsonl(self.path, {k: _clean(v) for k, v in row.items()})
+
+    def truncate_after(self, step: int) -> None:
+        """On resume from ``step``: drop rows logged after it, and earlier "final" rows."""
+        if not self.path.exists():
+            return
+        rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        write_jsonl(self.path, [r for r in rows
+                                if int(r.get("step", 0)) <= step and r.get("kind") != "final"])
+
+    def close(self) -> None:
+        pass
+
+
+def read_metrics(path: str | Path, kind: str | None = None) -> list[dict[str, Any]]:
+    """Rows of a ``metrics.jsonl`` (optionally only one ``kind``: train / eval / final)."""
+    rows = [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
+    return [r for r in rows if kind is None or r.get("kind") == kind]

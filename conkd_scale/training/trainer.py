@@ -1,0 +1,342 @@
+"""The training core shared by every DeepSpeed job.
+
+A job supplies a DeepSpeed engine, its data and up to four hooks; :class:`Trainer` runs
+the loop (gradient accumulation from the engine's DeepSpeed config), logging, periodic
+evaluation, step-numbered checkpoints with the data position, and exact resume.
+
+Hooks (every rank calls every hook the same number of times, in the same order):
+
+- ``loss_step(engine, batch) -> (loss, parts)``: the training objective of one micro batch.
+  ``loss`` is a scalar tensor that the trainer passes to ``engine.backward``; ``parts`` are
+  logged quantities (floats or 0-d tensors, averaged over micro batches and ranks), e.g.
+  ``{"ce": ..., "kd": ..., "gate_mean": ...}``. Same keys on every rank and call.
+- ``lockstep(batch, training) -> batch``: runs *before* each loss/eval step, on every rank,
+  for every micro batch (padded evaluation batches included). This is where a job runs other
+  engines' forwards, e.g. a ZeRO-3 teacher under ``torch.no_grad()`` whose outputs it puts
+  into the batch: ZeRO-3 forwards are collective, so they must happen the same number of
+  times on every rank, which the trainer guarantees by giving every rank the same number of
+  micro batches in training (sampler padding) and evaluation (``is_pad`` rows).
+- ``eval_step(engine, batch) -> sums``: per-batch *sums* (``{"nll": ..., "tokens": ...}``)
+  that are added over batches and all-reduced over ranks; padded rows (``batch["is_pad"]``)
+  must contribute nothing (their labels are already ``-100``).
+- ``eval_metrics(sums) -> metrics``: turns the global sums into metrics (``val_ppl`` ...).
+
+Dropout randomness is reseeded before every micro batch from ``(seed, rank, micro index)``,
+so a resumed run draws the same masks as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from conkd_scale import distributed as D
+from conkd_scale.data.sequences import IGNORE
+from conkd_scale.training.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from conkd_scale.training.config import TrainConfig
+from conkd_scale.training.data import Batch, DataPosition, TrainStream, iter_eval
+from conkd_scale.training.metrics import JsonlLogger, MetricLogger, NullLogger
+
+LossStep = Callable[[Any, Batch], tuple[torch.Tensor, dict[str, Any]]]
+EvalStep = Callable[[Any, Batch], dict[str, float]]
+EvalMetrics = Callable[[dict[str, float]], dict[str, float]]
+Lockstep = Callable[[Batch, bool], Batch]
+
+
+# ----------------------------------------------------------------------------- default steps
+def _device_of(engine: Any) -> torch.device:
+    return getattr(engine, "device", None) or next(engine.parameters()).device
+
+
+def lm_logits(engine: Any, batch: Batch) -> torch.Tensor:
+    """``[B, T, V]`` logits of a causal LM engine for ``batch`` (one collective forward)."""
+    dev = _device_of(engine)
+    out = engine(input_ids=batch["input_ids"].to(dev),
+                 attention_mask=batch["attention_mask"].to(dev), use_cache=False)
+    return out.logits
+
+
+def token_nll(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Sum of next-token NLL over positions whose (shifted) label is not ignored, and count."""
+    logits_NV = logits_BTV[:, :-1].reshape(-1, logits_BTV.shape[-1])
+    labels_N = labels_BT[:, 1:].reshape(-1).to(logits_NV.device)
+    nll = F.cross_entropy(logits_NV.float(), labels_N, ignore_index=IGNORE, reduction="sum")
+    return nll, int((labels_N != IGNORE).sum())
+
+
+def nll_loss_step(engine: Any, batch: Batch) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Mean NLL of the response tokens of one micro batch (the dialogue teacher's loss)."""
+    logits_BTV = lm_logits(engine, batch)
+    nll, n = token_nll(logits_BTV, batch["labels"])
+    del logits_BTV
+    loss = nll / max(n, 1)
+    return loss, {"nll": loss.detach()}
+
+
+@torch.no_grad()
+def nll_eval_step(engine: Any, batch: Batch) -> dict[str, float]:
+    logits_BTV = lm_logits(engine, batch)
+    nll, n = token_nll(logits_BTV, batch["labels"])
+    return {"nll": float(nll), "tokens": float(n)}
+
+
+def ppl_metrics(sums: dict[str, float]) -> dict[str, float]:
+    loss = sums["nll"] / max(sums["tokens"], 1.0)
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": sums["tokens"]}
+
+
+# ----------------------------------------------------------------------------- optimizer
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Client optimizer: AdamW, weight decay on matrices only (``ds_shape`` under ZeRO-3)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        ndim = len(getattr(p, "ds_shape", p.shape))
+        (decay if ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    betas = (float(cfg.adam_betas[0]), float(cfg.adam_betas[1]))
+    if cfg.optimizer == "cpu_adam":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=cfg.lr, betas=betas, adamw_mode=True)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas)
+
+
+def lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
+    """Multiplier of ``cfg.lr`` for the update at optimizer step ``s`` (0-based)."""
+    warm = cfg.warmup_steps
+
+    def fn(s: int) -> float:
+        if s < warm:
+            return (s + 1) / warm
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        frac = min(1.0, (s - warm) / max(1, total_steps - warm))
+        shape = 0.5 * (1 + math.cos(math.pi * frac)) if cfg.lr_schedule == "cosine" else 1 - frac
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
+
+    return fn
+
+
+def make_scheduler_factory(cfg: TrainConfig, total_steps: int
+                           ) -> Callable[[torch.optim.Optimizer], Any]:
+    """For ``deepspeed.initialize(lr_scheduler=...)``: built on DeepSpeed's wrapped optimizer,
+    stepped by the engine at each optimizer step and saved in its checkpoints."""
+    return lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total_steps))
+
+
+def plan_steps(cfg: TrainConfig, n_train: int, world_size: int) -> int:
+    """Optimizer steps of the run: ``max_steps``, or ``epochs`` worth of micro batches."""
+    if cfg.max_steps:
+        return cfg.max_steps
+    per_epoch = math.ceil(math.ceil(n_train / world_size) / cfg.micro_batch)
+    return max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _value(x: Any) -> float:
+    return float(x.detach().float().item()) if isinstance(x, torch.Tensor) else float(x)
+
+
+# ----------------------------------------------------------------------------- the trainer
+class Trainer:
+    """Runs the loop for one DeepSpeed engine; see the module docstring for the hooks."""
+
+    def __init__(
+        self,
+        engine: Any,
+        *,
+        train_data: Sequence[Any],
+        eval_data: Sequence[Any] | None,
+        collate_fn: Callable[[list[Any]], Batch],
+        cfg: TrainConfig,
+        dist: D.DistInfo,
+        out_dir: str | Path,
+        total_steps: int,
+        loss_step: LossStep = nll_loss_step,
+        eval_step: EvalStep = nll_eval_step,
+        eval_metrics: EvalMetrics = ppl_metrics,
+        lockstep: Lockstep | None = None,
+        logger: MetricLogger | None = None,
+    ) -> None:
+        self.engine = engine
+        self.cfg = cfg
+        self.dist = dist
+        self.out_dir = Path(out_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.total_steps = total_steps
+        self.loss_step, self.eval_step, self.eval_metrics = loss_step, eval_step, eval_metrics
+        self.lockstep = lockstep
+        self.collate_fn = collate_fn
+        self.eval_data = eval_data
+        self.grad_accum = int(engine.gradient_accumulation_steps())
+        self.stream = TrainStream(train_data, collate_fn, micro_batch=cfg.micro_batch,
+                                  rank=dist.rank, world_size=dist.world_size, seed=cfg.seed,
+                                  num_workers=cfg.num_workers)
+        if logger is None:
+            logger = JsonlLogger(self.out_dir / "metrics.jsonl") if dist.is_main else NullLogger()
+        self.logger = logger
+        self.step = 0
+        self.samples_seen = 0.0  # global (all ranks), padded duplicates included
+        self.tokens_seen = 0.0  # global non-padding input tokens
+        self._pending = [0.0, 0.0]  # this rank's samples, tokens not yet added to the above
+        self.last_saved = -1
+        self.last_eval: dict[str, float] = {}
+        self.stopped_early = False
+
+    # -- resume / save -------------------------------------------------------------------
+    def resume(self) -> Path | None:
+        """Load the checkpoint chosen by ``train.resume`` (rank 0 decides). Collective."""
+        path = D.run_on_main(resolve_resume, self.cfg.resume, self.ckpt_dir)
+        if path is None:
+            return None
+        meta = load_checkpoint(self.engine, path)
+        self.step = int(meta["step"])
+        self.last_saved = self.step
+        self.stream.position = DataPosition(int(meta["epoch"]), int(meta["batch_offset"]))
+        self.samples_seen = float(meta.get("samples_seen", 0))
+        self.tokens_seen = float(meta.get("tokens_seen", 0))
+        if isinstance(self.logger, JsonlLogger):
+            self.logger.truncate_after(self.step)
+        D.print0(f"resumed from {path} at step {self.step} "
+                 f"(epoch {meta['epoch']}, batch {meta['batch_offset']})")
+        return path
+
+    def _flush_counts(self) -> None:
+        samples, tokens = D.all_reduce_sum(self._pending)
+        self.samples_seen += samples
+        self.tokens_seen += tokens
+        self._pending = [0.0, 0.0]
+
+    def save_checkpoint(self) -> Path:
+        """Checkpoint the current step with the data position (collective)."""
+        self._flush_counts()
+        path = save_checkpoint(
+            self.engine, self.ckpt_dir, self.step, self.stream.position,
+            keep_last=self.cfg.keep_last,
+            extra={"samples_seen": self.samples_seen, "tokens_seen": self.tokens_seen,
+                   "total_steps": self.total_steps, **self.last_eval},
+        )
+        self.last_saved = self.step
+        return path
+
+    # -- evaluation ----------------------------------------------------------------------
+    def evaluate(self) -> dict[str, float]:
+        """Validation metrics over the whole eval split (every sample once). Collective."""
+        if not self.eval_data:
+            return {}
+        t0 = time.perf_counter()
+        self.engine.eval()
+        sums: dict[str, float] = {}
+        with torch.no_grad():
+            for batch in iter_eval(self.eval_data, self.collate_fn,
+                                   micro_batch=self.cfg.micro_batch, rank=self.dist.rank,
+                                   world_size=self.dist.world_size,
+                                   max_batches=self.cfg.eval_max_batches):
+                if self.lockstep is not None:
+                    batch = self.lockstep(batch, False)
+                for k, v in self.eval_step(self.engine, batch).items():
+                    sums[k] = sums.get(k, 0.0) + _value(v)
+        self.engine.train()
+        keys = sorted(sums)
+        total = dict(zip(keys, D.all_reduce_sum([sums[k] for k in keys]), strict=True))
+        metrics = self.eval_metrics(total)
+        self.last_eval = metrics
+        self.logger.log({"kind": "eval", "step": self.step, **metrics,
+                         "eval_s": round(time.perf_counter() - t0, 3)})
+        D.print0(f"step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        return metrics
+
+    # -- training ------------------------------------------------------------------------
+    def _seed_micro(self, micro_index: int) -> None:
+        torch.manual_seed(hash((self.cfg.seed, self.dist.rank, micro_index)) & 0x7FFF_FFFF)
+
+    def train(self) -> dict[str, Any]:
+        """Train from ``self.step`` to ``total_steps`` (or ``stop_at_step``). Collective."""
+        from tqdm.auto import tqdm
+
+        cfg, engine = self.cfg, self.engine
+        engine.train()
+        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
+                   disable=not (self.dist.is_main and cfg.progress), mininterval=2.0)
+        it = iter(self.stream)
+        dev = _device_of(engine)
+        win_loss = torch.zeros((), dtype=torch.float64, device=dev)
+        win_parts: dict[str, torch.Tensor] = {}
+        win_micro, win_tokens, win_samples = 0, 0.0, 0.0
+        t_win = t_start = time.perf_counter()
+        just_evaluated = False
+        while self.step < self.total_steps:
+            for i in range(self.grad_accum):
+                batch = next(it)
+                self._seed_micro(self.step * self.grad_accum + i)
+                if self.lockstep is not None:
+                    batch = self.lockstep(batch, True)
+                loss, parts = self.loss_step(engine, batch)
+                engine.backward(loss)
+                engine.step()
+                win_loss += loss.detach().double()
+                for k, v in parts.items():
+                    v = v.detach().double() if isinstance(v, torch.Tensor) else float(v)
+                    win_parts[k] = win_parts.get(k, 0.0) + v
+                win_micro += 1
+                n_tok, n_smp = float(batch["attention_mask"].sum()), batch["input_ids"].shape[0]
+                win_tokens += n_tok
+                win_samples += n_smp
+                self._pending[0] += n_smp
+                self._pending[1] += n_tok
+                del loss, parts, batch
+            self.step += 1
+            bar.update(1)
+            just_evaluated = False
+            if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                keys = sorted(win_parts)
+                sums = D.all_reduce_sum([_value(win_loss), win_micro, win_tokens, win_samples,
+                                         *[_value(win_parts[k]) for k in keys]])
+                (peak,) = D.all_reduce_max([peak_memory_mb(dev)])
+                dt = max(time.perf_counter() - t_win, 1e-9)
+                self._flush_counts()
+                row = {"kind": "train", "step": self.step, "epoch": self.stream.position.epoch,
+                       "loss": sums[0] / sums[1],
+                       **{k: v / sums[1] for k, v in zip(keys, sums[4:], strict=True)},
+                       "lr": float(engine.get_lr()[0]), "tokens_seen": self.tokens_seen,
+                       "tokens_per_s": sums[2] / dt,
+                       "samples_per_s": sums[3] / dt, "peak_mem_mb": peak,
+                       "elapsed_s": time.perf_counter() - t_start}
+                self.logger.log(row)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
+                win_loss.zero_()
+                win_parts, win_micro, win_tokens, win_samples = {}, 0, 0.0, 0.0
+                t_win = time.perf_counter()
+            if cfg.eval_every and self.step % cfg.eval_every == 0:
+                self.evaluate()
+                just_evaluated = True
+            if cfg.save_every and self.step % cfg.save_every == 0:
+                self.save_checkpoint()
+            if cfg.stop_at_step and self.step >= cfg.stop_at_step:
+                self.stopped_early = self.step < self.total_steps
+                break
+        bar.close()
+        if not self.stopped_early and not just_evaluated:
+            self.evaluate()
+        if self.last_saved != self.step:
+            self.save_checkpoint()
+        wall = time.perf_counter() - t_start
+        summary = {"kind": "final", "step": self.step, "stopped_early": self.stopped_early,
+                   "train_wall_s": wall, **self.last_eval}
+        self.logger.log(summary)
+        return summary

@@ -1,0 +1,262 @@
+"""launch/evaluate.py end to end: dialog, rec and pipeline systems on the tiny setup, config
+errors, and (slow) a two-rank torchrun run against the single-process result."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from conkd_scale.config import build_config
+from conkd_scale.eval.run import EvalConfig, evaluate
+from conkd_scale.eval.tiny import ensure_tiny_setup
+from conkd_scale.utils.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+RANK_KEYS = ["R@1", "R@10", "R@50", "MRR@10", "NDCG@10"]
+IN_RESPONSE = [f"{m}@{k}" for k in (1, 3, 5) for m in ("ReR", "PrR", "F1")]
+LM_KEYS = [
+    "PPL",
+    *IN_RESPONSE,
+    "rec_turn_item_rate",
+    "Dist-2",
+    "Dist-3",
+    "Dist-4",
+    *[f"BLEU-{n}" for n in (1, 2, 3, 4)],
+]
+NEW_KEYS = [f"{k}/new" for k in RANK_KEYS + IN_RESPONSE]
+EXTRA = ["counts", "definitions", "meta"]
+QUICK = ["generation.max_new_tokens=10", "generation.progress=false"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return ensure_tiny_setup(tmp_path_factory.getbasetemp() / "eval_tiny", rec=True)
+
+
+def _launcher() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("evaluate_cli", ROOT / "launch" / "evaluate.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _run(args: list[str]) -> int:
+    return int(_launcher().main(args))
+
+
+def _read(out: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    metrics = json.loads((out / "metrics.json").read_text())
+    rows = [json.loads(x) for x in (out / "generations.jsonl").read_text().splitlines()]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
+    return metrics, rows
+
+
+def test_dialog_end_to_end(setup: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "dialog"
+    rc = _run(
+        [
+            "--system",
+            "dialog",
+            "--model",
+            str(setup["lm"]),
+            "--dataset",
+            "synthetic",
+            "--data-dir",
+            str(setup["data"]),
+            "--output-dir",
+            str(out),
+            "--max-turns",
+            "12",
+            *QUICK,
+        ]
+    )
+    assert rc == 0
+    metrics, rows = _read(out)
+    assert sorted(metrics) == sorted(RANK_KEYS + LM_KEYS + NEW_KEYS + EXTRA)
+    assert "discrepancy" not in metrics
+    assert metrics["PPL"] > 1 and 0 <= metrics["Dist-2"] <= 1
+    assert metrics["counts"]["turns"] == len(rows) == 12
+    assert "Dist-n" in metrics["definitions"] and "BLEU-n" in metrics["definitions"]
+    assert metrics["meta"]["system"] == "dialog"
+    for r in rows:
+        assert {"context", "gold", "generated", "items", "rendered", "mode"} <= set(r)
+        assert "<item_" not in r["rendered"] or not r["items"]
+    assert [(r["conv_id"], r["turn_index"]) for r in rows] == sorted(
+        [(r["conv_id"], r["turn_index"]) for r in rows], key=rows_order(rows)
+    )
+    assert json.loads((out / "config.json").read_text())["system"] == "dialog"
+
+
+def rows_order(rows: list[dict[str, Any]]) -> Any:
+    order = {(r["conv_id"], r["turn_index"]): n for n, r in enumerate(rows)}
+    return lambda key: order[key]
+
+
+def test_rec_and_pipeline_with_a_trained_r(setup: dict[str, Path], tmp_path: Path) -> None:
+    base = [
+        "--dataset",
+        "synthetic",
+        "--data-dir",
+        str(setup["data"]),
+        "--rec-teacher",
+        str(setup["rec"]),
+        *QUICK,
+    ]
+    assert _run(["--system", "rec", "--output-dir", str(tmp_path / "rec"), *base]) == 0
+    rec_m, rec_rows = _read(tmp_path / "rec")
+    assert sorted(rec_m) == sorted(RANK_KEYS + [f"{k}/new" for k in RANK_KEYS] + EXTRA)
+    assert 0 <= rec_m["R@10"] <= rec_m["R@50"] <= 1
+    assert all(len(r["r_top_items"]) == 10 for r in rec_rows)
+    # R's numbers agree with R's own training-time test evaluation (same protocol)
+    r_train = json.loads((setup["rec"] / "metrics.json").read_text())
+    for k in ("R@1", "R@10", "R@50"):
+        assert rec_m[k] == pytest.approx(r_train[k])
+        assert rec_m[f"{k}/new"] == pytest.approx(r_train[f"new/{k}"])
+
+    out = tmp_path / "pipe"
+    rc = _run(
+        [
+            "--system",
+            "pipeline",
+            "--model",
+            str(setup["lm"]),
+            "--output-dir",
+            str(out),
+            "--decoding",
+            "beam",
+            *base,
+        ]
+    )
+    assert rc == 0
+    pipe_m, rows = _read(out)
+    assert sorted(pipe_m) == sorted(RANK_KEYS + LM_KEYS + NEW_KEYS + EXTRA + ["discrepancy"])
+    assert pipe_m["R@10"] == rec_m["R@10"]  # the pipeline's recommender is R
+    assert pipe_m["meta"]["decoding"] == "beam"
+    for r in rows:
+        assert r["r_top_item"] == r_top(rec_rows, r)
+        assert len(r["items"]) == len(r["d_items"])  # every D item was replaced
+        if r["d_items"]:
+            assert r["items"][0] == r["r_top_item"]
+
+
+def r_top(rec_rows: list[dict[str, Any]], r: dict[str, Any]) -> str:
+    (match,) = [
+        x for x in rec_rows if (x["conv_id"], x["turn_index"]) == (r["conv_id"], r["turn_index"])
+    ]
+    return str(match["r_top_items"][0])
+
+
+def test_config_errors(
+    setup: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc = _run(
+        [
+            "--system",
+            "pipeline",
+            "--model",
+            str(setup["lm"]),
+            "--data-dir",
+            str(setup["data"]),
+            "--output-dir",
+            str(tmp_path),
+        ]
+    )
+    assert rc == 2 and "--rec-teacher" in capsys.readouterr().err
+    rc = _run(
+        [
+            "--system",
+            "dialog",
+            "--model",
+            str(tmp_path),
+            "--data-dir",
+            str(setup["data"]),
+            "--output-dir",
+            str(tmp_path / "o"),
+        ]
+    )
+    assert rc == 2 and "config.json" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="unknown config key"):
+        build_config(EvalConfig, None, ["nonsense=1"])
+    with pytest.raises(ConfigError, match="decoding"):
+        build_config(EvalConfig, None, ["generation.decoding=topk"])
+
+
+@pytest.mark.slow
+def test_two_ranks_match_one(setup: dict[str, Path], tmp_path: Path) -> None:
+    """torchrun with 2 CPU ranks (gloo): sharded turns gathered on rank 0 == one process."""
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    if torchrun is None:
+        pytest.skip("torchrun not found beside the Python interpreter")
+    args = [
+        "--system",
+        "dialog",
+        "--model",
+        str(setup["lm"]),
+        "--dataset",
+        "synthetic",
+        "--data-dir",
+        str(setup["data"]),
+        "--max-turns",
+        "9",
+        *QUICK,
+    ]
+    cfg = build_config(
+        EvalConfig,
+        None,
+        [
+            "system=dialog",
+            f"model={setup['lm']}",
+            f"data_dir={setup['data']}",
+            "max_turns=9",
+            f"output_dir={tmp_path / 'one'}",
+            *QUICK,
+        ],
+    )
+    one = evaluate(cfg)
+    assert one is not None
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env.pop("WORLD_SIZE", None)
+    cmd = [
+        torchrun,
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(ROOT / "launch" / "evaluate.py"),
+        *args,
+        "--output-dir",
+        str(tmp_path / "two"),
+    ]
+    # own process group, so that a hang is cleaned up completely (workers included)
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        output, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"torchrun timed out:\n{output[-3000:]}")
+    assert proc.returncode == 0, output[-3000:]
+    two, rows_two = _read(tmp_path / "two")
+    _, rows_one = _read(tmp_path / "one")
+    assert two["meta"]["shards"] == 2
+    assert rows_two == rows_one
+    for k, v in one.items():
+        if not isinstance(v, dict):
+            assert two[k] == pytest.approx(v, rel=1e-5, nan_ok=True), k
