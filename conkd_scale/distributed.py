@@ -79,7 +79,10 @@ def _first_slurm_host(nodelist: str) -> str:
     try:
         out = subprocess.run(
             ["scontrol", "show", "hostnames", nodelist],
-            capture_output=True, text=True, timeout=30, check=True,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
         ).stdout.split()
         if out:
             return out[0]
@@ -282,13 +285,18 @@ def run_on_main(fn: Any, *args: Any, **kwargs: Any) -> Any:
     return value
 
 
-def teardown() -> None:
-    """Destroy the process group (safe to call twice or without one).
+def teardown(*, success: bool = True) -> None:
+    """Destroy the process group(s) (safe to call twice or without one).
 
-    No barrier here: after an error on one rank the others may sit in another collective.
-    The launchers (deepspeed, torchrun, srun) stop the remaining ranks when one fails.
+    After a successful run every rank first meets in a barrier, so that no rank tears its
+    connections down while a peer still uses them (gloo can abort at exit otherwise). After
+    an error there is no barrier: the other ranks may sit in another collective; the
+    launchers (deepspeed, torchrun, srun) stop the remaining ranks when one fails.
     """
     import torch.distributed as dist
 
-    if is_initialized():
-        dist.destroy_process_group()
+    if not is_initialized():
+        return
+    if success:
+        dist.barrier()
+    dist.destroy_process_group()

@@ -21,10 +21,15 @@ from conkd_scale.utils.errors import ConkdError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--deepspeed", metavar="PATH", default="ds_configs/zero3.json",
-                   help="DeepSpeed JSON config of the student (default: %(default)s)")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--deepspeed",
+        metavar="PATH",
+        default="ds_configs/zero3.json",
+        help="DeepSpeed JSON config of the student (default: %(default)s)",
+    )
     p.add_argument("--config", metavar="FILE", default=None, help="run config (JSON/YAML)")
     p.add_argument("--output-dir", default=None, help="same as output_dir=DIR")
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)

@@ -21,10 +21,15 @@ from conkd_scale.utils.errors import ConkdError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--deepspeed", metavar="PATH", default="ds_configs/zero3.json",
-                   help="DeepSpeed JSON config (default: %(default)s)")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--deepspeed",
+        metavar="PATH",
+        default="ds_configs/zero3.json",
+        help="DeepSpeed JSON config (default: %(default)s)",
+    )
     p.add_argument("--config", metavar="FILE", default=None, help="run config (JSON/YAML)")
     p.add_argument("--output-dir", default=None, help="same as output_dir=DIR")
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
@@ -45,15 +50,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     recipe = DialogTeacherRecipe(cfg, ds_config, args.deepspeed)
+    ok = False
     try:
         recipe.setup()
         recipe.train()
         recipe.export()
+        ok = True
     except ConkdError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     finally:
-        recipe.cleanup()
+        recipe.cleanup(success=ok)
     return 0
 
 

@@ -34,18 +34,31 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run_deepspeed(script: str, args: Sequence[str], *, nproc: int = 2, timeout: float = 600,
-                  log: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
+def run_deepspeed(
+    script: str,
+    args: Sequence[str],
+    *,
+    nproc: int = 2,
+    timeout: float = 600,
+    log: Path | None = None,
+    check: bool = True,
+) -> subprocess.CompletedProcess:
     """Run ``deepspeed --num_gpus nproc ROOT/script args`` from ROOT; output kept in ``log``."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.setdefault("OMP_NUM_THREADS", "1")
     env["PYTHONUNBUFFERED"] = "1"
-    cmd = [deepspeed_bin(), "--num_gpus", str(nproc), "--master_port", str(free_port()),
-           str(ROOT / script), *args]
+    cmd = [
+        deepspeed_bin(),
+        "--num_gpus",
+        str(nproc),
+        "--master_port",
+        str(free_port()),
+        str(ROOT / script),
+        *args,
+    ]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     out = proc.stdout + proc.stderr
     if log is not None:
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -55,26 +68,38 @@ def run_deepspeed(script: str, args: Sequence[str], *, nproc: int = 2, timeout: 
     return proc
 
 
-def make_tiny_gpt2(out_dir: Path, texts: Sequence[str], *, vocab_size: int = 400,
-                   n_embd: int = 32) -> Path:
+def make_tiny_gpt2(
+    out_dir: Path, texts: Sequence[str], *, vocab_size: int = 400, n_embd: int = 32
+) -> Path:
     """A tiny GPT-2 (2 layers) with a byte-level BPE ``GPT2TokenizerFast`` trained on
     ``texts``, saved with ``save_pretrained`` (a local stand-in for DialoGPT)."""
+    import torch
     from tokenizers import ByteLevelBPETokenizer
     from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 
-    import torch
-
     out_dir.mkdir(parents=True, exist_ok=True)
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(list(texts), vocab_size=vocab_size, min_frequency=1,
-                            special_tokens=["<|endoftext|>"], show_progress=False)
+    bpe.train_from_iterator(
+        list(texts),
+        vocab_size=vocab_size,
+        min_frequency=1,
+        special_tokens=["<|endoftext|>"],
+        show_progress=False,
+    )
     bpe.save_model(str(out_dir))  # vocab.json + merges.txt, as in the DialoGPT repos
     tok = GPT2TokenizerFast.from_pretrained(out_dir)
     assert len(tok) == len(bpe.get_vocab()), "BPE files not picked up"
     tok.save_pretrained(out_dir)
     torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=len(tok), n_positions=256, n_embd=n_embd, n_layer=2, n_head=2,
-                     bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    cfg = GPT2Config(
+        vocab_size=len(tok),
+        n_positions=256,
+        n_embd=n_embd,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=tok.eos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     GPT2LMHeadModel(cfg).save_pretrained(out_dir)
     return out_dir
 

@@ -24,17 +24,26 @@ pytestmark = pytest.mark.slow
 SCRIPT = "launch/train_dialog_teacher.py"
 STEPS = 24
 COMMON = [
-    "--deepspeed", "ds_configs/zero3.json",
-    "model.preset=tiny", "model.vocab_size=400", "max_length=128",
-    "train.micro_batch=4", "train.grad_accum=2", f"train.max_steps={STEPS}",
-    "train.lr=3e-3", "train.warmup_steps=4", "train.log_every=1", "train.eval_every=12",
-    "train.save_every=8", "train.keep_last=2", "train.seed=1",
+    "--deepspeed",
+    "ds_configs/zero3.json",
+    "model.preset=tiny",
+    "model.vocab_size=400",
+    "max_length=128",
+    "train.micro_batch=4",
+    "train.grad_accum=2",
+    f"train.max_steps={STEPS}",
+    "train.lr=3e-3",
+    "train.warmup_steps=4",
+    "train.log_every=1",
+    "train.eval_every=12",
+    "train.save_every=8",
+    "train.keep_last=2",
+    "train.seed=1",
 ]
 
 
 def _train_losses(out: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_jsonl(out / "metrics.jsonl")
-            if r["kind"] == "train"}
+    return {r["step"]: r["loss"] for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "train"}
 
 
 def _exported_logits(hf_dir: Path, ref: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -49,9 +58,17 @@ def _exported_logits(hf_dir: Path, ref: dict[str, torch.Tensor]) -> torch.Tensor
 @pytest.fixture(scope="module")
 def zero3_run(synthetic_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("d_zero3") / "run"
-    run_deepspeed(SCRIPT, [*COMMON, "dataset=synthetic", f"data_dir={synthetic_dir}",
-                           f"output_dir={out}", "save_reference_logits=true"],
-                  log=out.parent / "log.txt")
+    run_deepspeed(
+        SCRIPT,
+        [
+            *COMMON,
+            "dataset=synthetic",
+            f"data_dir={synthetic_dir}",
+            f"output_dir={out}",
+            "save_reference_logits=true",
+        ],
+        log=out.parent / "log.txt",
+    )
     return out
 
 
@@ -100,15 +117,17 @@ def test_export_matches_engine_logits(zero3_run: Path) -> None:
     assert any(t.startswith("<item_") for t in tok.get_vocab())
 
 
-def test_resume_reproduces_uninterrupted_losses(zero3_run: Path, synthetic_dir: Path,
-                                                tmp_path: Path) -> None:
+def test_resume_reproduces_uninterrupted_losses(
+    zero3_run: Path, synthetic_dir: Path, tmp_path: Path
+) -> None:
     """Restart from the shared run's step-16 checkpoint, stop at 20 as if pre-empted, resume
     again: steps 17-24 must repeat the uninterrupted run's losses (fp32, 1e-6)."""
     out = tmp_path / "resumed"
     (out / "checkpoints").mkdir(parents=True)
     shutil.copytree(zero3_run / "tokenizer", out / "tokenizer")
-    shutil.copytree(zero3_run / "checkpoints" / "step_00000016",
-                    out / "checkpoints" / "step_00000016")
+    shutil.copytree(
+        zero3_run / "checkpoints" / "step_00000016", out / "checkpoints" / "step_00000016"
+    )
     args = [*COMMON, "dataset=synthetic", f"data_dir={synthetic_dir}", f"output_dir={out}"]
     run_deepspeed(SCRIPT, [*args, "train.stop_at_step=20"], log=tmp_path / "log1.txt")
     stopped = read_jsonl(out / "metrics.jsonl")
@@ -127,19 +146,31 @@ def test_resume_reproduces_uninterrupted_losses(zero3_run: Path, synthetic_dir: 
     assert (out / "hf" / "model.safetensors").is_file()
 
 
-def test_pretrained_gpt2_extended_trained_and_exported(synthetic_dir: Path,
-                                                       tmp_path: Path) -> None:
+def test_pretrained_gpt2_extended_trained_and_exported(synthetic_dir: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     base_dir = make_tiny_gpt2(tmp_path / "gpt2", corpus_texts(synthetic_dir))
     base_tok = AutoTokenizer.from_pretrained(base_dir)
     out = tmp_path / "run"
-    run_deepspeed(SCRIPT, ["--deepspeed", "ds_configs/zero3.json", "dataset=synthetic",
-                           f"data_dir={synthetic_dir}", f"output_dir={out}",
-                           f"model.pretrained={base_dir}", "max_length=128",
-                           "train.micro_batch=2", "train.max_steps=2", "train.lr=1e-4",
-                           "train.warmup_steps=0", "train.log_every=1",
-                           "save_reference_logits=true"], log=tmp_path / "log.txt")
+    run_deepspeed(
+        SCRIPT,
+        [
+            "--deepspeed",
+            "ds_configs/zero3.json",
+            "dataset=synthetic",
+            f"data_dir={synthetic_dir}",
+            f"output_dir={out}",
+            f"model.pretrained={base_dir}",
+            "max_length=128",
+            "train.micro_batch=2",
+            "train.max_steps=2",
+            "train.lr=1e-4",
+            "train.warmup_steps=0",
+            "train.log_every=1",
+            "save_reference_logits=true",
+        ],
+        log=tmp_path / "log.txt",
+    )
     hf = out / "hf"
     tok = AutoTokenizer.from_pretrained(hf)
     model = AutoModelForCausalLM.from_pretrained(hf)
@@ -159,15 +190,17 @@ def test_pretrained_gpt2_extended_trained_and_exported(synthetic_dir: Path,
         assert (row_D - title_D).abs().max() < 2e-3
     ref: dict[str, Any] = torch.load(out / "reference_logits.pt")
     mask_BT = ref["attention_mask"].bool()
-    torch.testing.assert_close(_exported_logits(hf, ref)[mask_BT], ref["logits"][mask_BT],
-                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        _exported_logits(hf, ref)[mask_BT], ref["logits"][mask_BT], rtol=0, atol=1e-5
+    )
 
 
 def test_invalid_deepspeed_config_fails_fast_on_every_rank(tmp_path: Path) -> None:
     bad = tmp_path / "broken_zero3.json"
     bad.write_text('{"zero_optimization": {"stage": 3,}}\n')
-    proc = run_deepspeed(SCRIPT, ["--deepspeed", str(bad), f"output_dir={tmp_path / 'o'}"],
-                         timeout=120, check=False)
+    proc = run_deepspeed(
+        SCRIPT, ["--deepspeed", str(bad), f"output_dir={tmp_path / 'o'}"], timeout=120, check=False
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert out.count(f"error: DeepSpeed config {bad}: not valid JSON") == 2, out[-3000:]

@@ -58,7 +58,7 @@ def test_session_history_commands_and_rendering(session: ChatSession) -> None:
     assert session.command("/quit") == ("bye", True)
     item = session.catalog.ids[0]
     shown = session.render(Generated(f"try {item_token(item)} !", "rec", [item]))
-    assert shown == f"try {session.catalog.title(item)} !"
+    assert shown == f"try {session.catalog.title(item)}!"
 
 
 def test_run_pipe_in_process(session: ChatSession) -> None:

@@ -231,3 +231,19 @@ def test_real_generator_output_fields(gen: LMGenerator, corpus: Corpus) -> None:
         assert g.items == list(dict.fromkeys(g.items))
         assert all(item_token(i) in g.reply for i in g.items)
     assert math.isfinite(sum(len(g.reply) for g in out))
+
+
+def test_model_without_mode_tokens(gen: LMGenerator, corpus: Corpus) -> None:
+    """The no-mode-token ablation: prompts and gold replies carry no [REC]/[GEN] at all."""
+    no_mode = _with(gen, use_mode_tokens=False)
+    t = next(s for s in corpus.samples("test") if s.gold_items and s.context)
+    row = TeacherForcedScorer(no_mode, corpus.catalog.ids).row(t)
+    modes = {gen.special["rec"], gen.special["gen"]}
+    assert not modes & set(row.ids) and row.nll_from == row.start
+    (seq,) = encode_conversation(
+        next(c for c in corpus.splits["test"] if c.conv_id == t.conv_id),
+        gen.tok,
+        max_length=10_000,
+        use_mode_tokens=False,
+    )
+    assert row.ids == seq.input_ids[: len(row.ids)]

@@ -10,7 +10,7 @@ import torch
 
 from conkd_scale.data.schema import Item, ItemCatalog
 from conkd_scale.eval.catalog_io import ITEMS_FILE, load_item_catalog, save_item_catalog
-from conkd_scale.eval.generation import replace_items
+from conkd_scale.eval.generation import display_text, replace_items
 from conkd_scale.eval.metrics_lm import (
     InResponseAccumulator,
     corpus_bleu,
@@ -177,3 +177,12 @@ def test_item_catalog_round_trip(tmp_path) -> None:
     (tmp_path / "bad.json").write_text('[{"item_id": 1}]')
     with pytest.raises(DataError, match="entry 0"):
         load_item_catalog(tmp_path / "bad.json")
+
+
+def test_display_text_for_people() -> None:
+    cat = ItemCatalog([Item("1", "Alien (1979)"), Item("2", "Heat")])
+    assert display_text("Have you seen<item_1>?", cat) == "Have you seen Alien (1979)?"
+    assert display_text("like <item_1> , or <item_2>and more", cat) == (
+        "like Alien (1979), or Heat and more"
+    )
+    assert display_text("unknown <item_9> .", cat) == "unknown <item_9>."

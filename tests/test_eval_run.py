@@ -260,3 +260,24 @@ def test_two_ranks_match_one(setup: dict[str, Path], tmp_path: Path) -> None:
     for k, v in one.items():
         if not isinstance(v, dict):
             assert two[k] == pytest.approx(v, rel=1e-5, nan_ok=True), k
+
+
+def test_forced_mode_and_sampling_in_process(setup: dict[str, Path], tmp_path: Path) -> None:
+    cfg = build_config(
+        EvalConfig,
+        None,
+        [
+            "system=student",
+            f"model={setup['lm']}",
+            f"data_dir={setup['data']}",
+            f"output_dir={tmp_path}",
+            "max_turns=5",
+            "mode=gen",
+            "generation.decoding=sample",
+            *QUICK,
+        ],
+    )
+    metrics = evaluate(cfg)
+    assert metrics is not None and metrics["counts"]["generated_mode_gen"] == 5
+    _, rows = _read(tmp_path)
+    assert [r["mode"] for r in rows] == ["gen"] * 5

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers_ds import make_tiny_gpt2
 
 from conkd_scale.data.schema import Item, ItemCatalog, item_token
 from conkd_scale.data.tokenizer import MODE_REC, item_token_ids, load_tokenizer
@@ -16,15 +17,15 @@ from conkd_scale.models.builder import ModelConfig, build_model, count_params, p
 from conkd_scale.models.export import EXPORT_META, export_hf
 from conkd_scale.models.presets import PRESETS, approx_params, get_preset
 from conkd_scale.utils.errors import ConfigError
-from helpers_ds import make_tiny_gpt2
 
 TEXTS = [
     "Have you seen Glass Carnival? It is a great horror movie.",
     "I love comedies with Anna Carter, and Burning Frontier was fun.",
     "Hi! What kind of movies do you like? Anything with a good story.",
 ] * 20
-CATALOG = ItemCatalog([Item("101", "Glass Carnival (2017)"), Item("102", "Burning Frontier"),
-                       Item("103", "")])
+CATALOG = ItemCatalog(
+    [Item("101", "Glass Carnival (2017)"), Item("102", "Burning Frontier"), Item("103", "")]
+)
 
 
 def test_presets_table() -> None:
@@ -94,8 +95,9 @@ def test_export_loads_with_plain_transformers(tmp_path: Path) -> None:
     assert json.loads((out / EXPORT_META).read_text())["step"] == 3
     loaded = AutoModelForCausalLM.from_pretrained(out).eval()
     tok2 = AutoTokenizer.from_pretrained(out)
-    ids = tok2.encode(f"[SEEKER] hi </s> [RECOMMENDER] [REC] {item_token('101')}",
-                      return_tensors="pt")
+    ids = tok2.encode(
+        f"[SEEKER] hi </s> [RECOMMENDER] [REC] {item_token('101')}", return_tensors="pt"
+    )
     assert tok2.convert_ids_to_tokens(ids[0])[-1] == item_token("101")
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=1e-6)

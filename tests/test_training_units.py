@@ -87,8 +87,11 @@ def test_ds_config_errors_name_the_file(tmp_path: Path) -> None:
 
 
 def test_ds_config_batch_conflicts() -> None:
-    ok = resolve_ds_config({"train_micro_batch_size_per_gpu": 4, "train_batch_size": "auto"},
-                           micro_batch=4, world_size=2)
+    ok = resolve_ds_config(
+        {"train_micro_batch_size_per_gpu": 4, "train_batch_size": "auto"},
+        micro_batch=4,
+        world_size=2,
+    )
     assert ok["train_batch_size"] == 8
     with pytest.raises(ConfigError, match=r"gradient_accumulation_steps is 4 .* gives 2"):
         resolve_ds_config({"gradient_accumulation_steps": 4}, micro_batch=1, grad_accum=2)
@@ -96,8 +99,16 @@ def test_ds_config_batch_conflicts() -> None:
 
 # ----------------------------------------------------------------------------- data order
 def _seqs(n: int, length: int = 5) -> list[EncodedSequence]:
-    return [EncodedSequence(str(i), [i + 3] * length, [IGNORE] + [i + 3] * (length - 1),
-                            [-1] * length, []) for i in range(n)]
+    return [
+        EncodedSequence(
+            str(i), [i + 3] * length, [IGNORE] + [i + 3] * (length - 1), [-1] * length, []
+        )
+        for i in range(n)
+    ]
+
+
+def _flat(xss: list[list[int]]) -> list[int]:
+    return [x for xs in xss for x in xs]
 
 
 def _ids(batch: dict) -> list[int]:
@@ -107,14 +118,15 @@ def _ids(batch: dict) -> list[int]:
 def test_train_stream_shards_evenly_and_deterministically() -> None:
     data = _seqs(11)
     collate = sequence_collate(pad_id=0)
-    streams = [TrainStream(data, collate, micro_batch=2, rank=r, world_size=3, seed=5)
-               for r in range(3)]
+    streams = [
+        TrainStream(data, collate, micro_batch=2, rank=r, world_size=3, seed=5) for r in range(3)
+    ]
     counts = {s.batches_per_epoch for s in streams}
     assert counts == {2}  # ceil(11 / 3) = 4 samples -> 2 micro batches on every rank
-    ep0 = [sum(s.epoch_batches(0), []) for s in streams]
-    assert sorted(set(sum(ep0, []))) == list(range(11))  # all samples (1 padded duplicate)
-    assert ep0 == [sum(s.epoch_batches(0), []) for s in streams]  # deterministic
-    assert ep0 != [sum(s.epoch_batches(1), []) for s in streams]  # reshuffled per epoch
+    ep0 = [_flat(s.epoch_batches(0)) for s in streams]
+    assert sorted(set(_flat(ep0))) == list(range(11))  # all samples (1 padded duplicate)
+    assert ep0 == [_flat(s.epoch_batches(0)) for s in streams]  # deterministic
+    assert ep0 != [_flat(s.epoch_batches(1)) for s in streams]  # reshuffled per epoch
 
 
 def test_train_stream_resumes_at_position() -> None:
@@ -143,8 +155,9 @@ def test_eval_batches_cover_each_sample_once_with_padding() -> None:
     assert real == list(range(n))
     pads = [pad for b in per_rank for mb in b for _, pad in mb]
     assert sum(pads) == 3 * world - n
-    batches = list(iter_eval(_seqs(n), sequence_collate(0), micro_batch=2, rank=2,
-                             world_size=world))
+    batches = list(
+        iter_eval(_seqs(n), sequence_collate(0), micro_batch=2, rank=2, world_size=world)
+    )
     last = batches[-1]
     assert last["is_pad"].tolist() == [True]
     assert (last["labels"] == IGNORE).all()
@@ -212,7 +225,8 @@ def test_token_nll_matches_hf_shifted_loss() -> None:
     labels_BT[0, :3] = IGNORE
     nll, n = token_nll(logits_BTV, labels_BT)
     ref = torch.nn.functional.cross_entropy(
-        logits_BTV[:, :-1].reshape(-1, 11), labels_BT[:, 1:].reshape(-1), ignore_index=IGNORE)
+        logits_BTV[:, :-1].reshape(-1, 11), labels_BT[:, 1:].reshape(-1), ignore_index=IGNORE
+    )
     assert n == 8
     assert float(nll / n) == pytest.approx(float(ref), abs=1e-6)
 
@@ -230,18 +244,31 @@ def test_optimizer_decays_matrices_only() -> None:
 def test_detect_launcher_and_slurm_mapping(monkeypatch: pytest.MonkeyPatch) -> None:
     assert D.detect_launcher({"RANK": "1", "WORLD_SIZE": "2"}) == "env"
     assert D.detect_launcher({"OMPI_COMM_WORLD_SIZE": "2", "SLURM_PROCID": "0"}) == "mpi"
-    assert D.detect_launcher({"PMIX_RANK": "0", "SLURM_STEPID": "0", "SLURM_PROCID": "0"}) \
-        == "mpi"
+    assert D.detect_launcher({"PMIX_RANK": "0", "SLURM_STEPID": "0", "SLURM_PROCID": "0"}) == "mpi"
     assert D.detect_launcher({"SLURM_PROCID": "1", "SLURM_STEPID": "0"}) == "slurm"
     # the batch script itself (no step) is a single process, not rank 0 of SLURM_NTASKS
     assert D.detect_launcher({"SLURM_PROCID": "0", "SLURM_NTASKS": "4"}) == "single"
     assert D.detect_launcher({}) == "single"
     monkeypatch.setattr(D, "_first_slurm_host", lambda nl: D.expand_nodelist(nl)[0])
-    env = D.slurm_env({"SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "4", "SLURM_NTASKS": "8",
-                       "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "gpu[07-08]",
-                       "SLURM_STEP_TASKS_PER_NODE": "2(x2)", "SLURM_JOB_ID": "123"})
-    assert env == {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
-                   "MASTER_ADDR": "gpu07", "MASTER_PORT": "20123"}
+    env = D.slurm_env(
+        {
+            "SLURM_PROCID": "3",
+            "SLURM_STEP_NUM_TASKS": "4",
+            "SLURM_NTASKS": "8",
+            "SLURM_LOCALID": "1",
+            "SLURM_JOB_NODELIST": "gpu[07-08]",
+            "SLURM_STEP_TASKS_PER_NODE": "2(x2)",
+            "SLURM_JOB_ID": "123",
+        }
+    )
+    assert env == {
+        "RANK": "3",
+        "WORLD_SIZE": "4",
+        "LOCAL_RANK": "1",
+        "LOCAL_WORLD_SIZE": "2",
+        "MASTER_ADDR": "gpu07",
+        "MASTER_PORT": "20123",
+    }
     assert D.expand_nodelist("a[1-3,10],b") == ["a1", "a2", "a3", "a10", "b"]
 
 
@@ -256,8 +283,11 @@ def test_rank0_helpers_without_process_group(capsys: pytest.CaptureFixture[str])
 
 # ----------------------------------------------------------------------------- run config
 def test_dialog_teacher_config_overrides_and_checks(tmp_path: Path) -> None:
-    cfg = build_config(DialogTeacherConfig, None, ["model.preset=small", "train.lr=3e-4",
-                                                   "train.adam_betas=0.9,0.99"])
+    cfg = build_config(
+        DialogTeacherConfig,
+        None,
+        ["model.preset=small", "train.lr=3e-4", "train.adam_betas=0.9,0.99"],
+    )
     assert cfg.model.preset == "small" and cfg.train.lr == 3e-4
     assert cfg.train.adam_betas == (0.9, 0.99)
     assert cfg.resolved_data_dir == "runs/data/synthetic"
@@ -266,11 +296,13 @@ def test_dialog_teacher_config_overrides_and_checks(tmp_path: Path) -> None:
 
     f.write_text(json.dumps(config_to_dict(cfg)))  # config.json round-trips as --config
     assert build_config(DialogTeacherConfig, f) == cfg
-    for ov, msg in [(["model.preset=huge"], "unknown preset"),
-                    (["dataset=redial"], "data_dir is required"),
-                    (["max_length=2048"], "exceeds model.n_positions"),
-                    (["train.micro_batch=0"], "micro_batch"),
-                    (["train.max_steps=0", "train.epochs=0"], "epochs")]:
+    for ov, msg in [
+        (["model.preset=huge"], "unknown preset"),
+        (["dataset=redial"], "data_dir is required"),
+        (["max_length=2048"], "exceeds model.n_positions"),
+        (["train.micro_batch=0"], "micro_batch"),
+        (["train.max_steps=0", "train.epochs=0"], "epochs"),
+    ]:
         with pytest.raises(ConfigError, match=msg):
             build_config(DialogTeacherConfig, None, ov)
     assert math.isclose(TrainConfig().min_lr_ratio, 0.1)

@@ -19,8 +19,15 @@ DEFAULT_SYNTHETIC_DIR = "runs/data/synthetic"
 
 
 def _default_train() -> TrainConfig:
-    return TrainConfig(micro_batch=8, lr=2e-3, warmup_steps=20, epochs=4.0, eval_every=50,
-                       save_every=50, log_every=5)
+    return TrainConfig(
+        micro_batch=8,
+        lr=2e-3,
+        warmup_steps=20,
+        epochs=4.0,
+        eval_every=50,
+        save_every=50,
+        log_every=5,
+    )
 
 
 @dataclass
@@ -53,6 +60,8 @@ class DistillConfig:
     context_budget: int | None = None  # context tokens carried into a later window (max/4)
     max_train_conversations: int = 0  # 0: all
     export: bool = True  # write OUT/hf (Hugging Face directory) at the end
+    debug_dump_dir: str | None = None  # write the initial student (gathered) and each rank's
+    # first training micro batch with its loss there, to check against the reference loss
     student: ModelConfig = field(default_factory=ModelConfig)  # tokenizer always D's
     teachers: TeacherConfig = field(default_factory=TeacherConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -64,8 +73,10 @@ class DistillConfig:
         if self.max_length < 16:
             raise ConfigError(f"max_length: expected >= 16, got {self.max_length}")
         if self.student.pretrained is None and self.max_length > self.student.n_positions:
-            raise ConfigError(f"max_length {self.max_length} exceeds student.n_positions "
-                              f"{self.student.n_positions}")
+            raise ConfigError(
+                f"max_length {self.max_length} exceeds student.n_positions "
+                f"{self.student.n_positions}"
+            )
 
     @property
     def resolved_data_dir(self) -> str:

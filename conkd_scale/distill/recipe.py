@@ -45,12 +45,23 @@ from conkd_scale.training.data import Batch, sequence_collate
 from conkd_scale.training.dialog_teacher import encode_split
 from conkd_scale.training.ds_config import resolve_ds_config
 from conkd_scale.training.metrics import JsonlLogger
-from conkd_scale.training.trainer import Trainer, lm_logits, make_optimizer, \
-    make_scheduler_factory, plan_steps
+from conkd_scale.training.trainer import (
+    Trainer,
+    lm_logits,
+    make_optimizer,
+    make_scheduler_factory,
+    plan_steps,
+)
 from conkd_scale.utils.io import write_json
 
-GATE_COUNTS = ("gate_lam_sum", "item_mass_sum", "gate_n_tokens", "gate_n_pred", "gate_n_gold",
-               "gate_n_hit")
+GATE_COUNTS = (
+    "gate_lam_sum",
+    "item_mass_sum",
+    "gate_n_tokens",
+    "gate_n_pred",
+    "gate_n_gold",
+    "gate_n_hit",
+)
 
 
 class DistillLogger(JsonlLogger):
@@ -83,9 +94,13 @@ def loss_rows(batch: Batch) -> torch.Tensor:
 class DistillRecipe:
     """ConKD distillation into a DeepSpeed (ZeRO-3 by default) student."""
 
-    def __init__(self, cfg: DistillConfig, ds_config: dict[str, Any],
-                 ds_config_path: str = "DeepSpeed config",
-                 inference_ds_config: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: DistillConfig,
+        ds_config: dict[str, Any],
+        ds_config_path: str = "DeepSpeed config",
+        inference_ds_config: dict[str, Any] | None = None,
+    ) -> None:
         self.cfg = cfg
         self.ds_raw = ds_config
         self.ds_path = ds_config_path
@@ -94,6 +109,7 @@ class DistillRecipe:
         self.summary: dict[str, Any] = {}
         self.teacher: Any = None
         self.rec: Any = None
+        self._dump_pending = False
 
     # ---------------------------------------------------------------------------- setup
     def _ensure_data(self) -> None:
@@ -113,8 +129,9 @@ class DistillRecipe:
         D.run_on_main(self._ensure_data)
         if cfg.teachers.auto_train:
             T.train_missing_teachers(cfg)
-        corpus = load_dataset(cfg.dataset, cfg.resolved_data_dir, kg=cfg.kg or "none",
-                              splits=("train", "valid"))
+        corpus = load_dataset(
+            cfg.dataset, cfg.resolved_data_dir, kg=cfg.kg or "none", splits=("train", "valid")
+        )
         tok = T.load_teacher_tokenizer(cfg)
         if cfg.uses_teachers:
             from conkd_scale.rec.api import RecTeacher
@@ -123,9 +140,13 @@ class DistillRecipe:
         self.item_ids = T.check_alignment(tok, self.rec, corpus.catalog.ids)
         self.item_tok_I = torch.tensor(item_token_ids(tok, self.item_ids), dtype=torch.long)
         self.vocab = len(tok)
-        ds = resolve_ds_config(self.ds_raw, micro_batch=cfg.train.micro_batch,
-                               grad_accum=cfg.train.grad_accum,
-                               world_size=self.dist.world_size, where=self.ds_path)
+        ds = resolve_ds_config(
+            self.ds_raw,
+            micro_batch=cfg.train.micro_batch,
+            grad_accum=cfg.train.grad_accum,
+            world_size=self.dist.world_size,
+            where=self.ds_path,
+        )
 
         def prepare() -> None:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -140,40 +161,69 @@ class DistillRecipe:
             train_convs = train_convs[: cfg.max_train_conversations]
         self.train_data = encode_split(train_convs, tok, cfg)  # type: ignore[arg-type]
         self.eval_data = encode_split(corpus.splits["valid"], tok, cfg)  # type: ignore[arg-type]
+        torch.manual_seed(cfg.train.seed)
+        self.built = build_model(cfg.student, tok, ds_config=ds, catalog=corpus.catalog)
         if cfg.uses_teachers:
             inf_raw = self.ds_inf_raw
             if inf_raw is None:
                 from conkd_scale.training.ds_config import load_ds_config
 
                 inf_raw = load_ds_config(cfg.teachers.inference_ds_config)
-            ds_inf = resolve_ds_config(inf_raw, micro_batch=cfg.train.micro_batch,
-                                       world_size=self.dist.world_size, client_optimizer=False,
-                                       where=cfg.teachers.inference_ds_config)
-            self.teacher = T.build_dialog_engine(T.dialog_model_dir(cfg.dialog_dir), ds_inf,
-                                                 self.vocab)
-        torch.manual_seed(cfg.train.seed)
-        self.built = build_model(cfg.student, tok, ds_config=ds, catalog=corpus.catalog)
+            ds_inf = resolve_ds_config(
+                inf_raw,
+                micro_batch=cfg.train.micro_batch,
+                world_size=self.dist.world_size,
+                client_optimizer=False,
+                where=cfg.teachers.inference_ds_config,
+            )
+            self.teacher = T.build_dialog_engine(
+                T.dialog_model_dir(cfg.dialog_dir), ds_inf, self.vocab
+            )
         total = plan_steps(cfg.train, len(self.train_data), self.dist.world_size)
         self.engine, *_ = deepspeed.initialize(
-            model=self.built.model, optimizer=make_optimizer(self.built.model, cfg.train),
-            lr_scheduler=make_scheduler_factory(cfg.train, total), config=ds)
+            model=self.built.model,
+            optimizer=make_optimizer(self.built.model, cfg.train),
+            lr_scheduler=make_scheduler_factory(cfg.train, total),
+            config=ds,
+        )
         self.collate = sequence_collate(tok.pad_token_id)
         logger = DistillLogger(self.out / "metrics.jsonl") if self.dist.is_main else None
         self.trainer = Trainer(
-            self.engine, train_data=self.train_data, eval_data=self.eval_data,
-            collate_fn=self.collate, cfg=cfg.train, dist=self.dist, out_dir=self.out,
-            total_steps=total, loss_step=self.loss_step, eval_step=self.eval_step,
-            eval_metrics=self.eval_metrics, lockstep=self.lockstep, logger=logger)
-        info = {"world_size": self.dist.world_size, "launcher": self.dist.launcher,
-                "student_params": self.built.num_params, "student": self.built.source,
-                "teacher": str(T.dialog_model_dir(cfg.dialog_dir)) if self.teacher else None,
-                "teacher_params": _count(self.teacher), "rec_teacher": str(cfg.rec_dir)
-                if self.rec else None, "vocab": self.vocab, "items": len(self.item_ids),
-                "train_sequences": len(self.train_data), "total_steps": total,
-                "zero_stage": ds.get("zero_optimization", {}).get("stage", 0)}
+            self.engine,
+            train_data=self.train_data,
+            eval_data=self.eval_data,
+            collate_fn=self.collate,
+            cfg=cfg.train,
+            dist=self.dist,
+            out_dir=self.out,
+            total_steps=total,
+            loss_step=self.loss_step,
+            eval_step=self.eval_step,
+            eval_metrics=self.eval_metrics,
+            lockstep=self.lockstep,
+            logger=logger,
+        )
+        info = {
+            "world_size": self.dist.world_size,
+            "launcher": self.dist.launcher,
+            "student_params": self.built.num_params,
+            "student": self.built.source,
+            "teacher": str(T.dialog_model_dir(cfg.dialog_dir)) if self.teacher else None,
+            "teacher_params": _count(self.teacher),
+            "teacher_params_this_rank": _count(self.teacher, local=True),
+            "rec_teacher": str(cfg.rec_dir) if self.rec else None,
+            "vocab": self.vocab,
+            "items": len(self.item_ids),
+            "train_sequences": len(self.train_data),
+            "total_steps": total,
+            "zero_stage": ds.get("zero_optimization", {}).get("stage", 0),
+        }
         D.run_on_main(write_json, self.out / "run_info.json", info)
         D.print0(json.dumps(info))
-        self.trainer.resume()
+        resumed = self.trainer.resume()
+        self._dump_pending = cfg.debug_dump_dir is not None and resumed is None
+        if self._dump_pending:
+            export_hf(self.engine, tok, Path(str(cfg.debug_dump_dir)) / "student0")
 
     # ---------------------------------------------------------------------------- hooks
     @torch.no_grad()
@@ -187,8 +237,11 @@ class DistillRecipe:
         batch["teacher_NV"] = logits_BTV[:, :-1][rows_BT][:, : self.vocab]  # [N, V]
         del logits_BTV
         turns = batch["turns"]
-        batch["rec_SI"] = (self.rec.item_distribution(turns, self.item_ids) if turns
-                           else torch.zeros(0, len(self.item_ids)))  # [S, I]
+        batch["rec_SI"] = (
+            self.rec.item_distribution(turns, self.item_ids)
+            if turns
+            else torch.zeros(0, len(self.item_ids))
+        )  # [S, I]
         batch["time_teacher_s"] = time.perf_counter() - t0
         return batch
 
@@ -202,41 +255,84 @@ class DistillRecipe:
         del logits_BTV
         t0 = time.perf_counter()
         if self.teacher is None:  # one-hot baseline: L = w_ce * CE
-            ce = torch.nn.functional.cross_entropy(student_NV.float(), labels_N,
-                                                   reduction="sum") / max(len(labels_N), 1)
-            parts = {"ce": ce.detach(), "kd": 0.0, "kd_dialog": 0.0, "kd_rec": 0.0,
-                     "time_loss_s": time.perf_counter() - t0}
+            ce = torch.nn.functional.cross_entropy(
+                student_NV.float(), labels_N, reduction="sum"
+            ) / max(len(labels_N), 1)
+            parts = {
+                "ce": ce.detach(),
+                "kd": 0.0,
+                "kd_dialog": 0.0,
+                "kd_rec": 0.0,
+                "time_loss_s": time.perf_counter() - t0,
+            }
             return cfg.loss.w_ce * ce, parts
         rec_row_N = batch["rec_turn"][:, 1:].to(dev)[rows_BT]  # [N]
-        out = conkd_loss(student_NV, batch.pop("teacher_NV"), batch["rec_SI"].to(dev),
-                         rec_row_N, self.item_tok_I.to(dev), labels_N, cfg.loss)
+        out = conkd_loss(
+            student_NV,
+            batch.pop("teacher_NV"),
+            batch["rec_SI"].to(dev),
+            rec_row_N,
+            self.item_tok_I.to(dev),
+            labels_N,
+            cfg.loss,
+        )
         lam = out.lam_N.detach().float()
         gold = torch.isin(labels_N, self.item_tok_I.to(dev))
         pred = lam > cfg.loss.gate.eta
-        parts = {"ce": out.ce, "kd": out.kd, "kd_dialog": out.kd_dialog, "kd_rec": out.kd_rec,
-                 "gate_lam_sum": lam.sum(), "item_mass_sum": out.m_N.detach().float().sum(),
-                 "gate_n_tokens": float(len(labels_N)), "gate_n_pred": float(pred.sum()),
-                 "gate_n_gold": float(gold.sum()), "gate_n_hit": float((pred & gold).sum()),
-                 "time_teacher_s": batch.get("time_teacher_s", 0.0),
-                 "time_loss_s": time.perf_counter() - t0}
+        parts = {
+            "ce": out.ce,
+            "kd": out.kd,
+            "kd_dialog": out.kd_dialog,
+            "kd_rec": out.kd_rec,
+            "gate_lam_sum": lam.sum(),
+            "item_mass_sum": out.m_N.detach().float().sum(),
+            "gate_n_tokens": float(len(labels_N)),
+            "gate_n_pred": float(pred.sum()),
+            "gate_n_gold": float(gold.sum()),
+            "gate_n_hit": float((pred & gold).sum()),
+            "time_teacher_s": batch.get("time_teacher_s", 0.0),
+            "time_loss_s": time.perf_counter() - t0,
+        }
         return out.loss, parts
 
     def loss_step(self, engine: Any, batch: Batch) -> tuple[torch.Tensor, dict[str, Any]]:
-        return self._loss(engine, batch)
+        rec_SI = batch.get("rec_SI")
+        loss, parts = self._loss(engine, batch)
+        if self._dump_pending:
+            self._dump_pending = False
+            dump = {k: batch[k] for k in ("input_ids", "attention_mask", "labels", "rec_turn")}
+            dump.update(
+                rec_SI=rec_SI,
+                loss=float(loss),
+                parts={k: float(v) for k, v in parts.items()},
+                item_tok_I=self.item_tok_I,
+            )
+            path = Path(str(self.cfg.debug_dump_dir)) / f"rank{self.dist.rank}.pt"
+            torch.save(dump, path)
+        return loss, parts
 
     @torch.no_grad()
     def eval_step(self, engine: Any, batch: Batch) -> dict[str, float]:
         loss, parts = self._loss(engine, batch)
         n = float(loss_rows(batch).sum())
-        return {"ce_sum": float(parts["ce"]) * n, "kd_sum": float(parts["kd"]) * n,
-                "loss_sum": float(loss) * n, "tokens": n}
+        return {
+            "ce_sum": float(parts["ce"]) * n,
+            "kd_sum": float(parts["kd"]) * n,
+            "loss_sum": float(loss) * n,
+            "tokens": n,
+        }
 
     @staticmethod
     def eval_metrics(sums: dict[str, float]) -> dict[str, float]:
         n = max(sums["tokens"], 1.0)
         ce = sums["ce_sum"] / n
-        return {"val_loss": sums["loss_sum"] / n, "val_ce": ce, "val_kd": sums["kd_sum"] / n,
-                "val_ppl": math.exp(min(ce, 50.0)), "val_tokens": sums["tokens"]}
+        return {
+            "val_loss": sums["loss_sum"] / n,
+            "val_ce": ce,
+            "val_kd": sums["kd_sum"] / n,
+            "val_ppl": math.exp(min(ce, 50.0)),
+            "val_tokens": sums["tokens"],
+        }
 
     # ---------------------------------------------------------------------------- run
     def train(self) -> dict[str, Any]:
@@ -250,9 +346,17 @@ class DistillRecipe:
         """OUT/hf: the student as a Hugging Face directory (completed runs). Collective."""
         if self.trainer.stopped_early or not self.cfg.export:
             return None
-        path = export_hf(self.engine, self.built.tokenizer, self.out / "hf",
-                         meta={"step": self.trainer.step, "source": self.built.source,
-                               "loss": config_to_dict(self.cfg.loss), **self.trainer.last_eval})
+        path = export_hf(
+            self.engine,
+            self.built.tokenizer,
+            self.out / "hf",
+            meta={
+                "step": self.trainer.step,
+                "source": self.built.source,
+                "loss": config_to_dict(self.cfg.loss),
+                **self.trainer.last_eval,
+            },
+        )
         D.print0(f"exported the student to {path}")
         return path
 
@@ -260,7 +364,13 @@ class DistillRecipe:
         D.teardown()
 
 
-def _count(engine: Any) -> int | None:
+def _count(engine: Any, local: bool = False) -> int | None:
+    """Parameters of an engine's model: all of them, or those held by this rank (ZeRO-3)."""
     if engine is None:
         return None
+    if local:
+        return sum(
+            int(p.ds_tensor.numel()) if hasattr(p, "ds_tensor") else p.numel()
+            for p in engine.module.parameters()
+        )
     return sum(int(getattr(p, "ds_numel", p.numel())) for p in engine.module.parameters())

@@ -69,28 +69,47 @@ def train_missing_teachers(cfg: DistillConfig) -> None:
 
         D.print0(f"training the recommendation teacher into {cfg.rec_dir}")
         kg = "default" if cfg.kg is None else cfg.kg
-        rcfg = build_config(RecTeacherConfig, None, [
-            f"dataset={cfg.dataset}", f"data_dir={cfg.resolved_data_dir}", f"kg={kg}",
-            f"output_dir={cfg.rec_dir}", f"progress={cfg.train.progress}",
-            *cfg.teachers.rec_overrides])
+        rcfg = build_config(
+            RecTeacherConfig,
+            None,
+            [
+                f"dataset={cfg.dataset}",
+                f"data_dir={cfg.resolved_data_dir}",
+                f"kg={kg}",
+                f"output_dir={cfg.rec_dir}",
+                f"progress={cfg.train.progress}",
+                *cfg.teachers.rec_overrides,
+            ],
+        )
         train_rec_teacher(rcfg)
     if not dialog_ready(cfg):
         from conkd_scale.training.dialog_teacher import DialogTeacherConfig, DialogTeacherRecipe
         from conkd_scale.training.ds_config import load_ds_config
 
         D.print0(f"training the dialogue teacher into {cfg.dialog_dir}")
-        dcfg = build_config(DialogTeacherConfig, None, [
-            f"dataset={cfg.dataset}", f"data_dir={cfg.resolved_data_dir}",
-            f"output_dir={cfg.dialog_dir}", f"max_length={cfg.max_length}",
-            f"use_mode_tokens={cfg.use_mode_tokens}", f"train.progress={cfg.train.progress}",
-            f"max_train_conversations={cfg.max_train_conversations}",
-            *cfg.teachers.dialog_overrides])
+        dcfg = build_config(
+            DialogTeacherConfig,
+            None,
+            [
+                f"dataset={cfg.dataset}",
+                f"data_dir={cfg.resolved_data_dir}",
+                f"output_dir={cfg.dialog_dir}",
+                f"max_length={cfg.max_length}",
+                f"use_mode_tokens={cfg.use_mode_tokens}",
+                f"train.progress={cfg.train.progress}",
+                f"max_train_conversations={cfg.max_train_conversations}",
+                *cfg.teachers.dialog_overrides,
+            ],
+        )
         ds_path = cfg.teachers.dialog_train_ds_config
         recipe = DialogTeacherRecipe(dcfg, load_ds_config(ds_path), ds_path)
         recipe.setup()
         recipe.train()
         recipe.export()
         del recipe  # frees D's training engine; the process group stays for the student
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()  # D's ZeRO-3 config must not shape the student
         D.barrier()
 
 
@@ -119,20 +138,36 @@ def check_alignment(tok: Any, rec: Any | None, catalog_ids: list[str]) -> list[s
 
 
 def build_dialog_engine(model_dir: Path, ds_config: dict[str, Any], vocab: int) -> Any:
-    """D as a ZeRO-3 inference engine (sharded parameters, no optimizer), in eval mode."""
+    """D as a ZeRO-3 inference engine (sharded parameters, no optimizer), in eval mode.
+
+    transformers keeps one global DeepSpeed config (a weak reference); D's is registered only
+    while D loads, and the previous one (the student's, if any) is put back afterwards, so a
+    ZeRO-2 student next to a ZeRO-3 teacher is not created partitioned.
+    """
     import deepspeed
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations import deepspeed as hf_ds
 
-    keep = HfDeepSpeedConfig(ds_config)  # from_pretrained loads straight into partitions
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    previous = hf_ds._hf_deepspeed_config_weak_ref
+    previous = previous() if previous is not None else None
+    try:
+        keep = HfDeepSpeedConfig(ds_config)  # from_pretrained loads straight into partitions
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        del keep
+    finally:
+        if previous is not None:
+            hf_ds.set_hf_deepspeed_config(previous)
+        else:
+            hf_ds.unset_hf_deepspeed_config()
     rows = int(model.get_input_embeddings().num_embeddings)
     if rows < vocab:
-        raise ConfigError(f"{model_dir}: the dialogue teacher has {rows} embedding rows but "
-                          f"its tokenizer has {vocab} tokens")
+        raise ConfigError(
+            f"{model_dir}: the dialogue teacher has {rows} embedding rows but "
+            f"its tokenizer has {vocab} tokens"
+        )
     for p in model.parameters():
         p.requires_grad_(False)
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
     engine.module.eval()
-    engine._conkd_hf_ds_config = keep
     return engine

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import TextIO
 
 from conkd_scale.data.schema import RECOMMENDER, SEEKER, ItemCatalog
-from conkd_scale.eval.generation import MODES, Generated, LMGenerator, Mode
+from conkd_scale.eval.generation import MODES, Generated, LMGenerator, Mode, display_text
 from conkd_scale.eval.metrics_lm import normalise_space
 
 PROMPT = "you> "
@@ -46,7 +46,7 @@ class ChatSession:
         return reply
 
     def render(self, reply: Generated) -> str:
-        return normalise_space(self.catalog.render(reply.reply))
+        return display_text(reply.reply, self.catalog)
 
     def reset(self) -> None:
         self.history.clear()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,13 @@ from typing import Any, Literal, Protocol
 
 import torch
 
-from conkd_scale.data.schema import ITEM_TOKEN_RE, RECOMMENDER, TurnSample, items_in_text
+from conkd_scale.data.schema import (
+    ITEM_TOKEN_RE,
+    RECOMMENDER,
+    ItemCatalog,
+    TurnSample,
+    items_in_text,
+)
 from conkd_scale.data.sequences import _turn_ids
 from conkd_scale.data.tokenizer import MODE_GEN, MODE_REC, ROLE_TOKENS, special_ids
 from conkd_scale.utils.errors import ConfigError
@@ -78,6 +85,25 @@ class Generated:
     mode: str | None  # "rec"/"gen" (generated or forced), None if the model wrote neither
     items: list[str]  # item ids of the item tokens written, distinct, in order
     token_ids: list[int] = field(default_factory=list)  # generated ids up to the stop token
+
+
+_GLUED_LEFT = re.compile(r"(?<=[^\s(\[\"'])(<item_[^<>\s]+>)")
+_GLUED_RIGHT = re.compile(r"(<item_[^<>\s]+>)(?=[^\s.,!?;:)\]\"'])")
+_SPACE_BEFORE_PUNCT = re.compile(r"\s+([.,!?;:])")
+
+
+def display_text(text: str, catalog: ItemCatalog) -> str:
+    """A reply for people: item tokens as titles, a space between a title and an adjacent
+    word (BPE tokenizers may decode ``seen<item_1>``), no space before punctuation.
+
+    >>> from conkd_scale.data.schema import Item
+    >>> cat = ItemCatalog([Item("1", "Alien (1979)")])
+    >>> display_text("Have you seen<item_1> ? It is  great", cat)
+    'Have you seen Alien (1979)? It is great'
+    """
+    text = _GLUED_RIGHT.sub(r"\1 ", _GLUED_LEFT.sub(r" \1", text))
+    text = _SPACE_BEFORE_PUNCT.sub(r"\1", catalog.render(text))
+    return " ".join(text.split())
 
 
 def read_export_meta(model_dir: str | Path) -> dict[str, Any]:
@@ -421,6 +447,7 @@ __all__ = [
     "Pipeline",
     "PipelineReply",
     "build_generator",
+    "display_text",
     "load_lm",
     "read_export_meta",
     "rec_item_scores",

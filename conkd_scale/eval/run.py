@@ -46,6 +46,7 @@ from conkd_scale.eval.generation import (
     Mode,
     Pipeline,
     build_generator,
+    display_text,
     rec_item_scores,
     resolve_device,
     top_indices,
@@ -141,14 +142,8 @@ def rec_ranking(
         chunk = rec_turns[s : s + batch_size]
         scores_SI = rec_item_scores(rec, chunk, catalog_ids)  # [S, I]
         gold = [[index[g] for g in dict.fromkeys(t.gold_items) if g in index] for t in chunk]
-        new = [
-            [
-                index[g]
-                for g in dict.fromkeys(t.gold_items)
-                if g in index and g not in set(t.context_items)
-            ]
-            for t in chunk
-        ]
+        seen = [{index[i] for i in t.context_items if i in index} for t in chunk]
+        new = [[g for g in row if g not in ctx] for row, ctx in zip(gold, seen, strict=True)]
         acc.add(scores_SI, gold)
         acc_new.add(scores_SI, new)
     return acc.result(), acc_new.result()
@@ -160,7 +155,7 @@ def _base_record(t: TurnSample, catalog: ItemCatalog) -> dict[str, Any]:
         "turn_index": t.turn_index,
         "context": [list(c) for c in t.context],
         "gold": t.response,
-        "gold_rendered": catalog.render(t.response),
+        "gold_rendered": display_text(t.response, catalog),
         "gold_items": list(dict.fromkeys(t.gold_items)),
         "context_items": list(t.context_items),
         "is_recommendation": t.is_recommendation,
@@ -193,11 +188,14 @@ def evaluate_shard(
         res.scored = scorer.score(turns)
     if cfg.system in ("student", "dialog"):
         assert generator is not None
-        for rec_, g in zip(
+        for row, g in zip(
             records, generator.generate([t.context for t in turns], mode), strict=True
         ):
-            rec_.update(
-                generated=g.reply, mode=g.mode, items=g.items, rendered=catalog.render(g.reply)
+            row.update(
+                generated=g.reply,
+                mode=g.mode,
+                items=g.items,
+                rendered=display_text(g.reply, catalog),
             )
     elif cfg.system == "pipeline":
         assert generator is not None and rec is not None
@@ -208,12 +206,12 @@ def evaluate_shard(
             exclude_context=cfg.pipeline_exclude_context,
             rec_batch_size=cfg.rec_batch_size,
         )
-        for rec_, p in zip(records, pipe.generate(turns, mode), strict=True):
-            rec_.update(
+        for row, p in zip(records, pipe.generate(turns, mode), strict=True):
+            row.update(
                 generated=p.reply,
                 mode=p.mode,
                 items=p.items,
-                rendered=catalog.render(p.reply),
+                rendered=display_text(p.reply, catalog),
                 d_generated=p.d_reply,
                 d_items=p.d_items,
                 r_top_item=p.r_top_item,
@@ -224,8 +222,8 @@ def evaluate_shard(
             chunk = turns[s : s + cfg.rec_batch_size]
             scores_SI = rec_item_scores(rec, chunk, ids)  # [S, I]
             top_SK = top_indices(scores_SI, 10)  # [S][10]
-            for n, row in enumerate(top_SK):
-                records[s + n]["r_top_items"] = [ids[i] for i in row]
+            for n, top in enumerate(top_SK):
+                records[s + n]["r_top_items"] = [ids[i] for i in top]
     res.records = records
     res.seconds = time.perf_counter() - t0
     return res

@@ -129,20 +129,31 @@ def _scratch_model(cfg: ModelConfig, tok: Any) -> Any:
     from transformers import AutoModelForCausalLM, GPT2Config
 
     p = get_preset(cfg.preset)
-    drop = {} if cfg.dropout is None else {
-        "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout}
+    drop = (
+        {}
+        if cfg.dropout is None
+        else {"resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout}
+    )
     bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     config = GPT2Config(
-        vocab_size=len(tok), n_positions=cfg.n_positions, n_embd=p.n_embd, n_layer=p.n_layer,
-        n_head=p.n_head, bos_token_id=bos, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id, tie_word_embeddings=True, **drop,
+        vocab_size=len(tok),
+        n_positions=cfg.n_positions,
+        n_embd=p.n_embd,
+        n_layer=p.n_layer,
+        n_head=p.n_head,
+        bos_token_id=bos,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=True,
+        **drop,
     )
     # With a live HfDeepSpeedConfig (ZeRO-3) this runs under deepspeed.zero.Init.
     return AutoModelForCausalLM.from_config(config)
 
 
-def _title_token_ids(tok: Any, catalog: ItemCatalog | None, token_ids: list[int],
-                     old_rows: int, new: set[int]) -> dict[int, list[int]]:
+def _title_token_ids(
+    tok: Any, catalog: ItemCatalog | None, token_ids: list[int], old_rows: int, new: set[int]
+) -> dict[int, list[int]]:
     """For each new item token id: the base-vocabulary ids of its title (may be empty)."""
     if catalog is None:
         return {}
@@ -156,8 +167,9 @@ def _title_token_ids(tok: Any, catalog: ItemCatalog | None, token_ids: list[int]
         title = item.title.strip() if item is not None else ""
         if not title or title == item_token(m.group(1)):
             continue
-        ids = [i for i in tok.encode(title, add_special_tokens=False)
-               if i < old_rows and i not in new]
+        ids = [
+            i for i in tok.encode(title, add_special_tokens=False) if i < old_rows and i not in new
+        ]
         out[tid] = ids
     return out
 
@@ -213,7 +225,8 @@ def _pretrained_model(cfg: ModelConfig, tok: Any, catalog: ItemCatalog | None) -
     new_ids = sorted(i for t, i in tok.get_vocab().items() if t not in base)
     titles = (
         _title_token_ids(tok, catalog, new_ids, old_rows, set(new_ids))
-        if cfg.init_items_from_titles else {}
+        if cfg.init_items_from_titles
+        else {}
     )
     init_new_rows(model, new_ids, titles)
     return model, new_ids

@@ -96,12 +96,15 @@ def export_hf(
             cfg["dtype"] = str(dtype).removeprefix("torch.")
             cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
             tokenizer.save_pretrained(tmp)
-            write_json(Path(tmp) / EXPORT_META, {
-                "dtype": str(dtype).removeprefix("torch."),
-                "master_weights": master_weights,
-                "num_tensors": len(sd),
-                **(meta or {}),
-            })
+            write_json(
+                Path(tmp) / EXPORT_META,
+                {
+                    "dtype": str(dtype).removeprefix("torch."),
+                    "master_weights": master_weights,
+                    "num_tensors": len(sd),
+                    **(meta or {}),
+                },
+            )
 
     D.run_on_main(write)
     return out_dir

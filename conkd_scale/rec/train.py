@@ -332,7 +332,7 @@ class RecTeacherTrainer:
         cfg = self.cfg
         rows: list[dict[str, Any]] = []
         best, best_epoch, best_state = -1.0, 0, None
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         epochs = tqdm(
             range(1, cfg.epochs + 1), desc="rec teacher", disable=not _progress(cfg, self.rank)
         )
@@ -366,6 +366,8 @@ class RecTeacherTrainer:
             "valid/R@10": best,
             "epochs_run": len(rows),
             "train_seconds": time.perf_counter() - t0,
+            "train_cpu_seconds": time.process_time() - c0,  # all threads; wall time on a
+            # shared machine depends on the load, CPU time much less
         }
 
     def save_checkpoint(self, *, epoch: int, valid: dict[str, float]) -> Path:

@@ -58,24 +58,38 @@ def prune_checkpoints(root: str | Path, keep_last: int) -> list[Path]:
         return []
     newest = complete[-1][0]
     doomed = [p for _, p in complete[:-keep_last]] if keep_last > 0 else []
-    doomed += [p for s, p in list_checkpoints(root, complete_only=False)
-               if not (p / META).is_file() and s < newest]
+    doomed += [
+        p
+        for s, p in list_checkpoints(root, complete_only=False)
+        if not (p / META).is_file() and s < newest
+    ]
     for p in doomed:
         shutil.rmtree(p, ignore_errors=True)
     return doomed
 
 
-def save_checkpoint(engine: Any, root: str | Path, step: int, position: DataPosition,
-                    *, keep_last: int, extra: dict[str, Any] | None = None) -> Path:
+def save_checkpoint(
+    engine: Any,
+    root: str | Path,
+    step: int,
+    position: DataPosition,
+    *,
+    keep_last: int,
+    extra: dict[str, Any] | None = None,
+) -> Path:
     """Save a DeepSpeed checkpoint for ``step`` (collective), then meta.json and pruning."""
     root = Path(root)
     tag = checkpoint_tag(step)
-    engine.save_checkpoint(str(root), tag=tag, client_state={"conkd_step": step},
-                           save_latest=True)
+    engine.save_checkpoint(str(root), tag=tag, client_state={"conkd_step": step}, save_latest=True)
     D.barrier()
-    meta = {"step": step, "epoch": position.epoch, "batch_offset": position.batch_offset,
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "world_size": D.get_world_size(),
-            **(extra or {})}
+    meta = {
+        "step": step,
+        "epoch": position.epoch,
+        "batch_offset": position.batch_offset,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "world_size": D.get_world_size(),
+        **(extra or {}),
+    }
 
     def finish() -> None:
         write_json(root / tag / META, meta)
@@ -104,9 +118,9 @@ def load_checkpoint(engine: Any, path: str | Path) -> dict[str, Any]:
             f"same number of ranks (this job has {D.get_world_size()}). Start a new run from "
             "its weights instead (zero_to_fp32.py in the checkpoints folder, or the export)"
         )
-    load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name,
-                                          load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
+    load_path, _ = engine.load_checkpoint(
+        str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
     if load_path is None:
         raise ConfigError(f"DeepSpeed could not load the checkpoint {path}")
     return meta

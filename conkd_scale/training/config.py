@@ -30,6 +30,7 @@ class TrainConfig:
     log_every: int = 10  # steps between metrics.jsonl rows
     seed: int = 0  # model init, data order and dropout (reseeded per micro step)
     num_workers: int = 0  # DataLoader workers per rank
+    group_by_length: bool = True  # batch sequences of similar length (less padding)
     resume: str = "auto"  # auto: newest checkpoint in OUT/checkpoints; none; or a path
     stop_at_step: int = 0  # stop cleanly after this step (checkpoint written), as if pre-empted
     progress: bool = True  # tqdm progress bar on rank 0
@@ -38,8 +39,15 @@ class TrainConfig:
         for name in ("micro_batch", "grad_accum", "log_every", "keep_last"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}: expected >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "warmup_steps", "eval_every", "save_every", "stop_at_step",
-                     "eval_max_batches", "num_workers"):
+        for name in (
+            "max_steps",
+            "warmup_steps",
+            "eval_every",
+            "save_every",
+            "stop_at_step",
+            "eval_max_batches",
+            "num_workers",
+        ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name}: expected >= 0, got {getattr(self, name)}")
         if self.lr <= 0:

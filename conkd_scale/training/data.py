@@ -2,7 +2,10 @@
 
 Training: a ``DistributedSampler`` (shuffled with ``seed``, ``set_epoch(epoch)``; it pads the
 index list so that every rank gets the same number of samples, hence the same number of
-micro batches: ZeRO-3 forwards are collective). The stream runs across epoch boundaries;
+micro batches: ZeRO-3 forwards are collective). With ``lengths`` given (``train.group_by_length``)
+each window of 64 micro batches is sorted by length before it is cut into micro batches, whose
+order is then shuffled (seeded per epoch): whole conversations vary a lot in length, and this
+removes most of the padding. The stream runs across epoch boundaries;
 its position is ``(epoch, batch_offset)`` = the next micro batch to read, saved in every
 checkpoint, so a resumed run reads exactly the batches an uninterrupted one would.
 
@@ -59,17 +62,37 @@ class DataPosition:
 class TrainStream:
     """Endless, resumable stream of this rank's training micro batches."""
 
-    def __init__(self, dataset: Sequence[Any], collate_fn: Callable[[list[Any]], Batch], *,
-                 micro_batch: int, rank: int, world_size: int, seed: int,
-                 shuffle: bool = True, num_workers: int = 0) -> None:
+    def __init__(
+        self,
+        dataset: Sequence[Any],
+        collate_fn: Callable[[list[Any]], Batch],
+        *,
+        micro_batch: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        shuffle: bool = True,
+        num_workers: int = 0,
+        lengths: Sequence[int] | None = None,
+        group_size: int = 64,
+    ) -> None:
         if len(dataset) == 0:
             raise ValueError("empty training set")
         self.dataset = ListDataset(dataset)
         self.collate_fn = collate_fn
         self.micro_batch = micro_batch
         self.num_workers = num_workers
-        self.sampler = DistributedSampler(self.dataset, num_replicas=world_size, rank=rank,
-                                          shuffle=shuffle, seed=seed, drop_last=False)
+        self.lengths = lengths
+        self.group_size = group_size
+        self.seed = seed
+        self.sampler = DistributedSampler(
+            self.dataset,
+            num_replicas=world_size,
+            rank=rank,
+            shuffle=shuffle,
+            seed=seed,
+            drop_last=False,
+        )
         self.position = DataPosition()
 
     @property
@@ -81,32 +104,54 @@ class TrainStream:
         """This rank's micro batches (dataset indices) of one epoch, deterministic."""
         self.sampler.set_epoch(epoch)
         idx = list(self.sampler)
-        return [idx[i: i + self.micro_batch] for i in range(0, len(idx), self.micro_batch)]
+        mb = self.micro_batch
+        if self.lengths is None:
+            return [idx[i : i + mb] for i in range(0, len(idx), mb)]
+        # Length grouping: sort each window of `group_size` micro batches by length (less
+        # padding), cut it into micro batches, then shuffle their order (seeded per epoch).
+        window = mb * self.group_size
+        batches = []
+        for w in range(0, len(idx), window):
+            chunk = sorted(idx[w : w + window], key=lambda i: self.lengths[i])
+            batches += [chunk[i : i + mb] for i in range(0, len(chunk), mb)]
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
 
     def __iter__(self) -> Iterator[Batch]:
         while True:
             pos = self.position
-            batches = self.epoch_batches(pos.epoch)[pos.batch_offset:]
-            loader = DataLoader(self.dataset, batch_sampler=batches, collate_fn=self.collate_fn,
-                                num_workers=self.num_workers)
+            batches = self.epoch_batches(pos.epoch)[pos.batch_offset :]
+            loader = DataLoader(
+                self.dataset,
+                batch_sampler=batches,
+                collate_fn=self.collate_fn,
+                num_workers=self.num_workers,
+            )
             for batch in loader:
                 self.position = DataPosition(pos.epoch, self.position.batch_offset + 1)
                 yield batch
             self.position = DataPosition(pos.epoch + 1, 0)
 
 
-def eval_batches(n: int, micro_batch: int, rank: int, world_size: int
-                 ) -> list[list[tuple[int, bool]]]:
+def eval_batches(
+    n: int, micro_batch: int, rank: int, world_size: int
+) -> list[list[tuple[int, bool]]]:
     """Rank ``rank``'s evaluation micro batches as ``(index, is_pad)``; equal count per rank."""
     per_rank = math.ceil(n / world_size)
     mine = [(i, False) for i in range(rank, n, world_size)]
     mine += [(mine[0][0] if mine else 0, True)] * (per_rank - len(mine))
-    return [mine[i: i + micro_batch] for i in range(0, len(mine), micro_batch)]
+    return [mine[i : i + micro_batch] for i in range(0, len(mine), micro_batch)]
 
 
-def iter_eval(dataset: Sequence[Any], collate_fn: Callable[[list[Any]], Batch], *,
-              micro_batch: int, rank: int, world_size: int, max_batches: int = 0
-              ) -> Iterator[Batch]:
+def iter_eval(
+    dataset: Sequence[Any],
+    collate_fn: Callable[[list[Any]], Batch],
+    *,
+    micro_batch: int,
+    rank: int,
+    world_size: int,
+    max_batches: int = 0,
+) -> Iterator[Batch]:
     """Evaluation batches with ``is_pad`` [B] set and padded rows' labels ignored."""
     batches = eval_batches(len(dataset), micro_batch, rank, world_size)
     if max_batches:

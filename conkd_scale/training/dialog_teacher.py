@@ -52,8 +52,15 @@ DEFAULT_SYNTHETIC_DIR = "runs/data/synthetic"
 
 
 def _default_train() -> TrainConfig:
-    return TrainConfig(micro_batch=8, lr=2e-3, warmup_steps=20, epochs=5.0, eval_every=50,
-                       save_every=100, log_every=10)
+    return TrainConfig(
+        micro_batch=8,
+        lr=2e-3,
+        warmup_steps=20,
+        epochs=5.0,
+        eval_every=50,
+        save_every=100,
+        log_every=10,
+    )
 
 
 @dataclass
@@ -80,8 +87,9 @@ class DialogTeacherConfig:
         if self.max_length < 16:
             raise ConfigError(f"max_length: expected >= 16, got {self.max_length}")
         if self.model.pretrained is None and self.max_length > self.model.n_positions:
-            raise ConfigError(f"max_length {self.max_length} exceeds model.n_positions "
-                              f"{self.model.n_positions}")
+            raise ConfigError(
+                f"max_length {self.max_length} exceeds model.n_positions {self.model.n_positions}"
+            )
 
     @property
     def resolved_data_dir(self) -> str:
@@ -92,9 +100,13 @@ def encode_split(convs: list[Any], tok: Any, cfg: DialogTeacherConfig) -> list[E
     """Whole-conversation sequences; windows without any loss token are dropped."""
     out = []
     for c in convs:
-        for s in encode_conversation(c, tok, max_length=cfg.max_length,
-                                     use_mode_tokens=cfg.use_mode_tokens,
-                                     context_budget=cfg.context_budget):
+        for s in encode_conversation(
+            c,
+            tok,
+            max_length=cfg.max_length,
+            use_mode_tokens=cfg.use_mode_tokens,
+            context_budget=cfg.context_budget,
+        ):
             if any(lab != -100 for lab in s.labels[1:]):
                 out.append(s)
     return out
@@ -103,8 +115,12 @@ def encode_split(convs: list[Any], tok: Any, cfg: DialogTeacherConfig) -> list[E
 class DialogTeacherRecipe:
     """setup -> train -> export -> cleanup (``launch/train_dialog_teacher.py``)."""
 
-    def __init__(self, cfg: DialogTeacherConfig, ds_config: dict[str, Any],
-                 ds_config_path: str = "DeepSpeed config") -> None:
+    def __init__(
+        self,
+        cfg: DialogTeacherConfig,
+        ds_config: dict[str, Any],
+        ds_config_path: str = "DeepSpeed config",
+    ) -> None:
         self.cfg = cfg
         self.ds_raw = ds_config
         self.ds_path = ds_config_path
@@ -128,18 +144,22 @@ class DialogTeacherRecipe:
 
         cfg = self.cfg
         self.dist = D.init_distributed()
-        ds = resolve_ds_config(self.ds_raw, micro_batch=cfg.train.micro_batch,
-                               grad_accum=cfg.train.grad_accum,
-                               world_size=self.dist.world_size, where=self.ds_path)
+        ds = resolve_ds_config(
+            self.ds_raw,
+            micro_batch=cfg.train.micro_batch,
+            grad_accum=cfg.train.grad_accum,
+            world_size=self.dist.world_size,
+            where=self.ds_path,
+        )
         D.run_on_main(self._prepare_output, ds)
-        corpus = load_dataset(cfg.dataset, cfg.resolved_data_dir, kg=cfg.kg,
-                              splits=("train", "valid"))
+        corpus = load_dataset(
+            cfg.dataset, cfg.resolved_data_dir, kg=cfg.kg, splits=("train", "valid")
+        )
         train_convs = corpus.splits["train"]
         if cfg.max_train_conversations:
             train_convs = train_convs[: cfg.max_train_conversations]
         texts = [t.text for c in train_convs for t in c.turns]
-        D.run_on_main(prepare_tokenizer, cfg.model, corpus.catalog, texts,
-                      self.out / "tokenizer")
+        D.run_on_main(prepare_tokenizer, cfg.model, corpus.catalog, texts, self.out / "tokenizer")
         tok = load_tokenizer(self.out / "tokenizer")
         self.train_data = encode_split(train_convs, tok, cfg)
         self.eval_data = encode_split(corpus.splits["valid"], tok, cfg)
@@ -147,19 +167,36 @@ class DialogTeacherRecipe:
         self.built: BuiltModel = build_model(cfg.model, tok, ds_config=ds, catalog=corpus.catalog)
         total = plan_steps(cfg.train, len(self.train_data), self.dist.world_size)
         engine, *_ = deepspeed.initialize(
-            model=self.built.model, optimizer=make_optimizer(self.built.model, cfg.train),
-            lr_scheduler=make_scheduler_factory(cfg.train, total), config=ds,
+            model=self.built.model,
+            optimizer=make_optimizer(self.built.model, cfg.train),
+            lr_scheduler=make_scheduler_factory(cfg.train, total),
+            config=ds,
         )
         self.engine = engine
         self.collate = sequence_collate(tok.pad_token_id)
-        self.trainer = Trainer(engine, train_data=self.train_data, eval_data=self.eval_data,
-                               collate_fn=self.collate, cfg=cfg.train, dist=self.dist,
-                               out_dir=self.out, total_steps=total)
-        info = {"world_size": self.dist.world_size, "launcher": self.dist.launcher,
-                "backend": self.dist.backend, "num_params": self.built.num_params,
-                "source": self.built.source, "vocab": len(tok), "items": len(corpus.catalog),
-                "train_sequences": len(self.train_data), "valid_sequences": len(self.eval_data),
-                "total_steps": total, "versions": _versions()}
+        self.trainer = Trainer(
+            engine,
+            train_data=self.train_data,
+            eval_data=self.eval_data,
+            collate_fn=self.collate,
+            cfg=cfg.train,
+            dist=self.dist,
+            out_dir=self.out,
+            total_steps=total,
+        )
+        info = {
+            "world_size": self.dist.world_size,
+            "launcher": self.dist.launcher,
+            "backend": self.dist.backend,
+            "num_params": self.built.num_params,
+            "source": self.built.source,
+            "vocab": len(tok),
+            "items": len(corpus.catalog),
+            "train_sequences": len(self.train_data),
+            "valid_sequences": len(self.eval_data),
+            "total_steps": total,
+            "versions": _versions(),
+        }
         D.run_on_main(write_json, self.out / "run_info.json", info)
         D.print0(json.dumps(info))
         self.trainer.resume()
@@ -176,9 +213,12 @@ class DialogTeacherRecipe:
         """OUT/hf (fp32) for a completed run; and the reference logits if asked. Collective."""
         if self.trainer.stopped_early or not self.cfg.export:
             return None
-        path = export_hf(self.engine, self.built.tokenizer, self.out / "hf",
-                         meta={"step": self.trainer.step, "source": self.built.source,
-                               **self.trainer.last_eval})
+        path = export_hf(
+            self.engine,
+            self.built.tokenizer,
+            self.out / "hf",
+            meta={"step": self.trainer.step, "source": self.built.source, **self.trainer.last_eval},
+        )
         if self.cfg.save_reference_logits:
             self._reference_logits()
         D.print0(f"exported {path}")
@@ -191,18 +231,30 @@ class DialogTeacherRecipe:
         logits_BTV = lm_logits(self.engine, batch).float().cpu()
         self.engine.train()
         if self.dist.is_main:
-            torch.save({"input_ids": batch["input_ids"], "attention_mask":
-                        batch["attention_mask"], "logits": logits_BTV},
-                       self.out / "reference_logits.pt")
+            torch.save(
+                {
+                    "input_ids": batch["input_ids"],
+                    "attention_mask": batch["attention_mask"],
+                    "logits": logits_BTV,
+                },
+                self.out / "reference_logits.pt",
+            )
         D.barrier()
 
-    def cleanup(self) -> None:
-        D.teardown()
+    def cleanup(self, success: bool = True) -> None:
+        """Release the engine and the process group (barrier first after a success)."""
+        engine = getattr(self, "engine", None)
+        if engine is not None and success and hasattr(engine, "destroy"):
+            engine.destroy()
+        D.teardown(success=success)
 
 
 def _versions() -> dict[str, str]:
     import deepspeed
     import transformers
 
-    return {"torch": torch.__version__, "deepspeed": deepspeed.__version__,
-            "transformers": transformers.__version__}
+    return {
+        "torch": torch.__version__,
+        "deepspeed": deepspeed.__version__,
+        "transformers": transformers.__version__,
+    }

@@ -29,8 +29,7 @@ from typing import Any
 
 from conkd_scale.utils.errors import ConfigError
 
-FILLED_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-               "train_batch_size")
+FILLED_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
 FORBIDDEN_KEYS = ("optimizer", "scheduler")
 
 
@@ -43,8 +42,7 @@ def load_ds_config(path: str | Path) -> dict[str, Any]:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ConfigError(
-            f"DeepSpeed config {path}: not valid JSON (line {e.lineno}, column {e.colno}: "
-            f"{e.msg})"
+            f"DeepSpeed config {path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})"
         ) from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"DeepSpeed config {path}: not UTF-8 text ({e})") from None
@@ -72,13 +70,13 @@ def validate_ds_config(raw: Any, where: str = "DeepSpeed config") -> None:
     for k in FILLED_KEYS:
         v = raw.get(k, "auto")
         if v != "auto" and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-            raise ConfigError(f"{where}: {k} must be a positive integer or \"auto\", got {v!r}")
+            raise ConfigError(f'{where}: {k} must be a positive integer or "auto", got {v!r}')
     for block in ("bf16", "fp16"):
         b = raw.get(block)
         if b is None:
             continue
         if not isinstance(b, dict) or b.get("enabled", False) not in (True, False, "auto"):
-            raise ConfigError(f"{where}: {block}.enabled must be true, false or \"auto\"")
+            raise ConfigError(f'{where}: {block}.enabled must be true, false or "auto"')
     if raw.get("bf16", {}).get("enabled") is True and raw.get("fp16", {}).get("enabled") is True:
         raise ConfigError(f"{where}: bf16 and fp16 cannot both be enabled")
 
@@ -88,7 +86,7 @@ def _fill(cfg: dict[str, Any], key: str, value: Any, where: str, source: str) ->
     if have != "auto" and have != value:
         raise ConfigError(
             f"{where}: {key} is {have} but the run config gives {value} ({source}); "
-            f"set it to \"auto\" or remove it"
+            f'set it to "auto" or remove it'
         )
     cfg[key] = value
 
@@ -115,8 +113,13 @@ def resolve_ds_config(
         bf16_supported = bool(on_gpu and torch.cuda.is_bf16_supported())
     _fill(cfg, "train_micro_batch_size_per_gpu", micro_batch, where, "train.micro_batch")
     _fill(cfg, "gradient_accumulation_steps", grad_accum, where, "train.grad_accum")
-    _fill(cfg, "train_batch_size", micro_batch * grad_accum * world_size, where,
-          "micro_batch × grad_accum × world size")
+    _fill(
+        cfg,
+        "train_batch_size",
+        micro_batch * grad_accum * world_size,
+        where,
+        "micro_batch × grad_accum × world size",
+    )
     bf16 = cfg.get("bf16")
     if isinstance(bf16, dict) and bf16.get("enabled") == "auto":
         bf16["enabled"] = bool(on_gpu and bf16_supported)

@@ -44,8 +44,10 @@ class JsonlLogger:
         if not self.path.exists():
             return
         rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-        write_jsonl(self.path, [r for r in rows
-                                if int(r.get("step", 0)) <= step and r.get("kind") != "final"])
+        write_jsonl(
+            self.path,
+            [r for r in rows if int(r.get("step", 0)) <= step and r.get("kind") != "final"],
+        )
 
     def close(self) -> None:
         pass

@@ -58,8 +58,11 @@ def _device_of(engine: Any) -> torch.device:
 def lm_logits(engine: Any, batch: Batch) -> torch.Tensor:
     """``[B, T, V]`` logits of a causal LM engine for ``batch`` (one collective forward)."""
     dev = _device_of(engine)
-    out = engine(input_ids=batch["input_ids"].to(dev),
-                 attention_mask=batch["attention_mask"].to(dev), use_cache=False)
+    out = engine(
+        input_ids=batch["input_ids"].to(dev),
+        attention_mask=batch["attention_mask"].to(dev),
+        use_cache=False,
+    )
     return out.logits
 
 
@@ -101,8 +104,10 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
             continue
         ndim = len(getattr(p, "ds_shape", p.shape))
         (decay if ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     betas = (float(cfg.adam_betas[0]), float(cfg.adam_betas[1]))
     if cfg.optimizer == "cpu_adam":
         from deepspeed.ops.adam import DeepSpeedCPUAdam
@@ -127,8 +132,9 @@ def lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
     return fn
 
 
-def make_scheduler_factory(cfg: TrainConfig, total_steps: int
-                           ) -> Callable[[torch.optim.Optimizer], Any]:
+def make_scheduler_factory(
+    cfg: TrainConfig, total_steps: int
+) -> Callable[[torch.optim.Optimizer], Any]:
     """For ``deepspeed.initialize(lr_scheduler=...)``: built on DeepSpeed's wrapped optimizer,
     stepped by the engine at each optimizer step and saved in its checkpoints."""
     return lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total_steps))
@@ -184,9 +190,16 @@ class Trainer:
         self.collate_fn = collate_fn
         self.eval_data = eval_data
         self.grad_accum = int(engine.gradient_accumulation_steps())
-        self.stream = TrainStream(train_data, collate_fn, micro_batch=cfg.micro_batch,
-                                  rank=dist.rank, world_size=dist.world_size, seed=cfg.seed,
-                                  num_workers=cfg.num_workers)
+        self.stream = TrainStream(
+            train_data,
+            collate_fn,
+            micro_batch=cfg.micro_batch,
+            rank=dist.rank,
+            world_size=dist.world_size,
+            seed=cfg.seed,
+            num_workers=cfg.num_workers,
+            lengths=[len(x) for x in train_data] if cfg.group_by_length else None,
+        )
         if logger is None:
             logger = JsonlLogger(self.out_dir / "metrics.jsonl") if dist.is_main else NullLogger()
         self.logger = logger
@@ -212,8 +225,10 @@ class Trainer:
         self.tokens_seen = float(meta.get("tokens_seen", 0))
         if isinstance(self.logger, JsonlLogger):
             self.logger.truncate_after(self.step)
-        D.print0(f"resumed from {path} at step {self.step} "
-                 f"(epoch {meta['epoch']}, batch {meta['batch_offset']})")
+        D.print0(
+            f"resumed from {path} at step {self.step} "
+            f"(epoch {meta['epoch']}, batch {meta['batch_offset']})"
+        )
         return path
 
     def _flush_counts(self) -> None:
@@ -226,10 +241,17 @@ class Trainer:
         """Checkpoint the current step with the data position (collective)."""
         self._flush_counts()
         path = save_checkpoint(
-            self.engine, self.ckpt_dir, self.step, self.stream.position,
+            self.engine,
+            self.ckpt_dir,
+            self.step,
+            self.stream.position,
             keep_last=self.cfg.keep_last,
-            extra={"samples_seen": self.samples_seen, "tokens_seen": self.tokens_seen,
-                   "total_steps": self.total_steps, **self.last_eval},
+            extra={
+                "samples_seen": self.samples_seen,
+                "tokens_seen": self.tokens_seen,
+                "total_steps": self.total_steps,
+                **self.last_eval,
+            },
         )
         self.last_saved = self.step
         return path
@@ -243,10 +265,14 @@ class Trainer:
         self.engine.eval()
         sums: dict[str, float] = {}
         with torch.no_grad():
-            for batch in iter_eval(self.eval_data, self.collate_fn,
-                                   micro_batch=self.cfg.micro_batch, rank=self.dist.rank,
-                                   world_size=self.dist.world_size,
-                                   max_batches=self.cfg.eval_max_batches):
+            for batch in iter_eval(
+                self.eval_data,
+                self.collate_fn,
+                micro_batch=self.cfg.micro_batch,
+                rank=self.dist.rank,
+                world_size=self.dist.world_size,
+                max_batches=self.cfg.eval_max_batches,
+            ):
                 if self.lockstep is not None:
                     batch = self.lockstep(batch, False)
                 for k, v in self.eval_step(self.engine, batch).items():
@@ -256,8 +282,14 @@ class Trainer:
         total = dict(zip(keys, D.all_reduce_sum([sums[k] for k in keys]), strict=True))
         metrics = self.eval_metrics(total)
         self.last_eval = metrics
-        self.logger.log({"kind": "eval", "step": self.step, **metrics,
-                         "eval_s": round(time.perf_counter() - t0, 3)})
+        self.logger.log(
+            {
+                "kind": "eval",
+                "step": self.step,
+                **metrics,
+                "eval_s": round(time.perf_counter() - t0, 3),
+            }
+        )
         D.print0(f"step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         return metrics
 
@@ -271,8 +303,14 @@ class Trainer:
 
         cfg, engine = self.cfg, self.engine
         engine.train()
-        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
-                   disable=not (self.dist.is_main and cfg.progress), mininterval=2.0)
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            unit="step",
+            dynamic_ncols=True,
+            disable=not (self.dist.is_main and cfg.progress),
+            mininterval=2.0,
+        )
         it = iter(self.stream)
         dev = _device_of(engine)
         win_loss = torch.zeros((), dtype=torch.float64, device=dev)
@@ -305,18 +343,31 @@ class Trainer:
             just_evaluated = False
             if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                 keys = sorted(win_parts)
-                sums = D.all_reduce_sum([_value(win_loss), win_micro, win_tokens, win_samples,
-                                         *[_value(win_parts[k]) for k in keys]])
+                sums = D.all_reduce_sum(
+                    [
+                        _value(win_loss),
+                        win_micro,
+                        win_tokens,
+                        win_samples,
+                        *[_value(win_parts[k]) for k in keys],
+                    ]
+                )
                 (peak,) = D.all_reduce_max([peak_memory_mb(dev)])
                 dt = max(time.perf_counter() - t_win, 1e-9)
                 self._flush_counts()
-                row = {"kind": "train", "step": self.step, "epoch": self.stream.position.epoch,
-                       "loss": sums[0] / sums[1],
-                       **{k: v / sums[1] for k, v in zip(keys, sums[4:], strict=True)},
-                       "lr": float(engine.get_lr()[0]), "tokens_seen": self.tokens_seen,
-                       "tokens_per_s": sums[2] / dt,
-                       "samples_per_s": sums[3] / dt, "peak_mem_mb": peak,
-                       "elapsed_s": time.perf_counter() - t_start}
+                row = {
+                    "kind": "train",
+                    "step": self.step,
+                    "epoch": self.stream.position.epoch,
+                    "loss": sums[0] / sums[1],
+                    **{k: v / sums[1] for k, v in zip(keys, sums[4:], strict=True)},
+                    "lr": float(engine.get_lr()[0]),
+                    "tokens_seen": self.tokens_seen,
+                    "tokens_per_s": sums[2] / dt,
+                    "samples_per_s": sums[3] / dt,
+                    "peak_mem_mb": peak,
+                    "elapsed_s": time.perf_counter() - t_start,
+                }
                 self.logger.log(row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
                 win_loss.zero_()
@@ -336,7 +387,12 @@ class Trainer:
         if self.last_saved != self.step:
             self.save_checkpoint()
         wall = time.perf_counter() - t_start
-        summary = {"kind": "final", "step": self.step, "stopped_early": self.stopped_early,
-                   "train_wall_s": wall, **self.last_eval}
+        summary = {
+            "kind": "final",
+            "step": self.step,
+            "stopped_early": self.stopped_early,
+            "train_wall_s": wall,
+            **self.last_eval,
+        }
         self.logger.log(summary)
         return summary

@@ -1,0 +1,217 @@
+"""ConKD distillation end to end on 2 CPU ranks (gloo) through the real DeepSpeed launcher.
+
+One module-scoped run trains tiny teachers (auto-train) and distils a ZeRO-3 student with a
+sharded ZeRO-3 dialogue teacher; the other tests reuse its teachers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers_ds import run_deepspeed
+
+pytestmark = pytest.mark.slow
+SCRIPT = "launch/distill.py"
+
+
+def base_args(root: Path) -> list[str]:
+    return [
+        f"data_dir={root}/data",
+        f"teachers.rec_dir={root}/rec",
+        f"teachers.dialog_dir={root}/dialog",
+        "teachers.rec_overrides=epochs=4",
+        "teachers.dialog_overrides=model.preset=tiny,model.vocab_size=500,train.max_steps=40,"
+        "train.eval_every=0,train.lr=5e-3",
+        "max_length=128",
+        "max_train_conversations=120",
+        "train.progress=false",
+        "train.log_every=1",
+        "train.micro_batch=4",
+        "student.preset=tiny",
+        "student.dropout=0",
+        "train.eval_every=0",
+    ]
+
+
+def read_rows(out: Path, kind: str = "train") -> list[dict]:
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r.get("kind") == kind]
+
+
+@pytest.fixture(scope="module")
+def run_a(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distill")
+    out = root / "a"
+    run_deepspeed(
+        SCRIPT,
+        [
+            "--deepspeed",
+            "ds_configs/zero3.json",
+            *base_args(root),
+            f"output_dir={out}",
+            "train.max_steps=6",
+            "train.save_every=3",
+            f"debug_dump_dir={root}/dump",
+        ],
+        timeout=900,
+        log=root / "a.log",
+    )
+    return root, out
+
+
+def test_zero3_run_with_sharded_teacher(run_a):
+    root, out = run_a
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["zero_stage"] == 3 and info["world_size"] == 2
+    # D is an inference-only ZeRO-3 engine: each rank holds only part of its parameters
+    assert info["teacher_params_this_rank"] < info["teacher_params"]
+    rows = read_rows(out)
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    for key in (
+        "loss",
+        "ce",
+        "kd",
+        "kd_dialog",
+        "kd_rec",
+        "gate_mean",
+        "gate_frac_above_eta",
+        "tokens_per_s",
+        "samples_per_s",
+        "peak_mem_mb",
+    ):
+        assert key in rows[-1], key
+    assert all(r["loss"] == r["loss"] for r in rows)  # no NaN
+    ckpts = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
+    assert ckpts == ["step_00000003", "step_00000006"]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out / "hf")
+    tok = AutoTokenizer.from_pretrained(out / "hf")
+    ids = tok("[RECOMMENDER] [REC]", return_tensors="pt").input_ids
+    assert model(ids).logits.shape[-1] >= len(tok)
+
+
+def test_distributed_loss_equals_reference(run_a):
+    """Each rank's first loss equals the reference loss from the gathered weights."""
+    from transformers import AutoModelForCausalLM
+
+    from conkd_scale.config import build_config
+    from conkd_scale.distill.config import DistillConfig
+    from conkd_scale.loss import conkd_loss_reference
+
+    root, out = run_a
+    cfg = build_config(DistillConfig, out / "config.json")
+    student = AutoModelForCausalLM.from_pretrained(root / "dump" / "student0").eval()
+    teacher = AutoModelForCausalLM.from_pretrained(root / "dialog" / "hf").eval()
+    for rank in (0, 1):
+        d = torch.load(root / "dump" / f"rank{rank}.pt", weights_only=False)
+        with torch.no_grad():
+            s = student(input_ids=d["input_ids"], attention_mask=d["attention_mask"]).logits
+            t = teacher(input_ids=d["input_ids"], attention_mask=d["attention_mask"]).logits
+        rows = d["labels"][:, 1:] != -100
+        V = int(d["item_tok_I"].max()) + 1
+        ref = conkd_loss_reference(
+            s[:, :-1][rows][:, :V],
+            t[:, :-1][rows][:, :V],
+            d["rec_SI"],
+            d["rec_turn"][:, 1:][rows],
+            d["item_tok_I"],
+            d["labels"][:, 1:][rows],
+            cfg.loss,
+        )
+        assert float(ref.loss) == pytest.approx(d["loss"], rel=1e-5)
+        assert float(ref.ce) == pytest.approx(d["parts"]["ce"], rel=1e-5)
+
+
+def test_resume_gives_identical_losses(run_a):
+    root, out_a = run_a
+    out = root / "b"
+    common = [
+        "--deepspeed",
+        "ds_configs/zero3.json",
+        *base_args(root),
+        f"output_dir={out}",
+        "train.max_steps=6",
+        "train.save_every=3",
+    ]
+    run_deepspeed(SCRIPT, [*common, "train.stop_at_step=3"], log=root / "b1.log")
+    assert not (out / "hf").exists()  # stopped early: no export
+    run_deepspeed(SCRIPT, common, log=root / "b2.log")
+    a = {r["step"]: r["loss"] for r in read_rows(out_a)}
+    b = {r["step"]: r["loss"] for r in read_rows(out)}
+    assert sorted(b) == list(range(1, 7))
+    for step in range(1, 7):
+        assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-7), step
+
+
+def test_zero2_student(run_a):
+    root, _ = run_a
+    out = root / "z2"
+    run_deepspeed(
+        SCRIPT,
+        [
+            "--deepspeed",
+            "ds_configs/zero2.json",
+            *base_args(root),
+            f"output_dir={out}",
+            "train.max_steps=2",
+            "loss.gate.mode=soft",
+        ],
+        log=root / "z2.log",
+    )
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["zero_stage"] == 2
+    assert (out / "hf" / "config.json").is_file() and len(read_rows(out)) == 2
+
+
+def _fails(root: Path, name: str, args: list[str], needle: str) -> None:
+    proc = run_deepspeed(SCRIPT, args, timeout=240, check=False, log=root / f"{name}.log")
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    # the clear error, printed by each of the two ranks
+    assert text.count(needle) >= 2, text[-3000:]
+
+
+def test_bad_inputs_fail_fast_on_every_rank(run_a, tmp_path):
+    root, _ = run_a
+    common = [*base_args(root), f"output_dir={tmp_path}/out"]
+    zero3 = ["--deepspeed", "ds_configs/zero3.json"]
+    _fails(tmp_path, "eta", [*zero3, *common, "loss.gate.eta=1.5"], "loss.gate.eta")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"zero_optimization": {"stage": 3,}')
+    _fails(tmp_path, "json", ["--deepspeed", str(bad), *common], "not valid JSON")
+    _fails(
+        tmp_path,
+        "missing",
+        [*zero3, *common, f"teachers.rec_dir={tmp_path}/none", "teachers.auto_train=false"],
+        "no trained recommendation",
+    )
+    # an R trained on another item vocabulary
+    from conkd_scale.config import build_config
+    from conkd_scale.data.synthetic import write_synthetic
+    from conkd_scale.rec.train import RecTeacherConfig, train_rec_teacher
+
+    write_synthetic(tmp_path / "other", seed=1, conversations=40, items=25)
+    train_rec_teacher(
+        build_config(
+            RecTeacherConfig,
+            None,
+            [
+                "dataset=synthetic",
+                f"data_dir={tmp_path}/other",
+                f"output_dir={tmp_path}/rec_other",
+                "epochs=1",
+                "progress=false",
+            ],
+        )
+    )
+    _fails(
+        tmp_path,
+        "align",
+        [*zero3, *common, f"teachers.rec_dir={tmp_path}/rec_other"],
+        "does not know item",
+    )
