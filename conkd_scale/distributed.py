@@ -285,18 +285,19 @@ def run_on_main(fn: Any, *args: Any, **kwargs: Any) -> Any:
     return value
 
 
-def teardown(*, success: bool = True) -> None:
+def teardown(*, barrier: bool = False) -> None:
     """Destroy the process group(s) (safe to call twice or without one).
 
-    After a successful run every rank first meets in a barrier, so that no rank tears its
-    connections down while a peer still uses them (gloo can abort at exit otherwise). After
-    an error there is no barrier: the other ranks may sit in another collective; the
-    launchers (deepspeed, torchrun, srun) stop the remaining ranks when one fails.
+    ``barrier=True`` (after a successful run): every rank first meets in a barrier, so that
+    no rank tears its connections down while a peer still uses them (gloo can abort at exit
+    otherwise). Never after an error: the other ranks may sit in another collective, and a
+    barrier would hang; the launchers (deepspeed, torchrun, srun) stop the remaining ranks
+    when one exits with an error.
     """
     import torch.distributed as dist
 
     if not is_initialized():
         return
-    if success:
+    if barrier:
         dist.barrier()
     dist.destroy_process_group()

@@ -69,7 +69,12 @@ def run_deepspeed(
 
 
 def make_tiny_gpt2(
-    out_dir: Path, texts: Sequence[str], *, vocab_size: int = 400, n_embd: int = 32
+    out_dir: Path,
+    texts: Sequence[str],
+    *,
+    vocab_size: int = 400,
+    n_embd: int = 32,
+    tie_word_embeddings: bool = True,
 ) -> Path:
     """A tiny GPT-2 (2 layers) with a byte-level BPE ``GPT2TokenizerFast`` trained on
     ``texts``, saved with ``save_pretrained`` (a local stand-in for DialoGPT)."""
@@ -99,6 +104,7 @@ def make_tiny_gpt2(
         n_head=2,
         bos_token_id=tok.eos_token_id,
         eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=tie_word_embeddings,
     )
     GPT2LMHeadModel(cfg).save_pretrained(out_dir)
     return out_dir

@@ -17,7 +17,8 @@ from typing import Any
 
 import pytest
 import torch
-from helpers_ds import corpus_texts, make_tiny_gpt2, read_jsonl, run_deepspeed
+
+from tests.helpers_ds import corpus_texts, make_tiny_gpt2, read_jsonl, run_deepspeed
 
 pytestmark = pytest.mark.slow
 

@@ -64,7 +64,7 @@ def run_a(tmp_path_factory):
 
 
 def test_zero3_run_with_sharded_teacher(run_a):
-    root, out = run_a
+    _, out = run_a
     info = json.loads((out / "run_info.json").read_text())
     assert info["zero_stage"] == 3 and info["world_size"] == 2
     # D is an inference-only ZeRO-3 engine: each rank holds only part of its parameters
@@ -93,6 +93,12 @@ def test_zero3_run_with_sharded_teacher(run_a):
     tok = AutoTokenizer.from_pretrained(out / "hf")
     ids = tok("[RECOMMENDER] [REC]", return_tensors="pt").input_ids
     assert model(ids).logits.shape[-1] >= len(tok)
+    from conkd_scale.eval.catalog_io import load_item_catalog
+
+    assert len(load_item_catalog(out / "hf")) == json.loads(
+        (out / "run_info.json").read_text())["items"]
+    meta = json.loads((out / "hf" / "conkd_export.json").read_text())
+    assert meta["use_mode_tokens"] is True and meta["loss"]["gate"]["mode"] == "hard"
 
 
 def test_distributed_loss_equals_reference(run_a):

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers_ds import make_tiny_gpt2
 
 from conkd_scale.data.schema import Item, ItemCatalog, item_token
 from conkd_scale.data.tokenizer import MODE_REC, item_token_ids, load_tokenizer
@@ -17,6 +16,7 @@ from conkd_scale.models.builder import ModelConfig, build_model, count_params, p
 from conkd_scale.models.export import EXPORT_META, export_hf
 from conkd_scale.models.presets import PRESETS, approx_params, get_preset
 from conkd_scale.utils.errors import ConfigError
+from tests.helpers_ds import make_tiny_gpt2
 
 TEXTS = [
     "Have you seen Glass Carnival? It is a great horror movie.",
@@ -56,13 +56,17 @@ def test_scratch_model_over_crs_vocab(tmp_path: Path) -> None:
         prepare_tokenizer(cfg, other, [], tmp_path / "tok")
 
 
-def test_pretrained_extension_initialises_new_rows(tmp_path: Path) -> None:
+@pytest.mark.parametrize("tied", [True, False])
+def test_pretrained_extension_initialises_new_rows(tmp_path: Path, tied: bool) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    base_dir = make_tiny_gpt2(tmp_path / "gpt2", TEXTS + [it.title for it in CATALOG])
+    base_dir = make_tiny_gpt2(
+        tmp_path / "gpt2", TEXTS + [it.title for it in CATALOG], tie_word_embeddings=tied
+    )
     base = AutoModelForCausalLM.from_pretrained(base_dir)
     base_tok = AutoTokenizer.from_pretrained(base_dir)
     W0_VD = base.get_input_embeddings().weight.detach()
+    O0_VD = base.get_output_embeddings().weight.detach()
     cfg = ModelConfig(pretrained=str(base_dir))
     assert cfg.tokenizer_kind == "pretrained"
     tok = prepare_tokenizer(cfg, CATALOG, [], tmp_path / "tok")
@@ -80,8 +84,18 @@ def test_pretrained_extension_initialises_new_rows(tmp_path: Path) -> None:
     mean_D = W0_VD.mean(0)
     torch.testing.assert_close(W_VD[tok.convert_tokens_to_ids(item_token("103"))], mean_D)
     torch.testing.assert_close(W_VD[tok.convert_tokens_to_ids(MODE_REC)], mean_D)
-    # GPT-2 ties the output embedding: same rows there
-    assert built.model.get_output_embeddings().weight is built.model.get_input_embeddings().weight
+    out_W = built.model.get_output_embeddings().weight
+    if tied:  # GPT-2 ties the output embedding: the same rows there
+        assert out_W is built.model.get_input_embeddings().weight
+    else:  # an untied output embedding gets its own title means
+        assert out_W is not built.model.get_input_embeddings().weight
+        assert out_W.shape[0] == len(tok)
+        torch.testing.assert_close(out_W.detach()[:n_old], O0_VD, rtol=0, atol=0)
+        row = out_W.detach()[tok.convert_tokens_to_ids(item_token("101"))]
+        torch.testing.assert_close(row, O0_VD[base_tok.encode("Glass Carnival (2017)")].mean(0))
+        torch.testing.assert_close(
+            out_W.detach()[tok.convert_tokens_to_ids(MODE_REC)], O0_VD.mean(0)
+        )
 
 
 def test_export_loads_with_plain_transformers(tmp_path: Path) -> None:

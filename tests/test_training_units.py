@@ -129,6 +129,28 @@ def test_train_stream_shards_evenly_and_deterministically() -> None:
     assert ep0 != [_flat(s.epoch_batches(1)) for s in streams]  # reshuffled per epoch
 
 
+def test_train_stream_length_grouping() -> None:
+    import random
+
+    rng = random.Random(0)
+    data = [_seqs(1, rng.randint(2, 60))[0] for _ in range(200)]
+    lengths = [len(x) for x in data]
+    collate = sequence_collate(pad_id=0)
+    kw = dict(micro_batch=4, rank=0, world_size=2, seed=3)
+    plain = TrainStream(data, collate, **kw)
+    grouped = TrainStream(data, collate, lengths=lengths, group_size=8, **kw)
+    for ep in (0, 1):
+        a, b = plain.epoch_batches(ep), grouped.epoch_batches(ep)
+        assert len(a) == len(b) and sorted(_flat(a)) == sorted(_flat(b))  # same samples
+        assert b == grouped.epoch_batches(ep)  # deterministic
+
+        def padded(bs: list[list[int]]) -> int:
+            return sum(len(x) * max(lengths[i] for i in x) for x in bs)
+
+        assert padded(b) < 0.8 * padded(a)
+    assert grouped.epoch_batches(0) != grouped.epoch_batches(1)
+
+
 def test_train_stream_resumes_at_position() -> None:
     data = _seqs(9)
     collate = sequence_collate(pad_id=0)

@@ -39,8 +39,9 @@ class TeacherConfig:
     # None: runs/teachers/<dataset>/dialog
     auto_train: bool = True  # train a missing teacher first (False: a clear error instead)
     rec_overrides: list[str] = field(default_factory=list)  # key=value for R's training
-    dialog_overrides: list[str] = field(default_factory=lambda: ["model.preset=mini"])
-    # key=value for D's training (e.g. model.preset=small train.epochs=8)
+    dialog_preset: str = "mini"  # D's size preset when auto-trained (a larger D than the student)
+    dialog_overrides: list[str] = field(default_factory=list)  # key=value for D's training
+    # (e.g. train.epochs=8,model.vocab_size=8000)
     dialog_train_ds_config: str = "ds_configs/zero3.json"  # DeepSpeed config to train D
     inference_ds_config: str = "ds_configs/zero3_inference.json"  # D's frozen, sharded engine
     mode: Literal["online"] = "online"  # online: D runs in lockstep with the student

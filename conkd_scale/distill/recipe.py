@@ -38,6 +38,7 @@ from conkd_scale.data.sequences import IGNORE
 from conkd_scale.data.tokenizer import item_token_ids, save_tokenizer
 from conkd_scale.distill import teachers as T
 from conkd_scale.distill.config import DistillConfig
+from conkd_scale.eval.catalog_io import save_item_catalog
 from conkd_scale.loss import conkd_loss
 from conkd_scale.models.builder import build_model
 from conkd_scale.models.export import export_hf
@@ -137,6 +138,7 @@ class DistillRecipe:
             from conkd_scale.rec.api import RecTeacher
 
             self.rec = RecTeacher.load(cfg.rec_dir)
+        self.catalog = corpus.catalog
         self.item_ids = T.check_alignment(tok, self.rec, corpus.catalog.ids)
         self.item_tok_I = torch.tensor(item_token_ids(tok, self.item_ids), dtype=torch.long)
         self.vocab = len(tok)
@@ -353,10 +355,12 @@ class DistillRecipe:
             meta={
                 "step": self.trainer.step,
                 "source": self.built.source,
+                "use_mode_tokens": self.cfg.use_mode_tokens,
                 "loss": config_to_dict(self.cfg.loss),
                 **self.trainer.last_eval,
             },
         )
+        D.run_on_main(save_item_catalog, path, self.catalog)
         D.print0(f"exported the student to {path}")
         return path
 

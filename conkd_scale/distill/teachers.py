@@ -42,23 +42,22 @@ def dialog_ready(cfg: DistillConfig) -> bool:
 
 
 def check_teachers_present(cfg: DistillConfig) -> None:
-    """With auto-training off, a missing teacher is an error (raised on every rank)."""
-    if cfg.teachers.auto_train or not cfg.uses_teachers:
-        if not cfg.uses_teachers and not dialog_ready(cfg):
-            raise ConfigError(
-                f"the one-hot baseline (loss.w_kd=0) still needs D's tokenizer: no trained "
-                f"dialogue teacher in {cfg.dialog_dir}; train it or set teachers.dialog_dir"
-            )
+    """With auto-training off, a missing teacher is an error (raised on every rank).
+
+    The one-hot baseline (``loss.w_kd=0``) runs no teacher but still needs D's tokenizer.
+    """
+    if cfg.teachers.auto_train:
         return
-    for name, ready, path, how in (
-        ("recommendation", rec_ready(cfg), cfg.rec_dir, "launch/train_rec_teacher.py"),
-        ("dialogue", dialog_ready(cfg), cfg.dialog_dir, "launch/train_dialog_teacher.py"),
-    ):
+    needed = [("dialogue", dialog_ready(cfg), cfg.dialog_dir, "dialog",
+               "launch/train_dialog_teacher.py")]
+    if cfg.uses_teachers:
+        needed.insert(0, ("recommendation", rec_ready(cfg), cfg.rec_dir, "rec",
+                          "launch/train_rec_teacher.py"))
+    for name, ready, path, key, how in needed:
         if not ready:
             raise ConfigError(
                 f"no trained {name} teacher in {path} and teachers.auto_train=false: train it "
-                f"with {how}, point teachers.{'rec' if name[0] == 'r' else 'dialog'}_dir at it, "
-                "or set teachers.auto_train=true"
+                f"with {how}, point teachers.{key}_dir at it, or set teachers.auto_train=true"
             )
 
 

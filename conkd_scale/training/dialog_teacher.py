@@ -246,7 +246,7 @@ class DialogTeacherRecipe:
         engine = getattr(self, "engine", None)
         if engine is not None and success and hasattr(engine, "destroy"):
             engine.destroy()
-        D.teardown(success=success)
+        D.teardown(barrier=success)
 
 
 def _versions() -> dict[str, str]:
