@@ -157,6 +157,9 @@ def init_distributed(backend: str | None = None, *, timeout_minutes: float = 30.
     deepspeed.init_distributed(
         dist_backend=backend,
         auto_mpi_discovery=True,
+        # MPI discovery overwrites MASTER_PORT with this (DeepSpeed's default: 29500, which a
+        # concurrent job may hold): keep the user's
+        distributed_port=int(env.get("MASTER_PORT") or 29500),
         timeout=timedelta(minutes=timeout_minutes),
         verbose=False,
     )

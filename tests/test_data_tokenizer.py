@@ -28,8 +28,10 @@ def tok():
 
 
 def test_items_and_modes_are_single_tokens(tok, tmp_path):
-    toks = tok.tokenize("[REC] you might like <item_9> then")
+    toks = tok.convert_ids_to_tokens(tok.encode("[REC] you might like <item_9> then"))
     assert "[REC]" in toks and "<item_9>" in toks
+    # the item token absorbs the space before it: no lone "▁" piece precedes it
+    assert toks[toks.index("<item_9>") - 1] != "▁"
     ids = item_token_ids(tok, ITEMS)
     assert len(set(ids)) == 3 and tokenizer_item_ids(tok) == ITEMS
     save_tokenizer(tok, tmp_path / "tok")
@@ -63,7 +65,9 @@ def test_pretrained_tokenizer_path(tmp_path):
     tok = load_pretrained_tokenizer(str(tmp_path / "gpt2tok"), ITEMS)
     assert tok.pad_token == "<|endoftext|>"
     assert tokenizer_item_ids(tok) == ITEMS
-    assert "<item_7>" in tok.tokenize("like <item_7> ok") and special_ids(tok)["rec"] >= 300
+    toks = tok.convert_ids_to_tokens(tok.encode("like <item_7> ok"))
+    assert "<item_7>" in toks and toks[toks.index("<item_7>") - 1] != "Ġ"
+    assert special_ids(tok)["rec"] >= 300
 
 
 def _conv():

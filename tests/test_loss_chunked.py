@@ -211,3 +211,19 @@ def test_non_contiguous_and_fp16_inputs() -> None:
     _assert_same(*_both(z.t().contiguous().t(), t, q, rec_row, items, labels, cfg), 1e-5)
     data16 = (z.half(), t.half(), q, rec_row, items, labels)
     _assert_same(*_both(*data16, cfg), 5e-2)
+
+
+@pytest.mark.parametrize("ignore_every", [0, 3])
+def test_inplace_on_column_sliced_rows(ignore_every: int) -> None:
+    """As the recipe builds them: gathered rows, padded vocabulary sliced off (a view)."""
+    z, t, q, rec_row, items, labels = _case(N=20, V=60, I=5, seed=10, ignore_every=ignore_every)
+    cfg = LossConfig(gate=GateConfig(mode="soft"), chunk_size=6)
+    grads = []
+    for inplace in (False, True):
+        x = torch.cat([z, torch.randn(20, 4)], 1).requires_grad_(True)  # padded vocab 64
+        student = x[torch.arange(20)][:, :60]  # [N, V] non-contiguous view of a copy
+        out = conkd_loss_chunked(student, t, q, rec_row, items, labels, cfg, inplace=inplace)
+        (out.loss * 3.0).backward()
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=1e-9)
+    assert torch.all(grads[1][:, 60:] == 0)

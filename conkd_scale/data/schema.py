@@ -25,6 +25,14 @@ def item_token(item_id: str) -> str:
     return ITEM_TOKEN_FMT.format(item_id)
 
 
+_GLUED_ITEM_RE = re.compile(r"(?<=\S)(<item_[^<>\s]+>)")
+
+
+def space_items(text: str) -> str:
+    """Put back the space that an item token absorbs when tokenised (``"see<item_1>"``)."""
+    return _GLUED_ITEM_RE.sub(r" \1", text)
+
+
 def items_in_text(text: str) -> list[str]:
     """Item ids of the item tokens in ``text``, in order of appearance (with repeats)."""
     return ITEM_TOKEN_RE.findall(text)
@@ -97,7 +105,7 @@ class ItemCatalog:
 
     def render(self, text: str) -> str:
         """Replace item tokens by their titles, for people to read."""
-        return ITEM_TOKEN_RE.sub(lambda m: self.title(m.group(1)), text)
+        return ITEM_TOKEN_RE.sub(lambda m: self.title(m.group(1)), space_items(text))
 
 
 @dataclass(frozen=True)

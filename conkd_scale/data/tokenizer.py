@@ -5,7 +5,8 @@ Two kinds, both saved and loaded as a Hugging Face tokenizer directory:
   from the training text), wrapped as a fast Hugging Face tokenizer, for from-scratch models;
 - ``pretrained``: an existing Hugging Face tokenizer (e.g. DialoGPT's GPT-2 BPE) from a local
   directory or the hub.
-Both are then extended with the item tokens (ordinary added tokens, so decoding keeps them),
+Both are then extended with the item tokens (ordinary added tokens, so decoding keeps them;
+each absorbs the space before it, see :func:`add_crs_tokens` and ``schema.space_items``),
 the mode tokens and the speaker-role tokens (special tokens), and a pad token if missing.
 """
 
@@ -95,7 +96,10 @@ def add_crs_tokens(tok: Any, item_ids: Sequence[str]) -> Any:
     )
     vocab = tok.get_vocab()
     new = [item_token(i) for i in item_ids if item_token(i) not in vocab]
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in new])
+    # lstrip: an item token absorbs the space before it, so "seen <item_1>" is "seen" then
+    # the item, not "seen", "▁", item: the next-token distribution at an item slot then puts
+    # its item mass on the item itself (which is what the ConKD gate reads).
+    tok.add_tokens([AddedToken(t, special=False, normalized=False, lstrip=True) for t in new])
     return tok
 
 

@@ -277,6 +277,7 @@ class DistillRecipe:
             self.item_tok_I.to(dev),
             labels_N,
             cfg.loss,
+            inplace=True,  # student_NV is this step's own copy: its buffer takes the gradient
         )
         lam = out.lam_N.detach().float()
         gold = torch.isin(labels_N, self.item_tok_I.to(dev))

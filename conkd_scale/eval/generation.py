@@ -37,6 +37,7 @@ from conkd_scale.data.schema import (
     ItemCatalog,
     TurnSample,
     items_in_text,
+    space_items,
 )
 from conkd_scale.data.sequences import _turn_ids
 from conkd_scale.data.tokenizer import MODE_GEN, MODE_REC, ROLE_TOKENS, special_ids
@@ -251,7 +252,7 @@ class LMGenerator:
         cut = next((n for n, i in enumerate(ids) if i in self.stop_ids), len(ids))
         ids = ids[:cut]
         items = list(dict.fromkeys(self.item_of_id[i] for i in ids if i in self.item_of_id))
-        text = self.tok.decode(ids, skip_special_tokens=True).strip()
+        text = space_items(self.tok.decode(ids, skip_special_tokens=True)).strip()
         return Generated(text, got_mode, items, ids)
 
     def _hf_generation_config(self) -> Any:

@@ -195,12 +195,15 @@ def evaluate_turns(
     """Metrics of ``score_fn(ctx_lists) -> [B, I]`` on encoded turns.
 
     Keys: ``R@k``, ``MRR@k``, ``NDCG@k`` (per gold item, KBRD protocol), the same under
-    ``new/`` (only gold items not already in the context; same scores) and ``turn/``
-    (one sample per turn with all its gold items), each with ``n`` and ``skipped`` counts.
+    ``new/`` (only gold items not already in the context; same scores), ``new_masked/``
+    (the same samples, with the context's items removed from the ranking: what a recommender
+    that never repeats would get) and ``turn/`` (one sample per turn with all its gold
+    items), each with ``n`` and ``skipped`` counts.
     """
     accs = {
         "": RankingAccumulator(ks),
         "new/": RankingAccumulator(ks),
+        "new_masked/": RankingAccumulator(ks),
         "turn/": RankingAccumulator(ks, per_turn=True),
     }
     fresh = new_gold(enc)
@@ -211,6 +214,8 @@ def evaluate_turns(
             scores_BI = mask_seen(scores_BI, enc.ctx_items[sl])
         accs[""].add(scores_BI, enc.gold[sl])
         accs["new/"].add(scores_BI, fresh[sl])
+        masked_BI = scores_BI if exclude_seen else mask_seen(scores_BI, enc.ctx_items[sl])
+        accs["new_masked/"].add(masked_BI, fresh[sl])
         accs["turn/"].add(scores_BI, enc.gold[sl])
     return {f"{p}{k}": v for p, acc in accs.items() for k, v in acc.result().items()}
 

@@ -21,6 +21,9 @@ Hooks (every rank calls every hook the same number of times, in the same order):
   must contribute nothing (their labels are already ``-100``).
 - ``eval_metrics(sums) -> metrics``: turns the global sums into metrics (``val_ppl`` ...).
 
+A pre-emption signal (SIGUSR1, any rank) makes every rank save a checkpoint at the next step
+boundary and exit with code 75, for the job script to requeue it (``preemption.py``).
+
 Dropout randomness is reseeded before every micro batch from ``(seed, rank, micro index)``,
 so a resumed run draws the same masks as an uninterrupted one.
 """
@@ -39,6 +42,7 @@ import torch.nn.functional as F
 
 from conkd_scale import distributed as D
 from conkd_scale.data.sequences import IGNORE
+from conkd_scale.training import preemption
 from conkd_scale.training.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from conkd_scale.training.config import TrainConfig
 from conkd_scale.training.data import Batch, DataPosition, TrainStream, iter_eval
@@ -210,6 +214,7 @@ class Trainer:
         self.last_saved = -1
         self.last_eval: dict[str, float] = {}
         self.stopped_early = False
+        preemption.install()  # SIGUSR1 -> save and exit 75 at a step boundary (preemption.py)
 
     # -- resume / save -------------------------------------------------------------------
     def resume(self) -> Path | None:
@@ -255,6 +260,15 @@ class Trainer:
         )
         self.last_saved = self.step
         return path
+
+    def _stop_preempted(self) -> None:
+        """Save (collective), log, and leave every rank with exit code 75 (preemption.py)."""
+        if self.last_saved != self.step:
+            self.save_checkpoint()
+        self.logger.log({"kind": "preempted", "step": self.step, "total_steps": self.total_steps})
+        D.print0(f"pre-empted: checkpoint saved at step {self.step}/{self.total_steps}; exiting")
+        D.barrier()
+        raise preemption.Preempted(self.step, preemption.signal_number())
 
     # -- evaluation ----------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
@@ -378,6 +392,9 @@ class Trainer:
                 just_evaluated = True
             if cfg.save_every and self.step % cfg.save_every == 0:
                 self.save_checkpoint()
+            if preemption.requested():  # one scalar all-reduce: every rank stops at this step
+                bar.close()
+                self._stop_preempted()
             if cfg.stop_at_step and self.step >= cfg.stop_at_step:
                 self.stopped_early = self.step < self.total_steps
                 break

@@ -1,0 +1,508 @@
+"""The ConKD loss as one Triton kernel: both teachers, the gate and the gradient, per row.
+
+Same function as :mod:`conkd_scale.loss.reference` (the ground truth). One program per row of
+the student logits; two sweeps over the row in blocks of ``BLOCK_V`` columns:
+
+1. online softmax over V: the student's log-sum-exp (untempered for the cross-entropy, and
+   tempered when τ ≠ 1, sharing one running max), the dialogue teacher's tempered
+   log-sum-exp, and the teacher's untempered all-vocabulary and item-only sums. The item mass
+   is their ratio, ``m = exp(lse_items − lse_all)``, so the gate λ costs no extra pass
+   (items are found through a ``[V]`` vocabulary→item-column map, -1 for words);
+2. the loss parts and the gradient with respect to the student logits::
+
+       kd_t  = τ²·[(1−λ)·Σ_V p_D^τ·(log p_D^τ − log p_S^τ) + λ·Σ_I q^τ·(log q^τ − log p_S^τ)]
+       ∂L/∂z = [ w_ce·(p_S − e_y) + w_kd·τ·(p_S^τ − (1−λ)·p_D^τ − λ·q^τ) ] / N_valid
+
+   written in the student's dtype into a gradient buffer (the student-logits buffer itself
+   with ``inplace=True``). A row whose λ is 1 never reloads the teacher; one whose λ is 0
+   never reads R's table.
+
+R's distribution stays an ``[S, I]`` table (tempered and logged on the host, a few MB) read
+through the per-row turn index; it is never expanded to N rows. The backward only scales the
+stored gradient by ``grad_output``. Loads are upcast to fp32 (fp64 for fp64 inputs; the
+kernel's scalar parameters are fp32 either way).
+
+On a machine without CUDA the kernel runs under Triton's interpreter (``TRITON_INTERPRET=1``
+in the environment before the first launch; slow, for tests). Triton reads that variable
+when ``triton.jit`` is applied, so the kernel is jitted lazily, per interpreter mode, at its
+first launch rather than at import.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from conkd_scale.loss.common import (
+    IGNORE_INDEX,
+    LossOutput,
+    compute_dtype,
+    flatten_inputs,
+    tempered_log_q,
+)
+from conkd_scale.loss.config import LossConfig
+
+try:  # triton is a declared dependency, but keep CPU-only installs importable
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:  # pragma: no cover - exercised only without triton
+    triton = None  # type: ignore[assignment]
+    tl = None  # type: ignore[assignment]
+    HAVE_TRITON = False
+
+__all__ = [
+    "GATE_CODES",
+    "HAVE_TRITON",
+    "ConKDLoss",
+    "ConKDTritonFunction",
+    "aot_compile",
+    "conkd_loss_triton",
+    "conkd_rows_",
+    "fused_linear_from_logits",
+    "item_column_map",
+    "kernel_available",
+    "register",
+]
+
+GATE_CODES = {"hard": 0, "soft": 1, "static": 2, "oracle": 3, "dialog": 4, "rec": 5}
+"""Gate mode → the kernel's ``GATE`` constexpr."""
+
+N_PARTS = 5
+"""Per-row outputs of the kernel, in this order: ce, kd_dialog, kd_rec, λ, m."""
+
+
+def _conkd_row_kernel(
+    z_ptr,  # [N, V] student logits (any float dtype), unit column stride
+    t_ptr,  # [N, V] dialogue-teacher logits (any float dtype), unit column stride
+    g_ptr,  # [N, V] out: ∂L/∂z in the gradient's dtype; may alias z_ptr
+    logq_ptr,  # [S, I] log q_R^τ (compute dtype), contiguous
+    col_ptr,  # [V] int32 item column of each vocabulary id, -1 for words
+    y_ptr,  # [N] int64 gold labels, -100 at ignored rows
+    r_ptr,  # [N] int64 row of logq for each row (read only at loss rows)
+    parts_ptr,  # [5, N] out (compute dtype): ce, kd_dialog, kd_rec, λ, m per row
+    stride_z,  # row stride of z (elements)
+    stride_t,  # row stride of t
+    stride_g,  # row stride of g
+    N,  # rows
+    V,  # vocabulary size |U|
+    I,  # items
+    inv_tau,  # 1/τ
+    tau_sq,  # τ²
+    w_ce,  # weight of the cross-entropy
+    a_kd,  # w_kd·τ: the KD gradient's factor
+    inv_m,  # 1/N_valid (global, also for a chunk of a larger batch)
+    eta,  # hard-gate threshold η
+    c_static,  # static-gate λ
+    GATE: tl.constexpr,  # GATE_CODES[mode]
+    TEMPERED: tl.constexpr,  # τ != 1
+    WRITE_GRAD: tl.constexpr,  # False: loss parts only (no_grad / eval), g_ptr untouched
+    BLOCK_V: tl.constexpr,  # columns per block (power of two)
+    ACC: tl.constexpr,  # compute dtype: tl.float32 or tl.float64
+):
+    row = tl.program_id(0).to(tl.int64)
+    z_row = z_ptr + row * stride_z
+    t_row = t_ptr + row * stride_t
+    g_row = g_ptr + row * stride_g
+    y = tl.load(y_ptr + row)
+    cols = tl.arange(0, BLOCK_V)
+    NEG_INF = float("-inf")
+
+    if y == -100:  # no loss: zero gradient row, zero parts
+        if WRITE_GRAD:
+            for start in range(0, V, BLOCK_V):
+                offs = start + cols
+                tl.store(g_row + offs, tl.zeros([BLOCK_V], ACC).to(g_ptr.dtype.element_ty),
+                         mask=offs < V)  # fmt: skip
+        for k in range(5):
+            tl.store(parts_ptr + k * N + row, tl.zeros([], ACC))
+    else:
+        # ---- sweep 1: online log-sum-exps of the student and the teacher ----------------
+        # Running maxima are scalars (one reduction per block and tensor); the sums stay
+        # per-lane vectors rescaled by the scalar factor and are reduced once at the end.
+        mz = tl.full([], NEG_INF, ACC)  # running max of z
+        mt = tl.full([], NEG_INF, ACC)  # running max of t
+        sz = tl.zeros([BLOCK_V], ACC)  # Σ exp(z − mz)
+        szt = tl.zeros([BLOCK_V], ACC)  # Σ exp((z − mz)/τ)
+        st = tl.zeros([BLOCK_V], ACC)  # Σ exp(t − mt)          (untempered, all of U)
+        sti = tl.zeros([BLOCK_V], ACC)  # Σ_items exp(t − mt)   (untempered, items only)
+        stt = tl.zeros([BLOCK_V], ACC)  # Σ exp((t − mt)/τ)
+        for start in range(0, V, BLOCK_V):
+            offs = start + cols
+            mask = offs < V
+            z = tl.load(z_row + offs, mask=mask, other=NEG_INF).to(ACC)
+            t = tl.load(t_row + offs, mask=mask, other=NEG_INF).to(ACC)
+            is_item = tl.load(col_ptr + offs, mask=mask, other=-1) >= 0
+
+            mz_new = tl.maximum(mz, tl.max(z, 0))
+            base_z = tl.where(mz_new == NEG_INF, 0.0, mz_new)  # finite: no (-inf) − (-inf)
+            dz = z - base_z
+            sz = sz * tl.exp(mz - base_z) + tl.exp(dz)
+            if TEMPERED:
+                szt = szt * tl.exp((mz - base_z) * inv_tau) + tl.exp(dz * inv_tau)
+            mz = mz_new
+
+            mt_new = tl.maximum(mt, tl.max(t, 0))
+            base_t = tl.where(mt_new == NEG_INF, 0.0, mt_new)
+            dt = t - base_t
+            et = tl.exp(dt)
+            rescale_t = tl.exp(mt - base_t)
+            st = st * rescale_t + et
+            sti = sti * rescale_t + tl.where(is_item, et, 0.0)
+            if TEMPERED:
+                stt = stt * tl.exp((mt - base_t) * inv_tau) + tl.exp(dt * inv_tau)
+            mt = mt_new
+        log_sz = tl.log(tl.sum(sz, 0))
+        st_all = tl.sum(st, 0)
+        if TEMPERED:
+            log_szt = tl.log(tl.sum(szt, 0))
+            log_stt = tl.log(tl.sum(stt, 0))
+        else:
+            log_szt = log_sz
+            log_stt = tl.log(st_all)
+        m = tl.sum(sti, 0) / st_all  # D's untempered item mass: exp(lse_items − lse_all)
+
+        # ---- the gate ------------------------------------------------------------------
+        if GATE == 0:
+            lam = tl.where(m > eta, 1.0, 0.0).to(ACC)
+        elif GATE == 1:
+            lam = m
+        elif GATE == 2:
+            lam = tl.full([], 0.0, ACC) + c_static
+        elif GATE == 3:
+            lam = tl.where(tl.load(col_ptr + y) >= 0, 1.0, 0.0).to(ACC)
+        elif GATE == 4:
+            lam = tl.zeros([], ACC)
+        else:
+            lam = tl.full([], 1.0, ACC)
+
+        z_y = tl.load(z_row + y).to(ACC)
+        ce = (mz - z_y) + log_sz  # lse(z) − z_y without subtracting two large numbers
+        logq_row = logq_ptr + tl.load(r_ptr + row) * I
+
+        # ---- sweep 2: KL terms and the gradient -----------------------------------------
+        kld = tl.zeros([BLOCK_V], ACC)
+        klr = tl.zeros([BLOCK_V], ACC)
+        use_d = lam < 1.0
+        use_r = lam > 0.0
+        for start in range(0, V, BLOCK_V):
+            offs = start + cols
+            mask = offs < V
+            z = tl.load(z_row + offs, mask=mask, other=NEG_INF).to(ACC)
+            logps = (z - mz) * inv_tau - log_szt  # log p_S^τ
+            ps = tl.exp(logps)
+            if TEMPERED:  # noqa: SIM108 (a compile-time branch)
+                g = w_ce * tl.exp((z - mz) - log_sz) + a_kd * ps
+            else:
+                g = (w_ce + a_kd) * ps
+            if GATE != 5:  # noqa: SIM102 (compile time, then run time)
+                if use_d:
+                    t = tl.load(t_row + offs, mask=mask, other=NEG_INF).to(ACC)
+                    logpd = (t - mt) * inv_tau - log_stt  # log p_D^τ
+                    pd = tl.exp(logpd)
+                    kld += tl.where(pd > 0.0, pd * (logpd - logps), 0.0)
+                    g -= (a_kd * (1.0 - lam)) * pd
+            if GATE != 4:  # noqa: SIM102
+                if use_r:
+                    col = tl.load(col_ptr + offs, mask=mask, other=-1)
+                    is_item = col >= 0
+                    logq = tl.load(logq_row + col, mask=is_item, other=NEG_INF).to(ACC)
+                    q = tl.exp(logq)
+                    klr += tl.where(q > 0.0, q * (logq - logps), 0.0)
+                    g -= (a_kd * lam) * q
+            if WRITE_GRAD:
+                g = tl.where(offs == y, g - w_ce, g) * inv_m
+                tl.store(g_row + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
+
+        kd_d = tl.where(use_d, tau_sq * (1.0 - lam) * tl.sum(kld, 0), 0.0)
+        kd_r = tl.where(use_r, tau_sq * lam * tl.sum(klr, 0), 0.0)
+        tl.store(parts_ptr + row, ce)
+        tl.store(parts_ptr + N + row, kd_d)
+        tl.store(parts_ptr + 2 * N + row, kd_r)
+        tl.store(parts_ptr + 3 * N + row, lam)
+        tl.store(parts_ptr + 4 * N + row, m)
+
+
+_JITTED: dict[bool, Any] = {}
+
+
+def _interpret_mode() -> bool:
+    """Whether Triton runs kernels in its interpreter (``TRITON_INTERPRET``), as Triton reads it."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def _kernel() -> Any:
+    """The jitted kernel for the current interpreter mode (jitted on first use)."""
+    mode = _interpret_mode()
+    if mode not in _JITTED:
+        _JITTED[mode] = triton.jit(_conkd_row_kernel)
+    return _JITTED[mode]
+
+
+def kernel_available(device: torch.device) -> bool:
+    """Whether the kernel can run on ``device``: CUDA, or any device under the interpreter."""
+    return HAVE_TRITON and (device.type == "cuda" or _interpret_mode())
+
+
+def launch_config(V: int, elem_bytes: int) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) for a vocabulary of V and an element size (compute dtype bytes).
+
+    Default 4096 columns and 16 warps (8 values per thread and tensor): compiled for sm_90 it
+    takes 110 registers and spills nothing, where 8 warps need 186. Not yet tuned on a GPU
+    (bench/bench_loss_gpu.py sweeps it); CONKD_TRITON_BLOCK_V / CONKD_TRITON_NUM_WARPS
+    override it.
+    """
+    block = int(os.environ.get("CONKD_TRITON_BLOCK_V", "0")) or (4096 if elem_bytes <= 4 else 2048)
+    block = min(block, triton.next_power_of_2(max(V, 16)))
+    default_warps = 16 if block >= 4096 else 8 if block >= 2048 else 4
+    warps = int(os.environ.get("CONKD_TRITON_NUM_WARPS", "0")) or default_warps
+    return block, warps
+
+
+def item_column_map(item_ids_I: Tensor, V: int) -> Tensor:
+    """[V] int32: the rec-table column of each vocabulary id, -1 for words.
+
+    Raises ``ValueError`` when an item id repeats (the map holds one column per id).
+    """
+    col_V = torch.full((V,), -1, dtype=torch.int32, device=item_ids_I.device)
+    I = item_ids_I.numel()
+    if I:
+        col_V[item_ids_I] = torch.arange(I, dtype=torch.int32, device=item_ids_I.device)
+        if int((col_V >= 0).sum()) != I:
+            raise ValueError("item_ids must not repeat (one rec_probs column per item token)")
+    return col_V
+
+
+def _acc_of(dtype: torch.dtype) -> Any:
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _unit_cols(x_NV: Tensor) -> Tensor:
+    """x with unit column stride (rows may be strided, e.g. a vocabulary slice); copies if not."""
+    return x_NV if x_NV.stride(-1) == 1 or x_NV.shape[-1] == 1 else x_NV.contiguous()
+
+
+def conkd_rows_(
+    z_NV: Tensor,  # [N, V] student logits (any float dtype)
+    t_NV: Tensor,  # [N, V] teacher logits (any float dtype)
+    logq_SI: Tensor,  # [S, I] log q_R^τ in the compute dtype (from tempered_log_q)
+    rec_row_N: Tensor,  # [N] long
+    col_V: Tensor,  # [V] int32 from item_column_map
+    labels_N: Tensor,  # [N] long, -100 where no loss
+    cfg: LossConfig,
+    inv_m: float,  # 1/N_valid of the whole batch
+    grad_NV: Tensor | None,  # [N, V] out: the gradient (may be z_NV itself), or None
+) -> Tensor:
+    """Launch the kernel on N rows; returns the per-row parts ``[5, N]`` (compute dtype):
+    ce, kd_dialog, kd_rec, λ, m (all 0 at ignored rows). The gradient, already divided by
+    N_valid (``inv_m``), is written into ``grad_NV`` (unit column stride) unless it is None.
+    No checks: see :func:`conkd_loss_triton`.
+    """
+    N, V = z_NV.shape
+    dtype = compute_dtype(z_NV, t_NV)
+    parts_5N = torch.empty(N_PARTS, N, dtype=dtype, device=z_NV.device)
+    if N == 0:
+        return parts_5N
+    write_grad = grad_NV is not None
+    g_NV = grad_NV if grad_NV is not None else z_NV  # not written without a gradient
+    assert z_NV.stride(-1) == 1 and t_NV.stride(-1) == 1 and g_NV.stride(-1) == 1
+    tau = float(cfg.tau)
+    block, warps = launch_config(V, 8 if dtype == torch.float64 else 4)
+    logq_SI = logq_SI.contiguous()
+    if logq_SI.numel() == 0:  # no loss row reads it; keep a valid pointer
+        logq_SI = torch.full((1, 1), float("-inf"), dtype=dtype, device=z_NV.device)
+    _kernel()[(N,)](
+        z_NV, t_NV, g_NV, logq_SI, col_V, labels_N.contiguous(), rec_row_N.contiguous(),
+        parts_5N, z_NV.stride(0), t_NV.stride(0), g_NV.stride(0), N, V, logq_SI.shape[1],
+        1.0 / tau, tau * tau, float(cfg.w_ce), float(cfg.w_kd) * tau, float(inv_m),
+        float(cfg.gate.eta), float(cfg.gate.c), GATE=GATE_CODES[cfg.gate.mode],
+        TEMPERED=tau != 1.0, WRITE_GRAD=write_grad, BLOCK_V=block, ACC=_acc_of(dtype),
+        num_warps=warps,
+    )  # fmt: skip
+    return parts_5N
+
+
+class ConKDTritonFunction(torch.autograd.Function):
+    """autograd.Function of the Triton loss; see :func:`conkd_loss_triton`."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        student_NV: Tensor,  # [N, V]
+        teacher_NV: Tensor,  # [N, V]
+        logq_SI: Tensor,  # [S, I] log q_R^τ
+        rec_row_N: Tensor,  # [N] long
+        col_V: Tensor,  # [V] int32
+        labels_N: Tensor,  # [N] long
+        cfg: LossConfig,
+        n_valid: int,
+        inplace: bool,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        z_NV = _unit_cols(student_NV.detach())
+        t_NV = _unit_cols(teacher_NV.detach())
+        need_grad = bool(ctx.needs_input_grad[0])  # False under no_grad (evaluation)
+        grad_NV = (z_NV if inplace else torch.empty_like(z_NV)) if need_grad else None
+        inv_m = 1.0 / max(n_valid, 1)
+        parts_5N = conkd_rows_(z_NV, t_NV, logq_SI, rec_row_N, col_V, labels_N, cfg, inv_m,
+                               grad_NV)  # fmt: skip
+        if need_grad and inplace and z_NV.data_ptr() == student_NV.data_ptr():
+            # the kernel wrote through a raw pointer: let autograd see the write
+            torch.autograd.graph.increment_version(student_NV)
+        sums_3 = parts_5N[:3].sum(dim=1) * inv_m  # [3] mean ce, kd_dialog, kd_rec
+        ce, kd_d, kd_r = sums_3[0], sums_3[1], sums_3[2]
+        kd = kd_d + kd_r
+        loss = cfg.w_ce * ce + cfg.w_kd * kd
+        lam_N, m_N = parts_5N[3].float(), parts_5N[4].float()
+        if grad_NV is not None:
+            ctx.save_for_backward(grad_NV)
+        ctx.inplace = inplace
+        ctx.mark_non_differentiable(ce, kd, kd_d, kd_r, lam_N, m_N)
+        return loss, ce, kd, kd_d, kd_r, lam_N, m_N
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: Tensor, *_: Any) -> tuple[Tensor | None, ...]:
+        (grad_NV,) = ctx.saved_tensors
+        if not torch.equal(grad_loss, torch.ones_like(grad_loss)):
+            scale = grad_loss.to(grad_NV.dtype)
+            # in place: the buffer is already the caller's (single backward only)
+            grad_NV = grad_NV.mul_(scale) if ctx.inplace else grad_NV * scale
+        return grad_NV, None, None, None, None, None, None, None, None
+
+
+def conkd_loss_triton(
+    student_logits: Tensor,  # [N, V] or [B, T, V], any float dtype (needs grad)
+    teacher_logits: Tensor,  # [N, V] or [B, T, V], D's logits (no grad)
+    rec_probs_SI: Tensor,  # [S, I] R's item distribution per recommender turn
+    rec_row: Tensor,  # [N] or [B, T] row of rec_probs for each loss row (-1 where no loss)
+    item_ids_I: Tensor,  # [I] vocabulary id of each rec_probs column (any order, no repeats)
+    labels: Tensor,  # [N] or [B, T] gold next token, -100 where no loss
+    cfg: LossConfig,
+    *,
+    inplace: bool = False,
+) -> LossOutput:
+    """The ConKD loss by the Triton kernel (CUDA tensors, or any under ``TRITON_INTERPRET=1``).
+
+    Same contract as :func:`conkd_scale.loss.conkd_loss_chunked`: the gradient is computed in
+    the forward and stored in the student's dtype; ``inplace=True`` stores it in the
+    student-logits buffer (the logits are destroyed, backward runs once; autograd raises if
+    another node saved them). It takes effect only when the logits flatten to ``[N, V]`` rows
+    with unit column stride without a copy (a vocabulary slice of wider logits is fine).
+    Without a gradient to compute (``torch.no_grad()``, or logits that do not require grad)
+    nothing is written: evaluation costs no ``[N, V]`` buffer and leaves the logits intact.
+    ``cfg.chunk_size`` is not used: each row is one program.
+    """
+    if not kernel_available(student_logits.device):
+        raise RuntimeError(
+            "conkd_loss_triton needs CUDA tensors and triton (or TRITON_INTERPRET=1 set before "
+            f"the first launch); got {student_logits.device}, triton "
+            f"{'present' if HAVE_TRITON else 'missing'}"
+        )
+    x = flatten_inputs(student_logits, teacher_logits, rec_probs_SI, rec_row, item_ids_I, labels)
+    dtype = compute_dtype(x.student_NV, x.teacher_NV)
+    logq_SI = tempered_log_q(x.rec_probs_SI, float(cfg.tau), dtype)  # [S, I]
+    col_V = item_column_map(x.item_ids_I, x.student_NV.shape[1])  # [V]
+    n_valid = int((x.labels_N != IGNORE_INDEX).sum())
+    loss, ce, kd, kd_d, kd_r, lam_N, m_N = ConKDTritonFunction.apply(
+        x.student_NV, x.teacher_NV, logq_SI, x.rec_row_N, col_V, x.labels_N, cfg, n_valid,
+        inplace,
+    )  # fmt: skip
+    return LossOutput(loss, ce, kd, kd_d, kd_r, lam_N, m_N, n_valid)
+
+
+class ConKDLoss(nn.Module):
+    """``nn.Module`` face of the loss: the Triton kernel where it can run, else the chunked
+    CPU path (same function). ``forward`` takes the arguments of :func:`conkd_loss_triton`."""
+
+    def __init__(self, cfg: LossConfig | None = None, *, inplace: bool = False) -> None:
+        super().__init__()
+        self.cfg = cfg or LossConfig()
+        self.inplace = inplace
+
+    def forward(
+        self,
+        student_logits: Tensor,  # [N, V] or [B, T, V]
+        teacher_logits: Tensor,  # [N, V] or [B, T, V]
+        rec_probs_SI: Tensor,  # [S, I]
+        rec_row: Tensor,  # [N] or [B, T]
+        item_ids_I: Tensor,  # [I]
+        labels: Tensor,  # [N] or [B, T]
+    ) -> LossOutput:
+        args = (student_logits, teacher_logits, rec_probs_SI, rec_row, item_ids_I, labels)
+        if kernel_available(student_logits.device):
+            return conkd_loss_triton(*args, self.cfg, inplace=self.inplace)
+        from conkd_scale.loss.chunked import conkd_loss_chunked
+
+        return conkd_loss_chunked(*args, self.cfg, inplace=self.inplace)
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        return f"gate={c.gate.mode}, tau={c.tau}, w_ce={c.w_ce}, w_kd={c.w_kd}"
+
+
+def aot_compile(
+    dtype: str = "bf16",
+    gate: str = "hard",
+    tempered: bool = False,
+    block_v: int = 4096,
+    num_warps: int = 16,
+    arch: int = 90,
+) -> Any:
+    """Compile the kernel ahead of time for CUDA ``sm_<arch>`` without a GPU (Triton's bundled
+    ptxas); returns the ``CompiledKernel`` (``.asm["ptx"]``, ``.asm["cubin"]``). A check that
+    the compiler, not only the interpreter, accepts the kernel. Call it in a process that
+    never had ``TRITON_INTERPRET`` set: the interpreter leaves state in ``triton.language``.
+    ``dtype``: the logits' Triton type name (bf16, fp16, fp32)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    ptr_types = (f"*{dtype}",) * 3 + ("*fp32", "*i32", "*i64", "*i64", "*fp32")
+    ptrs = ("z_ptr", "t_ptr", "g_ptr", "logq_ptr", "col_ptr", "y_ptr", "r_ptr", "parts_ptr")
+    sig = dict(zip(ptrs, ptr_types, strict=True))
+    sig |= {k: "i64" for k in ("stride_z", "stride_t", "stride_g")}
+    sig |= {k: "i32" for k in ("N", "V", "I")}
+    sig |= {k: "fp32" for k in ("inv_tau", "tau_sq", "w_ce", "a_kd", "inv_m", "eta", "c_static")}
+    sig |= {k: "constexpr" for k in ("GATE", "TEMPERED", "WRITE_GRAD", "BLOCK_V", "ACC")}
+    const = {"GATE": GATE_CODES[gate], "TEMPERED": tempered, "WRITE_GRAD": True,
+             "BLOCK_V": block_v, "ACC": tl.float32}  # fmt: skip
+    src = ASTSource(fn=JITFunction(_conkd_row_kernel), signature=sig, constexprs=const)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+
+
+_WARNED_FUSED = False
+
+
+def fused_linear_from_logits(*args: Any, **kwargs: Any) -> LossOutput:
+    """``GPU_IMPLS["fused_linear"]``: the dispatcher only has logits, which already exist, so
+    the Triton kernel runs on them (same function). The memory saving of the fused path needs
+    hidden states: :func:`conkd_scale.loss.fused_linear.conkd_loss_fused_linear` or
+    :class:`conkd_scale.loss.fused_linear.ConKDFusedLinearLoss`. Warns once."""
+    global _WARNED_FUSED
+    if not _WARNED_FUSED:
+        _WARNED_FUSED = True
+        warnings.warn(
+            "loss.impl='fused_linear' called with logits: running the Triton kernel on them; "
+            "pass hidden states to conkd_loss_fused_linear / ConKDFusedLinearLoss to never "
+            "materialise [N, V] logits",
+            stacklevel=2,
+        )
+    return conkd_loss_triton(*args, **kwargs)
+
+
+def register() -> None:
+    """Add the kernel to ``conkd_scale.loss.GPU_IMPLS``: "triton" (so ``impl=auto`` picks it
+    on CUDA) and "fused_linear" (:func:`fused_linear_from_logits`). No-op without triton."""
+    if not HAVE_TRITON:
+        return
+    from conkd_scale.loss import GPU_IMPLS
+
+    GPU_IMPLS.setdefault("triton", conkd_loss_triton)
+    GPU_IMPLS.setdefault("fused_linear", fused_linear_from_logits)
