@@ -12,6 +12,9 @@ PY          := $(VENV)/bin/python
 PIP         := $(PY) -m pip
 STAMP       := $(VENV)/.installed
 NPROC       ?= 2
+# The venv's tools first on PATH for every recipe and the processes it starts (the DeepSpeed
+# launcher, its ninja): a different ninja on PATH makes DeepSpeed recompile its CPU op.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 PYTEST_ARGS ?=
 
 .PHONY: install demo test lint format bench clean

@@ -330,6 +330,7 @@ def test_kernel_compiles_for_sm90() -> None:
         "for args in [('bf16', 'hard', False), ('fp32', 'soft', True), ('fp16', 'oracle', True),"
         " ('bf16', 'rec', True), ('bf16', 'dialog', False), ('fp32', 'static', False)]:\n"
         "    assert aot_compile(*args).asm['cubin']\n"
+        "assert aot_compile('bf16', 'soft', True, write_grad=False).asm['cubin']\n"
         "print('compiled')\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

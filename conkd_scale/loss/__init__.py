@@ -38,8 +38,12 @@ __all__ = [
 ]
 
 GPU_IMPLS: dict[str, Callable[..., LossOutput]] = {}
-"""GPU implementations by ``impl`` name ("triton", "fused_linear"); the Triton issue adds them.
-``auto`` uses "triton" on CUDA once it is registered here."""
+"""GPU implementations by ``impl`` name ("triton", "fused_linear"), registered by
+:mod:`.triton_kernel`; ``auto`` uses "triton" on CUDA."""
+
+from conkd_scale.loss.triton_kernel import register as _register_triton  # noqa: E402
+
+_register_triton()
 
 
 def resolve_impl(cfg: LossConfig, device: torch.device) -> str:

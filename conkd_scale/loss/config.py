@@ -64,8 +64,8 @@ class LossConfig:
     """[decision] weight of the gated KD term; ≥ 0 (0 gives the one-hot multi-task baseline)."""
     impl: LossImpl = "auto"
     """Implementation of the same function: auto (chunked on CPU; the Triton kernel on CUDA
-    once it exists), reference (pure PyTorch, [N, V] temporaries), chunked (CPU path),
-    triton / fused_linear (not implemented yet)."""
+    when CUDA is present), reference (pure PyTorch, [N, V] temporaries), chunked (CPU path),
+    triton / fused_linear (CUDA: conkd_scale/loss/triton_kernel.py, fused_linear.py)."""
     chunk_size: int = 1024
     """Rows (response tokens) per chunk of the chunked implementation; ≥ 1."""
 

@@ -454,6 +454,7 @@ def aot_compile(
     block_v: int = 4096,
     num_warps: int = 16,
     arch: int = 90,
+    write_grad: bool = True,
 ) -> Any:
     """Compile the kernel ahead of time for CUDA ``sm_<arch>`` without a GPU (Triton's bundled
     ptxas); returns the ``CompiledKernel`` (``.asm["ptx"]``, ``.asm["cubin"]``). A check that
@@ -471,7 +472,7 @@ def aot_compile(
     sig |= {k: "i32" for k in ("N", "V", "I")}
     sig |= {k: "fp32" for k in ("inv_tau", "tau_sq", "w_ce", "a_kd", "inv_m", "eta", "c_static")}
     sig |= {k: "constexpr" for k in ("GATE", "TEMPERED", "WRITE_GRAD", "BLOCK_V", "ACC")}
-    const = {"GATE": GATE_CODES[gate], "TEMPERED": tempered, "WRITE_GRAD": True,
+    const = {"GATE": GATE_CODES[gate], "TEMPERED": tempered, "WRITE_GRAD": write_grad,
              "BLOCK_V": block_v, "ACC": tl.float32}  # fmt: skip
     src = ASTSource(fn=JITFunction(_conkd_row_kernel), signature=sig, constexprs=const)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})

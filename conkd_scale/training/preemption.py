@@ -12,9 +12,10 @@ Protocol (every rank, :class:`~conkd_scale.training.trainer.Trainer`):
 2. :func:`requested` at every optimizer-step boundary: one all-reduce (MAX) of the local flag,
    a single scalar, so every rank takes the same decision at the same step.
 3. If set: the trainer saves a checkpoint (collective), logs a ``{"kind": "preempted"}``
-   row, meets the other ranks in a barrier and raises :class:`Preempted`, a ``SystemExit``
-   with code :data:`EXIT_PREEMPTED` (75, ``EX_TEMPFAIL``: "try again later"). The launch
-   script's ``finally`` still tears the process group down; the process exits with 75.
+   row, meets the other ranks in a barrier and calls :func:`stop`, which raises
+   :class:`Preempted`, a ``SystemExit`` with code :data:`EXIT_PREEMPTED` (75,
+   ``EX_TEMPFAIL``: "try again later"). The launch script's ``finally`` still tears the
+   process group down; the process exits with 75.
 4. The SLURM scripts (slurm/common.sh) requeue the job when the ranks exit with 75 (or when the
    batch shell itself received the signal and the step failed); the requeued job resumes
    from the newest checkpoint (``train.resume=auto``) and ends at the same total step count.
@@ -29,7 +30,7 @@ import os
 import signal
 import sys
 import threading
-from typing import Any
+from typing import Any, NoReturn
 
 EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL; slurm/common.sh requeues on it
 ENV_SIGNALS = "CONKD_PREEMPT_SIGNALS"
@@ -101,6 +102,19 @@ def requested() -> bool:
 
     (flag,) = D.all_reduce_max([1.0 if _state["flag"] else 0.0])
     return flag > 0
+
+
+def stop(step: int) -> NoReturn:
+    """Leave this rank with exit code 75, after the pre-emption checkpoint (every rank).
+
+    SIGTERM is ignored from here on: a launcher that stops the remaining ranks as soon as one
+    has exited non-zero (``srun --kill-on-bad-exit``, the DeepSpeed launcher) would otherwise
+    turn this rank's 75 into 143 while it is tearing down, and the job script could no longer
+    tell a pre-emption from a crash. SIGKILL still ends a rank that hangs here.
+    """
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Preempted(step, _state["signum"])
 
 
 def signal_number() -> int | None:

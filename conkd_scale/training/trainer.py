@@ -268,7 +268,7 @@ class Trainer:
         self.logger.log({"kind": "preempted", "step": self.step, "total_steps": self.total_steps})
         D.print0(f"pre-empted: checkpoint saved at step {self.step}/{self.total_steps}; exiting")
         D.barrier()
-        raise preemption.Preempted(self.step, preemption.signal_number())
+        preemption.stop(self.step)  # raises SystemExit(75) on every rank
 
     # -- evaluation ----------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
