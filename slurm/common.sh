@@ -18,9 +18,10 @@
 # Launching (one process per GPU): `srun --mpi=none --kill-on-bad-exit=1`. Every rank gets
 # its rank from SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID and rendezvouses over TCP at
 # MASTER_ADDR:MASTER_PORT (conkd_scale/distributed.py, launcher "slurm"). --mpi=none keeps a
-# site's MpiDefault=pmix/pmi2 from switching the ranks to MPI discovery, which needs an MPI
-# built for that plugin and ignores MASTER_PORT; --kill-on-bad-exit=1 ends the whole step as
-# soon as one rank dies, instead of leaving the others blocked in a collective.
+# site's MpiDefault=pmix/pmi2 from switching the ranks to MPI discovery (mpi4py), which needs
+# an MPI built for that plugin (Debian's Open MPI aborts under pmi2) and is not needed here;
+# --kill-on-bad-exit=1 ends the whole step as soon as one rank dies, instead of leaving the
+# others blocked in a collective.
 #
 # Pre-emption: the job scripts ask for `--signal=B:USR1@<s>`, i.e. SIGUSR1 to the batch shell
 # only, <s> seconds before the time limit (Slurm checks about once a minute: leave margin).
@@ -50,7 +51,8 @@ conkd_setup() {
         echo "error: no interpreter at $CONKD_PYTHON (set CONKD_VENV or CONKD_PYTHON)" >&2
         exit 2
     fi
-    export PATH="$(dirname "$CONKD_PYTHON"):$PATH"
+    PATH="$(dirname "$CONKD_PYTHON"):$PATH"
+    export PATH
     export PYTHONPATH="$CONKD_ROOT${PYTHONPATH:+:$PYTHONPATH}"
     export PYTHONUNBUFFERED=1
 
@@ -68,7 +70,9 @@ conkd_setup() {
     CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-1}
 
     # Rendezvous: rank 0 runs on the first node of the allocation.
-    MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" | head -n1)}
+    local first_node
+    first_node=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" | sed -n 1p)
+    MASTER_ADDR=${MASTER_ADDR:-$first_node}
     MASTER_PORT=${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 40000))}
     export MASTER_ADDR MASTER_PORT
 
@@ -106,8 +110,9 @@ _conkd_forward() {
 # ----------------------------------------------------------------------------- one step
 # conkd_step [SRUN OPTIONS] -- COMMAND [ARGS]: run COMMAND as one srun step and return its
 # exit code. Without options: one rank per GPU (or per task slot) on every node; with
-# options (e.g. --nodes=1 --ntasks=1 --cpus-per-task=16), exactly those. srun runs in the background so that
-# the shell can handle SIGUSR1 while it waits (bash runs traps only between commands).
+# options (e.g. --nodes=1 --ntasks=1 --cpus-per-task=16), exactly those. srun runs in the
+# background so that the shell can handle SIGUSR1 while it waits (bash runs traps only
+# between commands).
 conkd_step() {
     local -a opts=()
     while (($#)) && [[ $1 != -- ]]; do
@@ -147,15 +152,16 @@ conkd_step() {
 }
 
 # ----------------------------------------------------------------------------- the end
-# conkd_finish RC: exit 0 after success; requeue after a pre-emption (RC 75 from the ranks,
-# or any failure after the shell got SIGUSR1); otherwise fail with RC.
+# conkd_finish RC: exit 0 after success; requeue after a pre-emption: RC 75 (the ranks saved
+# a checkpoint), 138 (= 128 + SIGUSR1: ranks killed by the signal before their trainer had
+# installed its handler) or any failure after the shell itself got SIGUSR1; otherwise fail.
 conkd_finish() {
     local rc=$1
     if ((rc == 0)); then
         echo "[$(date +%FT%T)] done"
         exit 0
     fi
-    if ((rc == 75 || CONKD_SIGNALLED)); then
+    if ((rc == 75 || rc == 138 || CONKD_SIGNALLED)); then
         local restarts=${SLURM_RESTART_COUNT:-0}
         if ((restarts >= CONKD_MAX_REQUEUES)); then
             echo "error: pre-empted, but already requeued $restarts times" \

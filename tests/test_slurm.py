@@ -11,7 +11,11 @@ with tests/cluster/start_slurm.sh). Jobs run with ``--gpus-per-node=0 --ntasks-p
 - slurm/distill.sh completes: checkpoints, metrics.jsonl, exported student, ranks from SLURM_*;
 - pre-emption: SIGUSR1 to the batch shell -> checkpoint -> requeue -> resume -> completion,
   and the logged steps of both runs join with no gap and no repeat;
+- slurm/sweep.sh: an array task distils the preset its index names;
 - a rank killed mid-training (SIGKILL) ends the whole job as FAILED, quickly, with no requeue.
+
+The trainer's side of pre-emption (conkd_scale/training/preemption.py) is also tested in this
+process, without a cluster (always runs).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 TERMINAL = {
@@ -56,8 +61,9 @@ def _cluster_reason() -> str | None:
     try:
         ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=20)
         if "is UP" not in ping.stdout:
+            said = (ping.stdout.strip() or ping.stderr.strip() or "nothing").splitlines()[0]
             return (
-                f"no SLURM controller answers (scontrol ping: {ping.stdout.strip()!r}); "
+                f"no SLURM cluster up (scontrol ping: {said}); "
                 "start one with tests/cluster/start_slurm.sh"
             )
         nodes = subprocess.run(
@@ -71,7 +77,13 @@ def _cluster_reason() -> str | None:
 
 
 _REASON = _cluster_reason()
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(_REASON is not None, reason=_REASON or "")]
+needs_cluster = [pytest.mark.slow, pytest.mark.skipif(_REASON is not None, reason=_REASON or "")]
+
+
+def cluster_test(fn):
+    for mark in needs_cluster:
+        fn = mark(fn)
+    return fn
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -90,7 +102,12 @@ class Jobs:
         self.logs: dict[str, Path] = {}
 
     def submit(
-        self, script: str, args: list[str], log_dir: Path, env: dict[str, str] | None = None
+        self,
+        script: str,
+        args: list[str],
+        log_dir: Path,
+        env: dict[str, str] | None = None,
+        extra: tuple[str, ...] = (),
     ) -> str:
         log_dir.mkdir(parents=True, exist_ok=True)  # the --output dir must exist
         name = f"conkd-test-{Path(script).stem}"
@@ -100,6 +117,7 @@ class Jobs:
             f"--job-name={name}",
             f"--output={log_dir}/%x-%j.out",
             *CPU_JOB,
+            *extra,
             script,
             *args,
         ]
@@ -140,12 +158,15 @@ class Jobs:
                 subprocess.run(["scancel", job_id], timeout=30)
 
 
-def wait_for_train_row(jobs: Jobs, job_id: str, metrics: Path, timeout: float) -> None:
-    """Until the job has logged a training step (every rank is inside Trainer.train)."""
+def wait_for_train_row(
+    jobs: Jobs, job_id: str, metrics: Path, timeout: float, after_step: int = 0
+) -> None:
+    """Until the job has logged a training step > ``after_step`` (so every rank is inside
+    Trainer.train, past the point where it installs its pre-emption handler)."""
     t_end = time.monotonic() + timeout
     while time.monotonic() < t_end:
-        if metrics.is_file() and '"kind": "train"' in metrics.read_text():
-            return  # (append_jsonl writes json.dumps lines, one write call each)
+        if any(s > after_step for s in _train_steps(metrics)):
+            return
         state = job_info(job_id).get("JobState")
         if state in TERMINAL:
             pytest.fail(f"job {job_id} ended ({state}) before training:\n{jobs.log(job_id)}")
@@ -154,8 +175,20 @@ def wait_for_train_row(jobs: Jobs, job_id: str, metrics: Path, timeout: float) -
 
 
 def rows(out: Path, kind: str) -> list[dict]:
-    lines = (out / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, filter(None, lines)) if r.get("kind") == kind]
+    """The ``kind`` rows of OUT/metrics.jsonl (a line still being written is skipped)."""
+    path, found = out / "metrics.jsonl", []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("kind") == kind:
+            found.append(row)
+    return found
+
+
+def _train_steps(metrics: Path) -> list[int]:
+    return [r["step"] for r in rows(metrics.parent, "train")]
 
 
 def assert_completed(jobs: Jobs, job_id: str, info: dict[str, str]) -> None:
@@ -228,6 +261,7 @@ def distill_args(root: Path, data: Path, out: Path, *extra: str) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- tests
+@cluster_test
 def test_distill_job_completes(teachers, synthetic_dir, jobs):
     out = teachers / "a"
     job = jobs.submit(
@@ -249,33 +283,70 @@ def test_distill_job_completes(teachers, synthetic_dir, jobs):
     assert "2 rank(s)" in log and "done" in log, log
 
 
+@cluster_test
 def test_preemption_saves_requeues_and_resumes(teachers, synthetic_dir, jobs):
+    """Two pre-emptions of one job, both routes: (1) SIGUSR1 to the batch shell, as
+    ``#SBATCH --signal=B:USR1@300`` sends it, forwarded to every rank; (2) SIGUSR1 to rank 1
+    alone (the ranks agree through the all-reduce; the shell requeues on exit code 75)."""
     out = teachers / "pre"
-    total = 60
+    total = 80
     job = jobs.submit(
         "slurm/distill.sh",
         distill_args(
-            teachers, synthetic_dir, out, f"train.max_steps={total}", "train.save_every=25"
+            teachers, synthetic_dir, out, f"train.max_steps={total}", "train.save_every=30"
         ),
         teachers / "logs",
     )
-    wait_for_train_row(jobs, job, out / "metrics.jsonl", timeout=600)
-    # what `#SBATCH --signal=B:USR1@300` does before the time limit: SIGUSR1 to the batch shell
+    metrics = out / "metrics.jsonl"
+    wait_for_train_row(jobs, job, metrics, timeout=600)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, timeout=30)
+    # the requeued run: once it trains again, pre-empt it through one rank only
+    t_end = time.monotonic() + 600
+    while not rows(out, "preempted") or job_info(job).get("Restarts") != "1":
+        assert time.monotonic() < t_end, f"no first pre-emption:\n{jobs.log(job)}"
+        time.sleep(0.5)
+    k1 = rows(out, "preempted")[0]["step"]
+    wait_for_train_row(jobs, job, metrics, timeout=600, after_step=k1)
+    pid = _rank_pid(job, 1)
+    assert pid is not None, f"rank 1 of job {job} not found\n{jobs.log(job)}"
+    os.kill(pid, signal.SIGUSR1)
+
     info = jobs.wait(job, timeout=600)
     assert_completed(jobs, job, info)
-    assert info.get("Restarts") == "1", info
-    log = jobs.log(job, tail=20000)
-    (pre,) = rows(out, "preempted")
-    k = pre["step"]
-    assert 1 <= k < total, pre
-    assert "pre-empted (exit 75): requeueing" in log, log
-    assert f"at step {k} " in log and "resumed from" in log, log
-    # the two runs' steps join: each step exactly once, no gap, no repeat
-    assert [r["step"] for r in rows(out, "train")] == list(range(1, total + 1))
+    assert info.get("Restarts") == "2", info
+    log = jobs.log(job, tail=30000)
+    assert log.count("pre-empted (exit 75): requeueing") == 2, log
+    ks = [r["step"] for r in rows(out, "preempted")]
+    assert len(ks) == 2 and 1 <= ks[0] < ks[1] < total, ks
+    for k in ks:
+        assert f"resumed from {out}/checkpoints/step_{k:08d} at step {k} " in log, log
+    # the three runs' steps join: each step exactly once, no gap, no repeat
+    assert _train_steps(metrics) == list(range(1, total + 1))
     (final,) = rows(out, "final")
     assert final["step"] == total and final["stopped_early"] is False
     assert (out / "hf" / "config.json").is_file()
+
+
+@cluster_test
+def test_sweep_array_task_distils_its_preset(teachers, synthetic_dir, jobs):
+    """Array index -> preset: index 1 of "none tiny" distils student.preset=tiny."""
+    sweep = teachers / "sweep"
+    args = distill_args(teachers, synthetic_dir, sweep / "ignored", "train.max_steps=2")
+    args = [a for a in args if not a.startswith(("output_dir=", "student.preset="))]
+    job = jobs.submit(
+        "slurm/sweep.sh",
+        args,
+        teachers / "logs",
+        env={"CONKD_SWEEP_PRESETS": "none tiny", "CONKD_SWEEP_DIR": str(sweep)},
+        extra=("--array=1",),
+    )
+    assert_completed(jobs, job, jobs.wait(job, timeout=600))
+    out = sweep / "student_tiny"
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["student"]["preset"] == "tiny" and cfg["teachers"]["auto_train"] is False
+    assert [r["step"] for r in rows(out, "train")] == [1, 2]
+    assert (out / "hf" / "config.json").is_file()
+    assert sorted(p.name for p in sweep.iterdir()) == ["student_tiny"]
 
 
 def _rank_pid(job_id: str, rank: int) -> int | None:
@@ -295,6 +366,7 @@ def _rank_pid(job_id: str, rank: int) -> int | None:
     return None
 
 
+@cluster_test
 def test_killed_rank_fails_the_job_quickly(teachers, synthetic_dir, jobs):
     out = teachers / "kill"
     job = jobs.submit(
@@ -319,3 +391,105 @@ def test_killed_rank_fails_the_job_quickly(teachers, synthetic_dir, jobs):
     else:
         pytest.fail(f"rank 0 of job {job} outlived the job")
     print(f"rank 1 killed -> job {job} FAILED after {took:.1f} s")
+
+
+# ----------------------------------------------------------------------------- no cluster
+class _FakeEngine(torch.nn.Module):
+    """The part of a DeepSpeed engine the Trainer uses (one process, no process group)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+        self.device = torch.device("cpu")
+
+    def gradient_accumulation_steps(self) -> int:
+        return 1
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> None:
+        pass
+
+    def get_lr(self) -> list[float]:
+        return [1e-3]
+
+    def save_checkpoint(self, root: str, tag: str, **_: object) -> None:
+        Path(root, tag).mkdir(parents=True, exist_ok=True)
+
+    def load_checkpoint(self, root: str, tag: str, **_: object) -> tuple[str, dict]:
+        return str(Path(root, tag)), {}
+
+
+def test_preemption_signal_saves_exits_75_and_resumes(tmp_path, monkeypatch):
+    """SIGUSR1 during step 3 -> checkpoint at step 3, SystemExit(75); a new Trainer resumes
+    at step 4 and the logged steps join (the in-process half of the cluster test above)."""
+    from conkd_scale import distributed as D
+    from conkd_scale.data.sequences import IGNORE, EncodedSequence
+    from conkd_scale.training import preemption
+    from conkd_scale.training.config import TrainConfig
+    from conkd_scale.training.data import sequence_collate
+    from conkd_scale.training.trainer import Trainer
+
+    monkeypatch.setattr(preemption, "_state", {"flag": False, "signum": None, "installed": ()})
+    monkeypatch.delenv(preemption.ENV_SIGNALS, raising=False)
+    saved = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
+    data = [
+        EncodedSequence(str(i), [i + 3] * 4, [IGNORE] + [i + 3] * 3, [-1] * 4, []) for i in range(8)
+    ]
+    cfg = TrainConfig(micro_batch=2, log_every=1, progress=False, warmup_steps=1)
+    dist = D.DistInfo(0, 1, 0, 1, "gloo", torch.device("cpu"), "single")
+    calls = []
+
+    def loss_step(engine, batch):
+        calls.append(1)
+        if len(calls) == 3:  # the signal arrives in the middle of step 3
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return (engine.w - 1) ** 2, {}
+
+    def trainer() -> Trainer:
+        t = Trainer(
+            _FakeEngine(),
+            train_data=data,
+            eval_data=None,
+            collate_fn=sequence_collate(0),
+            cfg=cfg,
+            dist=dist,
+            out_dir=tmp_path,
+            total_steps=6,
+            loss_step=loss_step,
+        )
+        t.resume()
+        return t
+
+    try:
+        with pytest.raises(SystemExit) as exc:
+            trainer().train()
+        assert exc.value.code == preemption.EXIT_PREEMPTED == 75
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN  # a peer's exit can't kill it
+        assert (tmp_path / "checkpoints" / "step_00000003" / "meta.json").is_file()
+        preemption.reset()
+        t = trainer()
+        assert t.step == 3
+        summary = t.train()
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+    assert summary["step"] == 6 and not summary["stopped_early"]
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    got = [(r["kind"], r["step"]) for r in map(json.loads, lines) if r["kind"] != "final"]
+    assert got == [("train", 1), ("train", 2), ("train", 3), ("preempted", 3)] + [
+        ("train", s) for s in (4, 5, 6)
+    ]
+
+
+def test_preemption_signals_from_env():
+    from conkd_scale.training.preemption import signals_from_env
+
+    assert signals_from_env({}) == [signal.SIGUSR1]
+    assert signals_from_env({"CONKD_PREEMPT_SIGNALS": "usr2, SIGUSR1"}) == [
+        signal.SIGUSR2,
+        signal.SIGUSR1,
+    ]
+    with pytest.raises(ValueError, match="CONKD_PREEMPT_SIGNALS"):
+        signals_from_env({"CONKD_PREEMPT_SIGNALS": "NOPE"})

@@ -26,7 +26,7 @@ NODE=$(hostname -s)
 log() { echo "start_slurm: $*"; }
 die() { echo "start_slurm: error: $*" >&2; exit 1; }
 
-node_state() { sinfo -h -N -n "$NODE" -o %T 2>/dev/null | head -n1; }
+node_state() { sinfo -h -N -n "$NODE" -o %T 2>/dev/null | sed -n 1p; }
 ctld_up() { scontrol ping 2>/dev/null | grep -q "is UP"; }
 
 wait_for() {  # wait_for DESCRIPTION COMMAND...
