@@ -45,7 +45,8 @@ format: install
 	$(VENV)/bin/ruff check --fix .
 
 bench: install
-	$(PY) bench/run_all.py
+	$(PY) bench/bench_loss.py
+	$(PY) bench/bench_distill_step.py --out BENCHMARKS.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -25,10 +25,16 @@ from tests.helpers_ds import ROOT, free_port
 def _mpi_reason() -> str | None:
     if shutil.which("mpirun") is None:
         return "mpirun not on PATH (Open MPI: apt-get install openmpi-bin libopenmpi-dev)"
-    try:
-        import mpi4py  # noqa: F401
-    except ImportError as e:
-        return f"mpi4py not importable ({e})"
+    # in a subprocess: importing mpi4py.MPI initialises MPI (and needs the system libmpi)
+    check = subprocess.run(
+        [sys.executable, "-c", "from mpi4py import MPI; print(MPI.Get_library_version())"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if check.returncode != 0:
+        err = (check.stderr.strip().splitlines() or ["?"])[-1]
+        return f"mpi4py cannot load MPI ({err}); pip install mpi4py against Open MPI"
     return None
 
 
