@@ -13,10 +13,14 @@ from conkd_scale.training.dialog_teacher import DialogTeacherConfig
 from conkd_scale.training.ds_config import load_ds_config, resolve_ds_config
 
 ROOT = Path(__file__).resolve().parents[1]
-LOADERS = {"rec_teacher_": RecTeacherConfig, "dialog_teacher_": DialogTeacherConfig,
-           "distill_": DistillConfig}
+LOADERS = {
+    "rec_teacher_": RecTeacherConfig,
+    "dialog_teacher_": DialogTeacherConfig,
+    "distill_": DistillConfig,
+}
 RUN_CONFIGS = sorted((ROOT / "configs").rglob("*.json")) + sorted(
-    (ROOT / "configs").rglob("*.yaml"))
+    (ROOT / "configs").rglob("*.yaml")
+)
 DS_CONFIGS = sorted((ROOT / "ds_configs").rglob("*.json"))
 
 

@@ -6,8 +6,12 @@ import pytest
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "conkd_scale.data", *args],
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "conkd_scale.data", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.mark.parametrize("name, n", [("redial", 2043), ("inspired", 801)])
@@ -17,8 +21,15 @@ def test_stats_on_real_data(name, n, request):
     assert r.returncode == 0, r.stderr
     st = json.loads(r.stdout)
     assert st["conversations"] == n
-    for key in ("messages", "recommendation_turns", "items", "kg_entities", "kg_relations",
-                "kg_edges", "items_without_kg_node"):
+    for key in (
+        "messages",
+        "recommendation_turns",
+        "items",
+        "kg_entities",
+        "kg_relations",
+        "kg_edges",
+        "items_without_kg_node",
+    ):
         assert isinstance(st[key], int)
 
 

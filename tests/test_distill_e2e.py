@@ -95,8 +95,10 @@ def test_zero3_run_with_sharded_teacher(run_a):
     assert model(ids).logits.shape[-1] >= len(tok)
     from conkd_scale.eval.catalog_io import load_item_catalog
 
-    assert len(load_item_catalog(out / "hf")) == json.loads(
-        (out / "run_info.json").read_text())["items"]
+    assert (
+        len(load_item_catalog(out / "hf"))
+        == json.loads((out / "run_info.json").read_text())["items"]
+    )
     meta = json.loads((out / "hf" / "conkd_export.json").read_text())
     assert meta["use_mode_tokens"] is True and meta["loss"]["gate"]["mode"] == "hard"
 

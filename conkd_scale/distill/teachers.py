@@ -48,11 +48,13 @@ def check_teachers_present(cfg: DistillConfig) -> None:
     """
     if cfg.teachers.auto_train:
         return
-    needed = [("dialogue", dialog_ready(cfg), cfg.dialog_dir, "dialog",
-               "launch/train_dialog_teacher.py")]
+    needed = [
+        ("dialogue", dialog_ready(cfg), cfg.dialog_dir, "dialog", "launch/train_dialog_teacher.py")
+    ]
     if cfg.uses_teachers:
-        needed.insert(0, ("recommendation", rec_ready(cfg), cfg.rec_dir, "rec",
-                          "launch/train_rec_teacher.py"))
+        needed.insert(
+            0, ("recommendation", rec_ready(cfg), cfg.rec_dir, "rec", "launch/train_rec_teacher.py")
+        )
     for name, ready, path, key, how in needed:
         if not ready:
             raise ConfigError(
