@@ -7,6 +7,13 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without CUDA, Triton kernels run in Triton's interpreter. Triton reads TRITON_INTERPRET when
+# it is imported and when a kernel is defined, and other packages (DeepSpeed) import it early:
+# so it is set here, before any test module imports anything.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("CONKD_SHARED_DATA", ROOT.parent / "shared" / "data"))

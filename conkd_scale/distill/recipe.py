@@ -365,8 +365,12 @@ class DistillRecipe:
         D.print0(f"exported the student to {path}")
         return path
 
-    def cleanup(self) -> None:
-        D.teardown()
+    def cleanup(self, success: bool = True) -> None:
+        """Release the engines and the process group (barrier first after a success)."""
+        for engine in (getattr(self, "engine", None), self.teacher):
+            if engine is not None and success and hasattr(engine, "destroy"):
+                engine.destroy()
+        D.teardown(barrier=success)
 
 
 def _count(engine: Any, local: bool = False) -> int | None:

@@ -11,6 +11,7 @@ logits and the ``rec_turn`` index together before calling).
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 
 import torch
@@ -38,12 +39,24 @@ __all__ = [
 ]
 
 GPU_IMPLS: dict[str, Callable[..., LossOutput]] = {}
-"""GPU implementations by ``impl`` name ("triton", "fused_linear"), registered by
-:mod:`.triton_kernel`; ``auto`` uses "triton" on CUDA."""
+"""GPU implementations by ``impl`` name ("triton", "fused_linear"); ``auto`` uses "triton" on
+CUDA. Registered lazily: :mod:`.triton_kernel` (and its ``@triton.jit`` functions) is imported
+on first use only, so importing the loss package costs nothing and Triton's interpreter
+setting (``TRITON_INTERPRET``, read when a kernel is defined) may still be chosen later."""
 
-from conkd_scale.loss.triton_kernel import register as _register_triton  # noqa: E402
 
-_register_triton()
+def _lazy_gpu_impl(name: str) -> Callable[..., LossOutput]:
+    def run(*args: object, **kwargs: object) -> LossOutput:
+        from conkd_scale.loss import triton_kernel
+
+        triton_kernel.register()  # replaces these stand-ins with the real functions
+        return GPU_IMPLS[name](*args, **kwargs)
+
+    return run
+
+
+if importlib.util.find_spec("triton") is not None:
+    GPU_IMPLS.update({k: _lazy_gpu_impl(k) for k in ("triton", "fused_linear")})
 
 
 def resolve_impl(cfg: LossConfig, device: torch.device) -> str:

@@ -505,5 +505,5 @@ def register() -> None:
         return
     from conkd_scale.loss import GPU_IMPLS
 
-    GPU_IMPLS.setdefault("triton", conkd_loss_triton)
-    GPU_IMPLS.setdefault("fused_linear", fused_linear_from_logits)
+    GPU_IMPLS["triton"] = conkd_loss_triton
+    GPU_IMPLS["fused_linear"] = fused_linear_from_logits

@@ -71,7 +71,7 @@ class RecTeacherConfig:
     min_relation_count: int = 1000  # relations with fewer triples are merged (FINDINGS)
     rare_relations: Literal["merge", "drop"] = "merge"  # what to do with rare relations
     rgcn_impl: Literal["basis", "pyg"] = "basis"  # RGCNConv forward: the exact per-basis
-    # one (rec/rgcn.py, ~5x faster) or torch-geometric's per-relation loop; same weights
+    # one (rec/rgcn.py, ~4x less CPU) or torch-geometric's per-relation loop; same weights
     dropout: float = 0.0  # dropout on the user vector u
     lr: float = 1e-3  # Adam learning rate
     weight_decay: float = 0.0  # Adam weight decay (L2)

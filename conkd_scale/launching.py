@@ -1,0 +1,66 @@
+"""The common ``main`` of the DeepSpeed entry scripts (``launch/distill.py``,
+``launch/train_dialog_teacher.py``): parse, validate, set up, train, export, clean up.
+
+Arguments: ``--deepspeed PATH`` (defined here: DeepSpeed's own parser treats ``--deepspeed``
+as a flag), ``--config FILE``, ``--output-dir DIR``, ``--local_rank`` (set by launchers) and
+``key=value`` overrides. The run config and the DeepSpeed JSON are validated on every rank
+before any collective, so bad input fails all ranks at once with exit code 2 and no hang.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from conkd_scale.config import build_config
+from conkd_scale.training.ds_config import load_ds_config
+from conkd_scale.utils.errors import ConkdError
+
+MakeRecipe = Callable[[Any, dict[str, Any], str], Any]
+
+
+def parse_launch_args(doc: str | None, argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--deepspeed",
+        metavar="PATH",
+        default="ds_configs/zero3.json",
+        help="DeepSpeed JSON config (default: %(default)s)",
+    )
+    p.add_argument("--config", metavar="FILE", default=None, help="run config (JSON/YAML)")
+    p.add_argument("--output-dir", default=None, help="same as output_dir=DIR")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    return p.parse_args(argv)
+
+
+def launch_main(
+    doc: str | None, config_cls: type, make_recipe: MakeRecipe, argv: list[str] | None = None
+) -> int:
+    """Run a recipe (``setup/train/export/cleanup``) from the command line; the exit code."""
+    args = parse_launch_args(doc, argv)
+    overrides = list(args.overrides)
+    if args.output_dir:
+        overrides.append(f"output_dir={args.output_dir}")
+    try:
+        cfg = build_config(config_cls, args.config, overrides)
+        recipe = make_recipe(cfg, load_ds_config(args.deepspeed), args.deepspeed)
+    except ConkdError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    ok = False
+    try:
+        recipe.setup()
+        recipe.train()
+        recipe.export()
+        ok = True
+    except ConkdError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        recipe.cleanup(success=ok)
+    return 0
