@@ -25,17 +25,21 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
+        # a choice literally named "none" (e.g. kg=none) wins over None
+        if any(
+            typing.get_origin(a) is typing.Literal and value in typing.get_args(a) for a in args
+        ):
+            return value
         is_none = value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
         if is_none and type(None) in args:
             return None
-        errors = []
         for a in args:
             if a is type(None):
                 continue
             try:
                 return _coerce(value, a, key)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                continue
         raise ConfigError(f"{key}: cannot read {value!r} as {tp}")
     if origin is typing.Literal:
         allowed = typing.get_args(tp)

@@ -24,6 +24,7 @@ class Outer:
     name: str | None = None
     flag: bool = False
     sizes: list[str] = field(default_factory=lambda: ["a"])
+    kg: Literal["kbrd", "none"] | None = "kbrd"
     inner: Inner = field(default_factory=Inner)
 
 
@@ -34,6 +35,8 @@ def test_file_then_overrides(tmp_path):
     assert cfg.steps == 3 and cfg.inner.tau == 2.0 and cfg.inner.mode == "soft"
     assert cfg.flag is True and cfg.sizes == ["x", "y"] and cfg.name is None
     assert config_to_dict(cfg)["inner"] == {"tau": 2.0, "mode": "soft"}
+    assert build_config(Outer, None, ["kg=none"]).kg == "none"  # the choice, not None
+    assert build_config(Outer, None, ["kg=null"]).kg is None
     y = tmp_path / "c.yaml"
     y.write_text("steps: 4\ninner:\n  mode: soft\n")
     assert build_config(Outer, y).steps == 4
