@@ -624,3 +624,16 @@ def write_synthetic(
         }
         _write_text(tmp / MARKER_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return summary
+
+
+DEFAULT_DIR = "runs/data/synthetic"
+"""Where the jobs put the built-in default corpus when ``data_dir`` is not given."""
+
+
+def ensure_synthetic(data_dir: str | Path, *, seed: int = 0) -> bool:
+    """Write the default synthetic corpus into ``data_dir`` unless it exists; True if written."""
+    if Path(data_dir).is_dir():
+        return False
+    print(f"generating the synthetic corpus in {data_dir}", flush=True)
+    write_synthetic(data_dir, seed=seed)
+    return True

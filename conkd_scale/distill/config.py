@@ -10,12 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from conkd_scale.data.synthetic import DEFAULT_DIR as DEFAULT_SYNTHETIC_DIR
 from conkd_scale.loss.config import LossConfig
 from conkd_scale.models.builder import ModelConfig
 from conkd_scale.training.config import TrainConfig
 from conkd_scale.utils.errors import ConfigError
-
-DEFAULT_SYNTHETIC_DIR = "runs/data/synthetic"
 
 
 def _default_train() -> TrainConfig:

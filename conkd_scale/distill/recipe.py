@@ -35,6 +35,7 @@ from conkd_scale import distributed as D
 from conkd_scale.config import config_to_dict
 from conkd_scale.data.corpus import load_dataset
 from conkd_scale.data.sequences import IGNORE
+from conkd_scale.data.synthetic import ensure_synthetic
 from conkd_scale.data.tokenizer import item_token_ids, save_tokenizer
 from conkd_scale.distill import teachers as T
 from conkd_scale.distill.config import DistillConfig
@@ -113,21 +114,14 @@ class DistillRecipe:
         self._dump_pending = False
 
     # ---------------------------------------------------------------------------- setup
-    def _ensure_data(self) -> None:
-        data_dir = Path(self.cfg.resolved_data_dir)
-        if self.cfg.dataset == "synthetic" and not data_dir.is_dir():
-            from conkd_scale.data.synthetic import write_synthetic
-
-            D.print0(f"generating the synthetic corpus in {data_dir}")
-            write_synthetic(data_dir, seed=self.cfg.synthetic_seed)
-
     def setup(self) -> None:
         import deepspeed
 
         cfg = self.cfg
         T.check_teachers_present(cfg)  # every rank, before any collective
         self.dist = D.init_distributed()
-        D.run_on_main(self._ensure_data)
+        if cfg.dataset == "synthetic":
+            D.run_on_main(ensure_synthetic, cfg.resolved_data_dir, seed=cfg.synthetic_seed)
         if cfg.teachers.auto_train:
             T.train_missing_teachers(cfg)
         corpus = load_dataset(

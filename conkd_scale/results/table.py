@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from conkd_scale.data.synthetic import DEFAULT_DIR as DEFAULT_SYNTHETIC_DIR
 from conkd_scale.utils.errors import ConfigError
 from conkd_scale.utils.io import atomic_open, write_json
 
@@ -133,7 +134,7 @@ class ResultsConfig:
 
     @property
     def data(self) -> str:
-        return self.data_dir or "runs/data/synthetic"
+        return self.data_dir or DEFAULT_SYNTHETIC_DIR
 
     def rows(self) -> list[Row]:
         rows = [r for r in ROWS if self.ablations or not r.ablation]

@@ -32,6 +32,8 @@ from conkd_scale import distributed as D
 from conkd_scale.config import config_to_dict
 from conkd_scale.data.corpus import load_dataset
 from conkd_scale.data.sequences import EncodedSequence, encode_conversation
+from conkd_scale.data.synthetic import DEFAULT_DIR as DEFAULT_SYNTHETIC_DIR
+from conkd_scale.data.synthetic import ensure_synthetic
 from conkd_scale.data.tokenizer import load_tokenizer
 from conkd_scale.models.builder import BuiltModel, ModelConfig, build_model, prepare_tokenizer
 from conkd_scale.models.export import export_hf
@@ -47,8 +49,6 @@ from conkd_scale.training.trainer import (
 )
 from conkd_scale.utils.errors import ConfigError
 from conkd_scale.utils.io import write_json
-
-DEFAULT_SYNTHETIC_DIR = "runs/data/synthetic"
 
 
 def _default_train() -> TrainConfig:
@@ -132,12 +132,8 @@ class DialogTeacherRecipe:
         self.out.mkdir(parents=True, exist_ok=True)
         write_json(self.out / "config.json", config_to_dict(self.cfg))
         write_json(self.out / "ds_config.json", ds)
-        data_dir = Path(self.cfg.resolved_data_dir)
-        if self.cfg.dataset == "synthetic" and not data_dir.is_dir():
-            from conkd_scale.data.synthetic import write_synthetic
-
-            D.print0(f"generating the synthetic corpus in {data_dir}")
-            write_synthetic(data_dir, seed=self.cfg.synthetic_seed)
+        if self.cfg.dataset == "synthetic":
+            ensure_synthetic(self.cfg.resolved_data_dir, seed=self.cfg.synthetic_seed)
 
     def setup(self) -> None:
         import deepspeed
