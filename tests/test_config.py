@@ -66,3 +66,18 @@ def test_bad_files(tmp_path):
     bad.write_text("{nope")
     with pytest.raises(ConfigError, match="bad.json: cannot parse"):
         build_config(Outer, bad)
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("dataset=redial", "data_dir is required for dataset='redial'"),
+        ("max_length=8", "max_length: expected >= 16"),
+        ("max_length=2048", "exceeds student.n_positions 1024"),
+    ],
+)
+def test_distill_config_checks(override, needle):
+    from conkd_scale.distill.config import DistillConfig
+
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
+        build_config(DistillConfig, None, [override])

@@ -13,8 +13,7 @@ from typing import Literal
 from conkd_scale.data.synthetic import DEFAULT_DIR as DEFAULT_SYNTHETIC_DIR
 from conkd_scale.loss.config import LossConfig
 from conkd_scale.models.builder import ModelConfig
-from conkd_scale.training.config import TrainConfig
-from conkd_scale.utils.errors import ConfigError
+from conkd_scale.training.config import TrainConfig, check_sequence_run
 
 
 def _default_train() -> TrainConfig:
@@ -68,15 +67,7 @@ class DistillConfig:
     train: TrainConfig = field(default_factory=_default_train)
 
     def __post_init__(self) -> None:
-        if self.dataset != "synthetic" and self.data_dir is None:
-            raise ConfigError(f"data_dir is required for dataset={self.dataset!r}")
-        if self.max_length < 16:
-            raise ConfigError(f"max_length: expected >= 16, got {self.max_length}")
-        if self.student.pretrained is None and self.max_length > self.student.n_positions:
-            raise ConfigError(
-                f"max_length {self.max_length} exceeds student.n_positions "
-                f"{self.student.n_positions}"
-            )
+        check_sequence_run(self.dataset, self.data_dir, self.max_length, self.student, "student")
 
     @property
     def resolved_data_dir(self) -> str:

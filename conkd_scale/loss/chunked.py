@@ -28,6 +28,7 @@ from conkd_scale.loss.common import (
     LossOutput,
     compute_dtype,
     flatten_inputs,
+    saved_grad_scaled,
     tempered_log_q,
 )
 from conkd_scale.loss.config import GateConfig, LossConfig
@@ -209,12 +210,7 @@ class ConKDChunkedFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_loss: Tensor, *_: Any) -> tuple[Tensor | None, ...]:
-        (grad_NV,) = ctx.saved_tensors
-        if not torch.equal(grad_loss, torch.ones_like(grad_loss)):
-            scale = grad_loss.to(grad_NV.dtype)
-            # in place: the buffer is already the caller's (single backward only)
-            grad_NV = grad_NV.mul_(scale) if ctx.inplace else grad_NV * scale
-        return grad_NV, None, None, None, None, None, None, None
+        return saved_grad_scaled(ctx, grad_loss), None, None, None, None, None, None, None
 
 
 def conkd_loss_chunked(

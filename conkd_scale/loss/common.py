@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -100,3 +101,16 @@ def tempered_log_q(rec_probs_SI: Tensor, tau: float, dtype: torch.dtype) -> Tens
         if tau != 1.0:
             logq_SI = logq_SI / tau
         return torch.log_softmax(logq_SI, dim=-1)  # [S, I]
+
+
+def saved_grad_scaled(ctx: Any, grad_loss: Tensor) -> Tensor:
+    """Backward of a loss whose forward saved d loss / d logits: that gradient × grad_loss.
+
+    With ``ctx.inplace`` the saved buffer is the caller's logits buffer and is scaled in place
+    (a single backward only).
+    """
+    (grad_NV,) = ctx.saved_tensors
+    if torch.equal(grad_loss, torch.ones_like(grad_loss)):
+        return grad_NV
+    scale = grad_loss.to(grad_NV.dtype)
+    return grad_NV.mul_(scale) if ctx.inplace else grad_NV * scale

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from conkd_scale.utils.errors import ConfigError
 
@@ -58,3 +58,17 @@ class TrainConfig:
             raise ConfigError(f"train.min_lr_ratio: expected in [0, 1], got {self.min_lr_ratio}")
         if len(self.adam_betas) != 2:
             raise ConfigError(f"train.adam_betas: expected two numbers, got {self.adam_betas}")
+
+
+def check_sequence_run(
+    dataset: str, data_dir: str | None, max_length: int, model: Any, model_key: str
+) -> None:
+    """Checks shared by the LM jobs' configs: data dir, sequence length vs the model's."""
+    if dataset != "synthetic" and data_dir is None:
+        raise ConfigError(f"data_dir is required for dataset={dataset!r}")
+    if max_length < 16:
+        raise ConfigError(f"max_length: expected >= 16, got {max_length}")
+    if model.pretrained is None and max_length > model.n_positions:
+        raise ConfigError(
+            f"max_length {max_length} exceeds {model_key}.n_positions {model.n_positions}"
+        )

@@ -37,7 +37,7 @@ from conkd_scale.data.synthetic import ensure_synthetic
 from conkd_scale.data.tokenizer import load_tokenizer
 from conkd_scale.models.builder import BuiltModel, ModelConfig, build_model, prepare_tokenizer
 from conkd_scale.models.export import export_hf
-from conkd_scale.training.config import TrainConfig
+from conkd_scale.training.config import TrainConfig, check_sequence_run
 from conkd_scale.training.data import sequence_collate
 from conkd_scale.training.ds_config import resolve_ds_config
 from conkd_scale.training.trainer import (
@@ -47,7 +47,6 @@ from conkd_scale.training.trainer import (
     make_scheduler_factory,
     plan_steps,
 )
-from conkd_scale.utils.errors import ConfigError
 from conkd_scale.utils.io import write_json
 
 
@@ -82,14 +81,7 @@ class DialogTeacherConfig:
     train: TrainConfig = field(default_factory=_default_train)
 
     def __post_init__(self) -> None:
-        if self.dataset != "synthetic" and self.data_dir is None:
-            raise ConfigError(f"data_dir is required for dataset={self.dataset!r}")
-        if self.max_length < 16:
-            raise ConfigError(f"max_length: expected >= 16, got {self.max_length}")
-        if self.model.pretrained is None and self.max_length > self.model.n_positions:
-            raise ConfigError(
-                f"max_length {self.max_length} exceeds model.n_positions {self.model.n_positions}"
-            )
+        check_sequence_run(self.dataset, self.data_dir, self.max_length, self.model, "model")
 
     @property
     def resolved_data_dir(self) -> str:
