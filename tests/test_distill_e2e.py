@@ -168,12 +168,18 @@ def test_zero2_student(run_a):
             f"output_dir={out}",
             "train.max_steps=2",
             "loss.gate.mode=soft",
+            "train.eval_every=2",
+            "train.eval_max_batches=2",
         ],
         log=root / "z2.log",
     )
     info = json.loads((out / "run_info.json").read_text())
     assert info["zero_stage"] == 2
     assert (out / "hf" / "config.json").is_file() and len(read_rows(out)) == 2
+    # validation rows carry the student's own gate (followed by the scaling study)
+    ev = read_rows(out, "eval")[-1]
+    for key in ("val_sgate_m_gold", "val_sgate_m_other", "val_sgate_recall", "val_sgate_agree"):
+        assert 0.0 <= ev[key] <= 1.0, (key, ev)
 
 
 def _fails(root: Path, name: str, args: list[str], needle: str) -> None:

@@ -209,6 +209,7 @@ def test_two_ranks_match_one(setup: dict[str, Path], tmp_path: Path) -> None:
         str(setup["data"]),
         "--max-turns",
         "9",
+        "gate_trace=true",
         *QUICK,
     ]
     cfg = build_config(
@@ -219,6 +220,7 @@ def test_two_ranks_match_one(setup: dict[str, Path], tmp_path: Path) -> None:
             f"model={setup['lm']}",
             f"data_dir={setup['data']}",
             "max_turns=9",
+            "gate_trace=true",
             f"output_dir={tmp_path / 'one'}",
             *QUICK,
         ],
@@ -257,9 +259,70 @@ def test_two_ranks_match_one(setup: dict[str, Path], tmp_path: Path) -> None:
     _, rows_one = _read(tmp_path / "one")
     assert two["meta"]["shards"] == 2
     assert rows_two == rows_one
+    trace_one = _trace(tmp_path / "one")
+    assert _trace(tmp_path / "two") == trace_one
+    assert len(trace_one) == 9 and "_gate" not in rows_one[0]
     for k, v in one.items():
         if not isinstance(v, dict):
             assert two[k] == pytest.approx(v, rel=1e-5, nan_ok=True), k
+
+
+def _trace(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in (out / "gate_trace.jsonl").read_text().splitlines()]
+
+
+def test_gate_trace_is_the_item_mass_of_each_reply_token(
+    setup: dict[str, Path], tmp_path: Path
+) -> None:
+    """gate_trace.jsonl: m_t = Σ_items softmax(logits_t) at every scored reply token, and the
+    gold item positions, recomputed here from the model's logits for one turn."""
+    import torch
+
+    from conkd_scale.data.tokenizer import item_token_ids
+    from conkd_scale.eval.generation import GenerationSettings, build_generator
+    from conkd_scale.eval.scoring import TeacherForcedScorer
+
+    cfg = build_config(
+        EvalConfig,
+        None,
+        [
+            "system=dialog",
+            f"model={setup['lm']}",
+            f"data_dir={setup['data']}",
+            "max_turns=6",
+            "gate_trace=true",
+            f"output_dir={tmp_path}",
+            *QUICK,
+        ],
+    )
+    evaluate(cfg)
+    trace = _trace(tmp_path)
+    _, rows = _read(tmp_path)
+    assert [(t["conv_id"], t["turn_index"]) for t in trace] == [
+        (r["conv_id"], r["turn_index"]) for r in rows
+    ]
+    from conkd_scale.data.corpus import load_dataset
+
+    turns = load_dataset("synthetic", setup["data"], kg="none", splits=("test",)).samples("test")
+    n = next(i for i, t in enumerate(trace) if t["gold_item_pos"])  # a turn with an item
+    gen = build_generator(setup["lm"], GenerationSettings(progress=False))
+    ids = _catalog(setup)
+    row = TeacherForcedScorer(gen, ids).row(turns[n])
+    items = torch.tensor(item_token_ids(gen.tok, ids))
+    with torch.no_grad():
+        logits_TV = gen.model(input_ids=torch.tensor([row.ids])).logits[0]  # [T, V]
+    p_RV = logits_TV[row.nll_from - 1 : len(row.ids) - 1].softmax(-1)  # [R, V]
+    expect_m = p_RV[:, items].sum(-1)
+    assert trace[n]["item_mass"] == pytest.approx(expect_m.tolist(), abs=1e-4)
+    target = torch.tensor(row.ids[row.nll_from :])
+    assert trace[n]["gold_item_pos"] == torch.isin(target, items).nonzero().flatten().tolist()
+    assert all(0 <= m <= 1 for t in trace for m in t["item_mass"])
+
+
+def _catalog(setup: dict[str, Path]) -> list[str]:
+    from conkd_scale.data.corpus import load_dataset
+
+    return load_dataset("synthetic", setup["data"], kg="none", splits=("test",)).catalog.ids
 
 
 def test_forced_mode_and_sampling_in_process(setup: dict[str, Path], tmp_path: Path) -> None:

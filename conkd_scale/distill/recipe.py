@@ -41,6 +41,7 @@ from conkd_scale.distill import teachers as T
 from conkd_scale.distill.config import DistillConfig
 from conkd_scale.eval.catalog_io import save_item_catalog
 from conkd_scale.loss import conkd_loss
+from conkd_scale.loss.gates import item_mass
 from conkd_scale.models.builder import build_model
 from conkd_scale.models.export import export_hf
 from conkd_scale.training.data import Batch, sequence_collate
@@ -241,7 +242,9 @@ class DistillRecipe:
         batch["time_teacher_s"] = time.perf_counter() - t0
         return batch
 
-    def _loss(self, engine: Any, batch: Batch) -> tuple[torch.Tensor, dict[str, Any]]:
+    def _loss(
+        self, engine: Any, batch: Batch, student_gate: bool = False
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
         cfg = self.cfg
         logits_BTV = lm_logits(engine, batch)
         dev = logits_BTV.device
@@ -249,6 +252,8 @@ class DistillRecipe:
         labels_N = batch["labels"][:, 1:].to(dev)[rows_BT]  # [N]
         student_NV = logits_BTV[:, :-1][rows_BT][:, : self.vocab]  # [N, V]
         del logits_BTV
+        sgate = self._student_gate_sums(student_NV, labels_N) if student_gate else {}
+        spred_N = sgate.pop("_pred_N", None)  # [N] the student's hard gate
         t0 = time.perf_counter()
         if self.teacher is None:  # one-hot baseline: L = w_ce * CE
             ce = torch.nn.functional.cross_entropy(
@@ -260,6 +265,7 @@ class DistillRecipe:
                 "kd_dialog": 0.0,
                 "kd_rec": 0.0,
                 "time_loss_s": time.perf_counter() - t0,
+                **sgate,
             }
             return cfg.loss.w_ce * ce, parts
         rec_row_N = batch["rec_turn"][:, 1:].to(dev)[rows_BT]  # [N]
@@ -289,8 +295,31 @@ class DistillRecipe:
             "gate_n_hit": float((pred & gold).sum()),
             "time_teacher_s": batch.get("time_teacher_s", 0.0),
             "time_loss_s": time.perf_counter() - t0,
+            **sgate,
         }
+        if spred_N is not None:  # the student's hard gate against the teacher's (both at η)
+            parts["sgate_n_agree"] = float((spred_N == pred).sum())
         return out.loss, parts
+
+    @torch.no_grad()
+    def _student_gate_sums(
+        self, student_NV: torch.Tensor, labels_N: torch.Tensor
+    ) -> dict[str, Any]:
+        """The gate the student itself would compute (its item mass m^S, METHOD.md "The
+        gate"), as sums over the rows: m^S at gold item tokens and elsewhere, and its hard
+        gate's hits against the gold item positions (for precision and recall)."""
+        m_N = item_mass(student_NV.detach(), self.item_tok_I.to(student_NV.device)).float()
+        gold_N = torch.isin(labels_N, self.item_tok_I.to(labels_N.device))
+        pred_N = m_N > self.cfg.loss.gate.eta
+        return {
+            "sgate_m_gold_sum": float(m_N[gold_N].sum()),
+            "sgate_m_other_sum": float(m_N[~gold_N].sum()),
+            "sgate_n_gold": float(gold_N.sum()),
+            "sgate_n_other": float((~gold_N).sum()),
+            "sgate_n_pred": float(pred_N.sum()),
+            "sgate_n_hit": float((pred_N & gold_N).sum()),
+            "_pred_N": pred_N,
+        }
 
     def loss_step(self, engine: Any, batch: Batch) -> tuple[torch.Tensor, dict[str, Any]]:
         rec_SI = batch.get("rec_SI")
@@ -310,26 +339,40 @@ class DistillRecipe:
 
     @torch.no_grad()
     def eval_step(self, engine: Any, batch: Batch) -> dict[str, float]:
-        loss, parts = self._loss(engine, batch)
+        loss, parts = self._loss(engine, batch, student_gate=True)
         n = float(loss_rows(batch).sum())
         return {
             "ce_sum": float(parts["ce"]) * n,
             "kd_sum": float(parts["kd"]) * n,
             "loss_sum": float(loss) * n,
             "tokens": n,
+            **{k: float(v) for k, v in parts.items() if k.startswith("sgate_")},
         }
 
     @staticmethod
     def eval_metrics(sums: dict[str, float]) -> dict[str, float]:
+        """Validation loss parts and PPL, and the student's own gate (``val_sgate_*``: its
+        item mass at gold item positions and elsewhere, its hard gate's precision, recall
+        and agreement with D's hard gate), which the scaling study follows over training."""
         n = max(sums["tokens"], 1.0)
         ce = sums["ce_sum"] / n
-        return {
+        out = {
             "val_loss": sums["loss_sum"] / n,
             "val_ce": ce,
             "val_kd": sums["kd_sum"] / n,
             "val_ppl": math.exp(min(ce, 50.0)),
             "val_tokens": sums["tokens"],
         }
+        if sums.get("sgate_n_gold", 0) > 0:
+            out["val_sgate_m_gold"] = sums["sgate_m_gold_sum"] / sums["sgate_n_gold"]
+            out["val_sgate_recall"] = sums["sgate_n_hit"] / sums["sgate_n_gold"]
+        if sums.get("sgate_n_other", 0) > 0:
+            out["val_sgate_m_other"] = sums["sgate_m_other_sum"] / sums["sgate_n_other"]
+        if sums.get("sgate_n_pred", 0) > 0:
+            out["val_sgate_precision"] = sums["sgate_n_hit"] / sums["sgate_n_pred"]
+        if "sgate_n_agree" in sums:
+            out["val_sgate_agree"] = sums["sgate_n_agree"] / n
+        return out
 
     # ---------------------------------------------------------------------------- run
     def train(self) -> dict[str, Any]:

@@ -16,8 +16,10 @@ Systems (METHOD.md "Systems in the results table") and the metrics each gets:
 Every metric with gold items is also reported with the ``/new`` suffix (gold items already
 mentioned in the context removed). ``metrics.json`` holds the metric values at the top level
 (``null`` when undefined), ``definitions`` (what each name means here), ``counts`` and
-``meta``. Evaluated turns: every recommender turn of the split (the first ``max_turns`` when
-set), in corpus order.
+``meta``. With ``gate_trace=true``, LM systems also write ``gate_trace.jsonl``: per turn,
+the LM's item mass at each scored reply token and which of those tokens are gold items
+(read by the scaling study's gate analysis). Evaluated turns: every recommender turn of the
+split (the first ``max_turns`` when set), in corpus order.
 
 Under a launcher with ``WORLD_SIZE > 1`` (torchrun, the DeepSpeed launcher, srun) the turns
 are sharded round-robin across ranks; rank 0 gathers every shard (``gather_object``),
@@ -93,6 +95,7 @@ class EvalConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # LM weights
     score_batch_size: int = 8  # teacher-forced batch (logits are [B, T, V])
     rec_batch_size: int = 256
+    gate_trace: bool = False  # LM systems: also write gate_trace.jsonl (item mass per token)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
 
     def __post_init__(self) -> None:
@@ -185,7 +188,13 @@ def evaluate_shard(
         scorer = TeacherForcedScorer(
             generator, ids, include_mode=cfg.ppl_include_mode, batch_size=cfg.score_batch_size
         )
-        res.scored = scorer.score(turns)
+        res.scored = scorer.score(turns, gate_trace=cfg.gate_trace)
+        if cfg.gate_trace:
+            for row, m, gold in zip(
+                records, res.scored.item_mass, res.scored.gold_item_pos, strict=True
+            ):
+                row["_gate"] = {"item_mass": m, "gold_item_pos": gold}
+            res.scored.item_mass, res.scored.gold_item_pos = [], []  # now in the records
     if cfg.system in ("student", "dialog"):
         assert generator is not None
         for row, g in zip(
@@ -297,10 +306,17 @@ def compute_metrics(cfg: EvalConfig, shards: Sequence[ShardResult]) -> dict[str,
 def write_outputs(cfg: EvalConfig, metrics: dict[str, Any], shards: Sequence[ShardResult]) -> Path:
     out = Path(cfg.output_dir)
     records = sorted((r for s in shards for r in s.records), key=lambda r: r.get("_order", 0))
+    traces = []
     for r in records:
         r.pop("_order", None)
+        gate = r.pop("_gate", None)
+        if gate is not None:
+            keys = ("conv_id", "turn_index", "is_recommendation")
+            traces.append({**{k: r[k] for k in keys}, **gate})
     write_json(out / "config.json", config_to_dict(cfg))
     write_jsonl(out / "generations.jsonl", records)
+    if traces:
+        write_jsonl(out / "gate_trace.jsonl", traces)
     write_json(out / "metrics.json", metrics)
     return out
 

@@ -40,6 +40,10 @@ class ScoredTurns:
     ranking: list[dict[str, float]] = field(default_factory=list)  # per shard, all gold
     ranking_new: list[dict[str, float]] = field(default_factory=list)  # per shard, /new
     items_not_found: int = 0  # gold items whose token is not in the (truncated) reply
+    # with ``gate_trace``: per turn, the LM's item mass m_t at each NLL position and the
+    # indices of the positions whose gold token is an item (the gate's targets)
+    item_mass: list[list[float]] = field(default_factory=list)
+    gold_item_pos: list[list[int]] = field(default_factory=list)
 
     def merge(self, other: ScoredTurns) -> None:
         self.nll_sum += other.nll_sum
@@ -47,6 +51,8 @@ class ScoredTurns:
         self.ranking += other.ranking
         self.ranking_new += other.ranking_new
         self.items_not_found += other.items_not_found
+        self.item_mass += other.item_mass
+        self.gold_item_pos += other.gold_item_pos
 
 
 @dataclass
@@ -98,7 +104,10 @@ class TeacherForcedScorer:
         return _Row(ids, start, nll_from, items)
 
     @torch.no_grad()
-    def score(self, turns: Sequence[TurnSample]) -> ScoredTurns:
+    def score(self, turns: Sequence[TurnSample], gate_trace: bool = False) -> ScoredTurns:
+        """Sums over ``turns``; with ``gate_trace`` also each turn's item-mass trace
+        (``item_mass``/``gold_item_pos``, in the order of ``turns``): the gate λ_t this LM
+        would compute as ConKD's dialogue teacher (METHOD.md "The gate")."""
         out = ScoredTurns()
         acc, acc_new = RankingAccumulator(RANK_KS), RankingAccumulator(RANK_KS)
         model, device = self.gen.model, self.gen.device
@@ -123,6 +132,11 @@ class TeacherForcedScorer:
                     logp_RV = logits_BTV[b, r.nll_from - 1 : L - 1].float().log_softmax(-1)
                     out.nll_sum -= float(logp_RV.gather(1, target_R[:, None]).sum())
                     out.n_tokens += len(target_R)
+                    if gate_trace:
+                        m_R = logp_RV[:, item_tok_I].logsumexp(-1).exp()  # [R] item mass
+                        gold_R = torch.isin(target_R, item_tok_I)  # [R]
+                        out.item_mass.append([round(float(x), 5) for x in m_R])
+                        out.gold_item_pos.append(gold_R.nonzero().flatten().tolist())
                     found = [(p, g, new) for p, g, new in r.items if p >= 0 and g >= 0]
                     out.items_not_found += len(r.items) - len(found)
                     if not found:
