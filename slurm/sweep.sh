@@ -14,6 +14,12 @@
 # teachers first with slurm/teachers.sh: concurrent array tasks must not each train them).
 # Each array task is its own job (own log, pre-emption and requeue, resume from its dir).
 #
+# Manifest mode (what launch/scaling_study.py --launcher slurm submits): with
+# CONKD_SWEEP_MANIFEST=FILE (JSON lines, one job each: its launch/distill.py and
+# launch/evaluate.py arguments), array task i runs line i: the distillation on every rank of
+# the allocation (skipped when the line has none), then the evaluation as one process.
+# Arguments given to sweep.sh itself are ignored in this mode.
+#
 # ------------------------------------------------------------------ resources per array task
 # (see slurm/distill.sh for each line; the sbatch command line wins). %A: array job id, %a:
 # array index. Add e.g. --array=0-5%2 to run at most two sizes at a time.
@@ -40,8 +46,30 @@
 source "${CONKD_ROOT:-${SLURM_SUBMIT_DIR:-.}}/slurm/common.sh"
 conkd_setup
 
-read -r -a presets <<<"${CONKD_SWEEP_PRESETS:-tiny mini small medium base large}"
 index=${SLURM_ARRAY_TASK_ID:-0}
+if [[ -n ${CONKD_SWEEP_MANIFEST:-} ]]; then
+    manifest_part() {
+        "$CONKD_PYTHON" -m conkd_scale.scaling.manifest "$CONKD_SWEEP_MANIFEST" "$index" "$1"
+    }
+    dargs_text=$(manifest_part distill) || exit 2
+    eargs_text=$(manifest_part evaluate) || exit 2
+    dargs=() eargs=()
+    [[ -n $dargs_text ]] && mapfile -t dargs <<<"$dargs_text"
+    [[ -n $eargs_text ]] && mapfile -t eargs <<<"$eargs_text"
+    echo "sweep task $index of $CONKD_SWEEP_MANIFEST: ${#dargs[@]} distill args," \
+        "${#eargs[@]} evaluate args"
+    rc=0
+    if ((${#dargs[@]})); then
+        conkd_step -- "$CONKD_PYTHON" -u launch/distill.py "${dargs[@]}" || rc=$?
+    fi
+    if ((rc == 0 && ${#eargs[@]})); then
+        conkd_step --nodes=1 --ntasks=1 --cpus-per-task="$CPUS_PER_TASK" -- \
+            "$CONKD_PYTHON" -u launch/evaluate.py "${eargs[@]}" || rc=$?
+    fi
+    conkd_finish "$rc" # exits
+fi
+
+read -r -a presets <<<"${CONKD_SWEEP_PRESETS:-tiny mini small medium base large}"
 if ((index < 0 || index >= ${#presets[@]})); then
     echo "error: array index $index outside CONKD_SWEEP_PRESETS (${presets[*]}," \
         "indices 0-$((${#presets[@]} - 1))): fix --array" >&2

@@ -12,6 +12,7 @@ with tests/cluster/start_slurm.sh). Jobs run with ``--gpus-per-node=0 --ntasks-p
 - pre-emption: SIGUSR1 to the batch shell -> checkpoint -> requeue -> resume -> completion,
   and the logged steps of both runs join with no gap and no repeat;
 - slurm/sweep.sh: an array task distils the preset its index names;
+- launch/scaling_study.py --launcher slurm: a manifest array through slurm/sweep.sh;
 - a rank killed mid-training (SIGKILL) ends the whole job as FAILED, quickly, with no requeue.
 
 The trainer's side of pre-emption (conkd_scale/training/preemption.py) is also tested in this
@@ -347,6 +348,50 @@ def test_sweep_array_task_distils_its_preset(teachers, synthetic_dir, jobs):
     assert [r["step"] for r in rows(out, "train")] == [1, 2]
     assert (out / "hf" / "config.json").is_file()
     assert sorted(p.name for p in sweep.iterdir()) == ["student_tiny"]
+
+
+@cluster_test
+def test_scaling_study_on_slurm(teachers, synthetic_dir):
+    """launch/scaling_study.py --launcher slurm: the manifest array (a student distilled on
+    2 ranks then evaluated, and D's gate trace) runs through slurm/sweep.sh, and the study
+    analyses it once the queue is empty."""
+    from conkd_scale.config import build_config
+    from conkd_scale.scaling.config import StudyConfig
+    from conkd_scale.scaling.sweep import Study
+
+    out = teachers / "study"
+    cfg = build_config(
+        StudyConfig,
+        None,
+        [
+            "sizes=tiny",
+            "gates=hard",
+            "dataset=synthetic",
+            f"data_dir={synthetic_dir}",
+            f"output_dir={out}",
+            f"teachers_dir={teachers}/teachers",
+            "launcher=slurm",
+            "max_turns=12",
+            "poll_s=2",
+            "sbatch=" + ",".join(CPU_JOB),
+            "distill=max_length=128,max_train_conversations=60,train.micro_batch=4,"
+            "train.max_steps=2,train.eval_every=2,train.eval_max_batches=1",
+            "evaluate=generation.max_new_tokens=8",
+        ],
+    )
+    study = Study(cfg)
+    assert [j.name for j in study.pending()] == ["tiny-hard", "teacher-dialog"]
+    assert not any(j.trains_teachers for j in study.pending())  # teachers exist: one array
+    summary = study.run()
+    assert summary is not None and [r["name"] for r in summary["runs"]] == ["tiny-hard"]
+    logs = sorted((out / "logs").glob("conkd-study-*.out"))
+    assert len(logs) == 2, logs  # one log per array task
+    text = "\n".join(p.read_text() for p in logs)
+    assert "sweep task 0 of" in text and "sweep task 1 of" in text
+    cfg_run = json.loads((out / "runs" / "tiny-hard" / "config.json").read_text())
+    assert cfg_run["student"]["preset"] == "tiny" and cfg_run["loss"]["gate"]["mode"] == "hard"
+    assert (out / "report.md").is_file() and (out / "figures" / "lambda_hist.png").is_file()
+    assert Study(cfg).pending() == []  # a second invocation would only analyse
 
 
 def _rank_pid(job_id: str, rank: int) -> int | None:

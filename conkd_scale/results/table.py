@@ -13,10 +13,9 @@ import json
 import os
 import platform
 import shlex
-import socket
-import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,8 +23,7 @@ from typing import Any
 from conkd_scale.data.synthetic import DEFAULT_DIR as DEFAULT_SYNTHETIC_DIR
 from conkd_scale.utils.errors import ConfigError
 from conkd_scale.utils.io import atomic_open, write_json
-
-ROOT = Path(__file__).resolve().parents[2]
+from conkd_scale.utils.procs import free_port, run_logged
 
 
 @dataclass(frozen=True)
@@ -141,27 +139,72 @@ class ResultsConfig:
         return [r for r in rows if not self.only or r.key in self.only]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def distill_args(
+    row: Row,
+    *,
+    dataset: str,
+    data_dir: str,
+    out: Path,
+    rec_dir: Path,
+    dialog_dir: Path,
+    seed: int,
+    ds_config: str,
+    rec: Sequence[str] = (),
+    dialog: Sequence[str] = (),
+    distill: Sequence[str] = (),
+) -> list[str]:
+    """``launch/distill.py`` arguments of a student row (teachers trained when missing)."""
+    assert row.distill is not None, f"{row.key} is a teacher row"
+    rec_over = [*rec, f"seed={seed}"]
+    if row.rec == "rec_nokg":
+        rec_over.append("use_kg=false")
+    dialog_over = [*dialog, f"train.seed={seed}"]
+    return [
+        "--deepspeed",
+        ds_config,
+        f"dataset={dataset}",
+        f"data_dir={data_dir}",
+        f"output_dir={out}",
+        f"teachers.rec_dir={rec_dir}",
+        f"teachers.dialog_dir={dialog_dir}",
+        f"train.seed={seed}",
+        "teachers.rec_overrides=" + ",".join(rec_over),
+        "teachers.dialog_overrides=" + ",".join(dialog_over),
+        *distill,
+        *row.distill,
+    ]
 
 
-def _run(cmd: list[str], log: Path) -> float:
-    """Run ``cmd`` from the project root, output to ``log``; raise with its tail on failure."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.setdefault("OMP_NUM_THREADS", "1")
-    t0 = time.perf_counter()
-    with open(log, "w", encoding="utf-8") as f:
-        f.write("$ " + shlex.join(cmd) + "\n")
-        f.flush()
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        tail = log.read_text(encoding="utf-8", errors="replace")[-3000:]
-        raise RuntimeError(f"{shlex.join(cmd)} failed ({proc.returncode}); log {log}:\n{tail}")
-    return wall
+def evaluate_args(
+    row: Row,
+    *,
+    dataset: str,
+    data_dir: str,
+    out: Path,
+    model: Path | None,
+    rec_dir: Path,
+    max_turns: int = 0,
+    extra: Sequence[str] = (),
+) -> list[str]:
+    """``launch/evaluate.py`` arguments of a row (its system, model and R)."""
+    args = ["--system", row.system, "--dataset", dataset, "--data-dir", data_dir]
+    args += ["--output-dir", str(out)]
+    if model is not None:
+        args += ["--model", str(model)]
+    if row.system in ("rec", "pipeline"):
+        args += ["--rec-teacher", str(rec_dir)]
+    if max_turns:
+        args += ["--max-turns", str(max_turns)]
+    if row.key == "no_mode":
+        args.append("generation.use_mode_tokens=false")
+    return [*args, *extra]
+
+
+def deepspeed_command(nproc: int, script: str, args: Sequence[str]) -> list[str]:
+    """``deepspeed --num_gpus N --master_port P script args`` with this interpreter's
+    launcher and a port that is free now."""
+    launcher = str(Path(sys.executable).parent / "deepspeed")
+    return [launcher, "--num_gpus", str(nproc), "--master_port", str(free_port()), script, *args]
 
 
 class ResultsTable:
@@ -181,31 +224,21 @@ class ResultsTable:
         if (out / "hf" / "config.json").is_file():
             return out / "hf"
         rec_dir, dialog_dir = self._teacher_dirs(row)
-        rec_over = [*cfg.rec, f"seed={cfg.seed}"]
-        if row.rec == "rec_nokg":
-            rec_over.append("use_kg=false")
-        dialog_over = [*cfg.dialog, f"train.seed={cfg.seed}"]
-        cmd = [
-            str(Path(sys.executable).parent / "deepspeed"),
-            "--num_gpus",
-            str(cfg.nproc),
-            "--master_port",
-            str(_free_port()),
-            "launch/distill.py",
-            "--deepspeed",
-            cfg.ds_config,
-            f"dataset={cfg.dataset}",
-            f"data_dir={cfg.data}",
-            f"output_dir={out}",
-            f"teachers.rec_dir={rec_dir}",
-            f"teachers.dialog_dir={dialog_dir}",
-            f"train.seed={cfg.seed}",
-            "teachers.rec_overrides=" + ",".join(rec_over),
-            "teachers.dialog_overrides=" + ",".join(dialog_over),
-            *cfg.distill,
-            *(row.distill or ()),
-        ]
-        self.walls[f"{row.key}/train"] = _run(cmd, cfg.work / "logs" / f"{row.key}.log")
+        args = distill_args(
+            row,
+            dataset=cfg.dataset,
+            data_dir=cfg.data,
+            out=out,
+            rec_dir=rec_dir,
+            dialog_dir=dialog_dir,
+            seed=cfg.seed,
+            ds_config=cfg.ds_config,
+            rec=cfg.rec,
+            dialog=cfg.dialog,
+            distill=cfg.distill,
+        )
+        cmd = deepspeed_command(cfg.nproc, "launch/distill.py", args)
+        self.walls[f"{row.key}/train"] = run_logged(cmd, cfg.work / "logs" / f"{row.key}.log")
         return out / "hf"
 
     def _ensure_teachers(self) -> None:
@@ -219,28 +252,19 @@ class ResultsTable:
         out = cfg.work / "eval" / row.key
         if not (out / "metrics.json").is_file():
             rec_dir, _ = self._teacher_dirs(row)
-            cmd = [
-                sys.executable,
-                "launch/evaluate.py",
-                "--system",
-                row.system,
-                "--dataset",
-                cfg.dataset,
-                "--data-dir",
-                cfg.data,
-                "--output-dir",
-                str(out),
-            ]
-            if model is not None:
-                cmd += ["--model", str(model)]
-            if row.system in ("rec", "pipeline"):
-                cmd += ["--rec-teacher", str(rec_dir)]
-            if cfg.max_turns:
-                cmd += ["--max-turns", str(cfg.max_turns)]
-            if row.key == "no_mode":
-                cmd.append("generation.use_mode_tokens=false")
-            cmd += cfg.evaluate
-            self.walls[f"{row.key}/eval"] = _run(cmd, cfg.work / "logs" / f"{row.key}.eval.log")
+            args = evaluate_args(
+                row,
+                dataset=cfg.dataset,
+                data_dir=cfg.data,
+                out=out,
+                model=model,
+                rec_dir=rec_dir,
+                max_turns=cfg.max_turns,
+                extra=cfg.evaluate,
+            )
+            cmd = [sys.executable, "launch/evaluate.py", *args]
+            log = cfg.work / "logs" / f"{row.key}.eval.log"
+            self.walls[f"{row.key}/eval"] = run_logged(cmd, log)
         return json.loads((out / "metrics.json").read_text(encoding="utf-8"))
 
     def run(self) -> dict[str, Any]:
