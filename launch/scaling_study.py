@@ -9,7 +9,8 @@ then analyse the gate and write a report with figures.
     python launch/scaling_study.py ... --ablations oracle,no_kg     # ablation runs by name
 
 Finished runs are skipped, so the same command resumes a study (and, after a SLURM sweep,
-analyses it). Writes OUT/report.md, OUT/summary.json and OUT/figures/*.png. Options:
+analyses it). Writes report.md, summary.json and figures/*.png into OUT (or report_dir=DIR).
+Options:
 conkd_scale/scaling/config.py (StudyConfig); per-student settings go in
 distill=key=value,... (launch/distill.py's).
 """
@@ -51,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     if summary is not None:
-        print(f"report: {cfg.out / 'report.md'}")
-        print((cfg.out / "report.md").read_text(encoding="utf-8").split("## Metrics")[0])
+        print(f"report: {cfg.report / 'report.md'}")
+        print((cfg.report / "report.md").read_text(encoding="utf-8").split("## Metrics")[0])
     return 0
 
 

@@ -24,6 +24,7 @@ class StudyConfig:
     dataset: Literal["redial", "inspired", "synthetic"] = "synthetic"
     data_dir: str | None = None  # None: runs/data/synthetic (generated) for synthetic
     output_dir: str | None = None  # None: runs/scaling/<dataset>
+    report_dir: str | None = None  # report.md, summary.json, figures/; None: output_dir
     sizes: list[str] = field(default_factory=lambda: ["tiny", "mini", "small"])  # presets
     gates: list[str] = field(default_factory=lambda: ["hard", "soft"])
     ablations: list[str] = field(default_factory=list)  # e.g. static,oracle,no_kg,onehot
@@ -68,6 +69,10 @@ class StudyConfig:
     @property
     def out(self) -> Path:
         return Path(self.output_dir or f"runs/scaling/{self.dataset}")
+
+    @property
+    def report(self) -> Path:
+        return Path(self.report_dir) if self.report_dir else self.out
 
     @property
     def data(self) -> str:

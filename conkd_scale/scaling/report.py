@@ -251,7 +251,7 @@ def plot_metrics(summary: dict[str, Any], path: Path) -> None:
         d = summary["teacher"]["metrics"].get(metric)
         if d is not None:
             ax.axhline(d, ls="--", c="gray", lw=1, label="D")
-        _log_x(ax, plotted)
+        _log_x(ax, plotted, summary)
         ax.set_xlabel("student parameters")
         ax.set_title(metric + ("" if HIGHER_IS_BETTER[metric] else " (lower is better)"))
     axes[0].legend(fontsize=8)
@@ -295,7 +295,7 @@ def plot_gate_pr(summary: dict[str, Any], path: Path) -> None:
                 plotted = True
         if t[key] is not None:
             ax.axhline(t[key], ls="--", c="gray", lw=1, label="D")
-        _log_x(ax, plotted)
+        _log_x(ax, plotted, summary)
         ax.set_ylim(0, 1.02)
         ax.set_xlabel("student parameters")
         ax.set_title(f"hard gate {key} vs gold item tokens (η = {summary['eta']})")
@@ -345,10 +345,14 @@ def plot_training(summary: dict[str, Any], path: Path) -> None:
     _save(fig, path)
 
 
-def _log_x(ax: Any, plotted: bool) -> None:
-    """Log-scaled parameter axis; a panel without any point says so instead."""
+def _log_x(ax: Any, plotted: bool, summary: dict[str, Any]) -> None:
+    """Log-scaled parameter axis ticked at the students' sizes; a panel without any point
+    says so instead."""
     if plotted:
         ax.set_xscale("log")
+        ps = sorted({r["params"] for r in summary["runs"] if r["params"]})
+        ax.set_xticks(ps, labels=[_params(p) for p in ps], fontsize=8)
+        ax.minorticks_off()
     else:
         ax.text(0.5, 0.5, "undefined for every run", ha="center", transform=ax.transAxes)
 
@@ -465,10 +469,10 @@ def render(summary: dict[str, Any], study_info: dict[str, Any]) -> str:
 
 def write_report(study: Study) -> dict[str, Any]:
     """Collect, draw and write ``report.md`` and ``summary.json``; returns the summary."""
-    out = study.out
+    out = study.cfg.report
     summary = collect(study)
     summary["date"] = _dt.date.today().isoformat()
-    info_path = out / "logs" / "study.json"
+    info_path = study.out / "logs" / "study.json"
     info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else {}
     for name, plot in FIGURES.items():
         plot(summary, out / "figures" / name)

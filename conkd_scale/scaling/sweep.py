@@ -8,7 +8,8 @@ Layout of ``OUT`` (``StudyConfig.output_dir``)::
                                    gate_trace.jsonl (the student's own item mass per token)
     eval/teacher-dialog/           D's evaluation and gate trace (the gate λ the students saw)
     logs/                          one log per job; manifest.jsonl (SLURM); study.json
-    report.md, figures/*.png       the analysis (conkd_scale/scaling/report.py)
+    report.md, summary.json,       the analysis (conkd_scale/scaling/report.py); in
+    figures/*.png                  report_dir instead when it is set
 
 A run is finished when its ``eval/<name>/metrics.json`` and ``gate_trace.jsonl`` exist; a
 study started again skips finished runs, and a distillation whose ``hf/`` exists is not
