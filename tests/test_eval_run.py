@@ -212,20 +212,7 @@ def test_two_ranks_match_one(setup: dict[str, Path], tmp_path: Path) -> None:
         "gate_trace=true",
         *QUICK,
     ]
-    cfg = build_config(
-        EvalConfig,
-        None,
-        [
-            "system=dialog",
-            f"model={setup['lm']}",
-            f"data_dir={setup['data']}",
-            "max_turns=9",
-            "gate_trace=true",
-            f"output_dir={tmp_path / 'one'}",
-            *QUICK,
-        ],
-    )
-    one = evaluate(cfg)
+    one = evaluate(_dialog_trace_config(setup, tmp_path / "one", 9))
     assert one is not None
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     env.pop("WORLD_SIZE", None)
@@ -267,6 +254,23 @@ def test_two_ranks_match_one(setup: dict[str, Path], tmp_path: Path) -> None:
             assert two[k] == pytest.approx(v, rel=1e-5, nan_ok=True), k
 
 
+def _dialog_trace_config(setup: dict[str, Path], out: Path, turns: int) -> EvalConfig:
+    """D alone on the first ``turns`` test turns, with its gate trace."""
+    return build_config(
+        EvalConfig,
+        None,
+        [
+            "system=dialog",
+            f"model={setup['lm']}",
+            f"data_dir={setup['data']}",
+            f"max_turns={turns}",
+            "gate_trace=true",
+            f"output_dir={out}",
+            *QUICK,
+        ],
+    )
+
+
 def _trace(out: Path) -> list[dict[str, Any]]:
     return [json.loads(x) for x in (out / "gate_trace.jsonl").read_text().splitlines()]
 
@@ -282,20 +286,7 @@ def test_gate_trace_is_the_item_mass_of_each_reply_token(
     from conkd_scale.eval.generation import GenerationSettings, build_generator
     from conkd_scale.eval.scoring import TeacherForcedScorer
 
-    cfg = build_config(
-        EvalConfig,
-        None,
-        [
-            "system=dialog",
-            f"model={setup['lm']}",
-            f"data_dir={setup['data']}",
-            "max_turns=6",
-            "gate_trace=true",
-            f"output_dir={tmp_path}",
-            *QUICK,
-        ],
-    )
-    evaluate(cfg)
+    evaluate(_dialog_trace_config(setup, tmp_path, 6))
     trace = _trace(tmp_path)
     _, rows = _read(tmp_path)
     assert [(t["conv_id"], t["turn_index"]) for t in trace] == [

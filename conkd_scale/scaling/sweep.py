@@ -91,7 +91,7 @@ class Study:
                 seed=cfg.seed,
                 ds_config=cfg.ds_config,
                 rec=cfg.rec,
-                dialog=[f"model.preset={_dialog_preset(cfg)}", *cfg.dialog],
+                dialog=[f"model.preset={_dialog_preset()}", *cfg.dialog],
                 distill=[*cfg.distill, f"student.preset={run.size}", "train.progress=false"],
             )
             eargs = evaluate_args(
@@ -249,7 +249,7 @@ class Study:
         return write_report(self)
 
 
-def _dialog_preset(cfg: StudyConfig) -> str:
+def _dialog_preset() -> str:
     """D's size when auto-trained: the distillation default (``teachers.dialog_preset``)."""
     from conkd_scale.distill.config import TeacherConfig
 
