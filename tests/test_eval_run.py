@@ -28,6 +28,7 @@ LM_KEYS = [
     "PPL",
     *IN_RESPONSE,
     "rec_turn_item_rate",
+    "discrepancy",
     "Dist-2",
     "Dist-3",
     "Dist-4",
@@ -84,7 +85,9 @@ def test_dialog_end_to_end(setup: dict[str, Path], tmp_path: Path) -> None:
     assert rc == 0
     metrics, rows = _read(out)
     assert sorted(metrics) == sorted(RANK_KEYS + LM_KEYS + NEW_KEYS + EXTRA)
-    assert "discrepancy" not in metrics
+    # greedy decoding: the item a model writes is its own top item there (no discrepancy)
+    assert metrics["discrepancy"] in (0.0, None)
+    assert all(r["own_top_item"] == (r["items"][0] if r["items"] else None) for r in rows)
     assert metrics["PPL"] > 1 and 0 <= metrics["Dist-2"] <= 1
     assert metrics["counts"]["turns"] == len(rows) == 12
     assert "Dist-n" in metrics["definitions"] and "BLEU-n" in metrics["definitions"]
@@ -140,7 +143,7 @@ def test_rec_and_pipeline_with_a_trained_r(setup: dict[str, Path], tmp_path: Pat
     )
     assert rc == 0
     pipe_m, rows = _read(out)
-    assert sorted(pipe_m) == sorted(RANK_KEYS + LM_KEYS + NEW_KEYS + EXTRA + ["discrepancy"])
+    assert sorted(pipe_m) == sorted(RANK_KEYS + LM_KEYS + NEW_KEYS + EXTRA)
     assert pipe_m["R@10"] == rec_m["R@10"]  # the pipeline's recommender is R
     assert pipe_m["meta"]["decoding"] == "beam"
     for r in rows:
@@ -308,6 +311,41 @@ def test_gate_trace_is_the_item_mass_of_each_reply_token(
     target = torch.tensor(row.ids[row.nll_from :])
     assert trace[n]["gold_item_pos"] == torch.isin(target, items).nonzero().flatten().tolist()
     assert all(0 <= m <= 1 for t in trace for m in t["item_mass"])
+
+
+def test_own_top_item_is_the_argmax_over_items_where_the_item_was_written(
+    setup: dict[str, Path],
+) -> None:
+    """Sampled replies (so the written item need not be the top one): the batched, left-padded
+    computation equals a plain forward of prompt + mode + reply prefix, one reply at a time."""
+    import torch
+
+    from conkd_scale.data.corpus import load_dataset
+    from conkd_scale.eval.generation import GenerationSettings, build_generator
+
+    gen = build_generator(
+        setup["lm"],
+        GenerationSettings(decoding="sample", temperature=1.5, progress=False, batch_size=4),
+    )
+    turns = load_dataset("synthetic", setup["data"], kg="none", splits=("test",)).samples("test")
+    contexts = [t.context for t in turns[:16]]
+    replies = gen.generate(contexts, "auto")
+    own = gen.own_top_items(contexts, replies, "auto")
+    item_ids = sorted(gen.item_of_id)
+    checked = 0
+    for ctx, g, top in zip(contexts, replies, own, strict=True):
+        if not g.items:
+            assert top is None
+            continue
+        pos = next(k for k, t in enumerate(g.token_ids) if t in gen.item_of_id)
+        mode = [gen.special[g.mode]] if g.mode else []
+        ids = gen.prompt_ids(ctx, "auto") + mode + g.token_ids[:pos]
+        with torch.no_grad():
+            logits_V = gen.model(input_ids=torch.tensor([ids])).logits[0, -1]  # [V]
+        best = item_ids[int(logits_V[item_ids].argmax())]
+        assert top == gen.item_of_id[best]
+        checked += 1
+    assert checked > 0, "no sampled reply had an item: raise the temperature or the turns"
 
 
 def _catalog(setup: dict[str, Path]) -> list[str]:

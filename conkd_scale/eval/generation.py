@@ -299,6 +299,47 @@ class LMGenerator:
                 bar.update(len(idx))
         return out
 
+    @torch.no_grad()
+    def own_top_items(
+        self,
+        contexts: Sequence[Sequence[tuple[str, str]]],
+        replies: Sequence[Generated],
+        mode: Mode = "auto",
+    ) -> list[str | None]:
+        """Per reply, the model's own top item (argmax of its logits over the item tokens) at
+        the position where the reply's first item token was written; ``None`` for replies
+        without an item. The unified model's counterpart of the pipeline's "R's top item"."""
+        out: list[str | None] = [None] * len(replies)
+        item_ids = sorted(self.item_of_id)
+        item_tok_I = torch.tensor(item_ids, dtype=torch.long, device=self.device)  # [I]
+        todo = []  # (reply index, ids up to the first item token)
+        for n, (ctx, g) in enumerate(zip(contexts, replies, strict=True)):
+            pos = next((k for k, t in enumerate(g.token_ids) if t in self.item_of_id), None)
+            if pos is None:
+                continue
+            written_mode = [self.special[g.mode]] if mode == "auto" and g.mode else []
+            todo.append((n, self.prompt_ids(ctx, mode) + written_mode + g.token_ids[:pos]))
+        bs = self.settings.batch_size
+        for s in range(0, len(todo), bs):
+            chunk = todo[s : s + bs]
+            T = max(len(ids) for _, ids in chunk)
+            input_ids_BT = torch.full((len(chunk), T), self.pad_id, dtype=torch.long)
+            attention_mask_BT = torch.zeros((len(chunk), T), dtype=torch.long)
+            for b, (_, ids) in enumerate(chunk):  # left padding: the last position is [-1]
+                input_ids_BT[b, T - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+                attention_mask_BT[b, T - len(ids) :] = 1
+            # positions count from each row's first real token, as in generate()
+            position_ids_BT = (attention_mask_BT.cumsum(-1) - 1).clamp(min=0)
+            logits_BV = self.model(
+                input_ids=input_ids_BT.to(self.device),
+                attention_mask=attention_mask_BT.to(self.device),
+                position_ids=position_ids_BT.to(self.device),
+            ).logits[:, -1]  # [B, V]
+            top_B = logits_BV[:, item_tok_I].argmax(-1)  # [B] index into item_ids
+            for (n, _), k in zip(chunk, top_B.tolist(), strict=True):
+                out[n] = self.item_of_id[item_ids[k]]
+        return out
+
     def generate(
         self, contexts: Sequence[Sequence[tuple[str, str]]], mode: Mode = "auto"
     ) -> list[Generated]:

@@ -55,8 +55,10 @@ DEFINITIONS: dict[str, str] = {
     "F1@k": "mean over recommendation turns of the harmonic mean of that turn's ReR@k and "
     "PrR@k (0 when both are 0)",
     "rec_turn_item_rate": "share of recommendation turns whose generated reply has an item",
-    "discrepancy": "pipeline only: over recommender turns in which D wrote an item token, "
-    "share where D's first item differs from R's top item",
+    "discrepancy": "over recommender turns whose reply has an item token, the share where "
+    "the reply's first item differs from the recommender's top item: for the pipeline, D's "
+    "item vs R's top item; for one model (student, D alone), its item vs its own top item "
+    "(argmax of its logits over the item tokens) at the position where it wrote it",
     "PPL": "exp(total NLL / number of tokens) of the gold replies of all recommender turns, "
     "teacher-forced; tokens = reply text tokens and the final EOS (mode token excluded "
     "unless ppl_include_mode=true); context truncated as for generation",

@@ -11,7 +11,9 @@ Systems (METHOD.md "Systems in the results table") and the metrics each gets:
   ``rec_turn_item_rate``, ``Dist-2/3/4``, ``BLEU-1..4``.
 - ``rec`` (R alone): ``R@1/10/50``, ``MRR@10``, ``NDCG@10`` of ``q_R``.
 - ``pipeline`` (D writes, R chooses the items): R's module metrics, D's ``PPL``, the
-  in-response and generation metrics of the replaced replies, and ``discrepancy``.
+  in-response and generation metrics of the replaced replies, and ``discrepancy`` (D's
+  first item vs R's top item; for ``student``/``dialog``: the reply's first item vs the same
+  model's top item where it wrote it).
 
 Every metric with gold items is also reported with the ``/new`` suffix (gold items already
 mentioned in the context removed). ``metrics.json`` holds the metric values at the top level
@@ -197,14 +199,16 @@ def evaluate_shard(
             res.scored.item_mass, res.scored.gold_item_pos = [], []  # now in the records
     if cfg.system in ("student", "dialog"):
         assert generator is not None
-        for row, g in zip(
-            records, generator.generate([t.context for t in turns], mode), strict=True
-        ):
+        contexts = [t.context for t in turns]
+        replies = generator.generate(contexts, mode)
+        own_top = generator.own_top_items(contexts, replies, mode)
+        for row, g, top in zip(records, replies, own_top, strict=True):
             row.update(
                 generated=g.reply,
                 mode=g.mode,
                 items=g.items,
                 rendered=display_text(g.reply, catalog),
+                own_top_item=top,
             )
     elif cfg.system == "pipeline":
         assert generator is not None and rec is not None
@@ -276,11 +280,13 @@ def compute_metrics(cfg: EvalConfig, shards: Sequence[ShardResult]) -> dict[str,
         metrics.update({k: json_safe(v) for k, v in gen.items()})
         counts["generated_mode_rec"] = sum(r["mode"] == "rec" for r in records)
         counts["generated_mode_gen"] = sum(r["mode"] == "gen" for r in records)
-    if cfg.system == "pipeline":
+    if cfg.system in LM_SYSTEMS:
         names.append("discrepancy")
-        rate, n = discrepancy_rate(
-            (r["d_items"][0] if r["d_items"] else None, r["r_top_item"]) for r in records
-        )
+        if cfg.system == "pipeline":  # D's item vs R's top item
+            pairs = ((r["d_items"][0] if r["d_items"] else None, r["r_top_item"]) for r in records)
+        else:  # the reply's item vs the same model's top item at that position
+            pairs = ((r["items"][0] if r["items"] else None, r["own_top_item"]) for r in records)
+        rate, n = discrepancy_rate(pairs)
         metrics["discrepancy"] = json_safe(rate)
         counts["discrepancy_turns"] = n
     definitions = {k: DEFINITIONS[k] for k in names}
