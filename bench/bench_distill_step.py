@@ -1,14 +1,21 @@
-"""Step time of ConKD distillation vs the same student trained with cross-entropy only.
+"""Step time (and peak memory) of ConKD distillation: vs cross-entropy only, or by loss.impl.
 
     python bench/bench_distill_step.py [--steps 40] [--rounds 2] [--out BENCHMARKS.md]
+    python bench/bench_distill_step.py --impls reference,chunked,fused_linear \
+        [--set dataset=redial --set data_dir=../shared/data/redial ...] [--nproc 1]
 
-Runs the default configuration (synthetic corpus, ZeRO-3 student, sharded ZeRO-3 dialogue
-teacher, 2 CPU ranks) as ``deepspeed launch/distill.py`` jobs, alternating ConKD (hard gate)
-and the one-hot baseline (``loss.w_kd=0``: no teacher forward at all) ``--rounds`` times, so
-both see the same machine load. Step time = wall time of the logged training steps after
-the first ``--warmup`` steps; teacher-forward and loss shares come from the job's own
-per-micro-batch timers (``time_teacher_s``, ``time_loss_s`` in metrics.jsonl). Teachers are
-trained first if ``runs/teachers/synthetic`` lacks them.
+Runs ``deepspeed launch/distill.py`` jobs (default configuration: synthetic corpus, ZeRO-3
+student, sharded ZeRO-3 dialogue teacher, ``--nproc`` CPU ranks; ``--set key=value`` adds
+overrides to every job), alternating the variants ``--rounds`` times so that all see the same
+machine load. Variants: ConKD (hard gate) and the one-hot baseline (``loss.w_kd=0``: no
+teacher forward at all); or, with ``--impls``, ConKD under each ``loss.impl`` (the same
+function: the reference, the chunked CPU path, the lm_head-fused path...). Step time = wall
+time of the logged training steps after the first ``--warmup`` steps; teacher-forward and
+loss shares come from the job's own per-micro-batch timers (``time_teacher_s``,
+``time_loss_s`` in metrics.jsonl; under fused_linear the loss timer includes the student's
+forward, which runs inside the loss); peak memory is the job's ``peak_mem_mb`` (the largest
+rank's peak RSS over the whole job, setup included, on the CPU). Teachers are trained first
+if the configured teacher directories lack them.
 """
 
 from __future__ import annotations
@@ -18,10 +25,12 @@ import datetime as dt
 import json
 import os
 import platform
+import shlex
 import socket
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,13 +42,14 @@ def _port() -> int:
         return int(s.getsockname()[1])
 
 
-def run_job(out: Path, steps: int, extra: list[str]) -> list[dict]:
+def run_job(out: Path, steps: int, extra: list[str], nproc: int = 2) -> list[dict]:
+    port = _port()
     cmd = [
         str(Path(sys.executable).parent / "deepspeed"),
         "--num_gpus",
-        "2",
+        str(nproc),
         "--master_port",
-        str(_port()),
+        str(port),
         "launch/distill.py",
         "--deepspeed",
         "ds_configs/zero3.json",
@@ -68,7 +78,35 @@ def step_stats(rows: list[dict], warmup: int) -> dict[str, float]:
     teacher = statistics.mean(r.get("time_teacher_s", 0.0) for r in rows[1:])
     loss = statistics.mean(r.get("time_loss_s", 0.0) for r in rows[1:])
     tps = statistics.mean(r["tokens_per_s"] for r in rows[1:])
-    return {"step_s": step_s, "teacher_s": teacher, "loss_s": loss, "tokens_per_s": tps}
+    peak = max(r.get("peak_mem_mb", float("nan")) for r in rows)
+    return {
+        "step_s": step_s,
+        "teacher_s": teacher,
+        "loss_s": loss,
+        "tokens_per_s": tps,
+        "peak_mem_mb": peak,
+    }
+
+
+def _table(agg: dict[str, dict[str, float]], labels: dict[str, str]) -> list[str]:
+    """Markdown rows, each with its ratios to the first variant."""
+    first = agg[next(iter(agg))]
+    lines = [
+        "| variant | step time (s) | × first | tokens/s | teacher forward (s/step) | "
+        "loss (s/step) | peak memory (MB) | × first |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, a in agg.items():
+        teacher = (
+            f"{a['teacher_s']:.3f} ({a['teacher_s'] / a['step_s']:.0%})" if a["teacher_s"] else "–"
+        )
+        lines.append(
+            f"| {labels[name]} | {a['step_s']:.3f} | {a['step_s'] / first['step_s']:.2f} | "
+            f"{a['tokens_per_s']:.0f} | {teacher} | {a['loss_s']:.3f} "
+            f"({a['loss_s'] / a['step_s']:.0%}) | {a['peak_mem_mb']:,.0f} | "
+            f"{a['peak_mem_mb'] / first['peak_mem_mb']:.2f} |"
+        )
+    return lines
 
 
 def main() -> None:
@@ -78,46 +116,63 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--nproc", type=int, default=2, help="CPU ranks per job")
+    p.add_argument(
+        "--impls", default=None, help="compare these loss.impl values (e.g. reference,chunked)"
+    )
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override for every job"
+    )
+    p.add_argument("--note", default="", help="free text for the machine line")
     p.add_argument("--work", default="runs/bench_distill")
     p.add_argument("--out", default=None, help="append the section to this markdown file")
     args = p.parse_args()
     work = ROOT / args.work
-    variants = {"conkd_hard": ["loss.gate.mode=hard"], "ce_only": ["loss.w_kd=0"]}
+    if args.impls:
+        impls = args.impls.split(",")
+        variants = {f"impl_{x}": ["loss.gate.mode=hard", f"loss.impl={x}"] for x in impls}
+        labels = {f"impl_{x}": f"ConKD, hard gate, `loss.impl={x}`" for x in impls}
+    else:
+        variants = {"conkd_hard": ["loss.gate.mode=hard"], "ce_only": ["loss.w_kd=0"]}
+        labels = {"conkd_hard": "ConKD, hard gate", "ce_only": "CE only (w_kd = 0, no teacher)"}
+    first = next(iter(variants.values()))
     # make sure the teachers exist before timing (the first job would train them)
-    run_job(work / "warm", 2, variants["conkd_hard"])
+    run_job(work / "warm", 2, [*args.set, *first], args.nproc)
     res: dict[str, list[dict[str, float]]] = {k: [] for k in variants}
     load0 = os.getloadavg()[0]
+    t0 = time.monotonic()
     for r in range(args.rounds):
         for name, extra in variants.items():
-            rows = run_job(work / f"{name}_{r}", args.steps, extra)
+            rows = run_job(work / f"{name}_{r}", args.steps, [*args.set, *extra], args.nproc)
             res[name].append(step_stats(rows, args.warmup))
     load1 = os.getloadavg()[0]
     agg = {k: {m: statistics.median(x[m] for x in v) for m in v[0]} for k, v in res.items()}
-    kd, ce = agg["conkd_hard"], agg["ce_only"]
+    cmd = shlex.join(["python", "bench/bench_distill_step.py", *sys.argv[1:]])
+    what = "loss implementations" if args.impls else "ConKD vs CE only"
+    setup = ", ".join(args.set) if args.set else "default config (synthetic corpus, tiny student)"
+    note = f"; {args.note}" if args.note else ""
     lines = [
-        f"## Distillation step time (bench/bench_distill_step.py) — "
+        f"## Distillation step, {what} (bench/bench_distill_step.py) — "
         f"{dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
         "",
-        f"- command: `python bench/bench_distill_step.py --steps {args.steps} "
-        f"--rounds {args.rounds}`",
-        f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, no GPU; 2 ranks (gloo), "
-        f"ZeRO-3 student (tiny) + ZeRO-3 inference teacher (mini), default config; "
-        f"load average {load0:.1f} → {load1:.1f}",
+        f"- command: `{cmd}`",
+        f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, no GPU{note}; {args.nproc} "
+        f"rank(s) (gloo), ZeRO-3 student + ZeRO-3 inference teacher; {setup}; load average "
+        f"{load0:.1f} → {load1:.1f}; {time.monotonic() - t0:.0f} s",
         f"- {args.rounds} alternating rounds of {args.steps} steps each; medians; first "
-        f"{args.warmup} steps excluded",
+        f"{args.warmup} steps excluded; peak memory = the job's largest per-rank peak RSS "
+        "(setup included)",
         "",
-        "| variant | step time (s) | tokens/s | teacher forward (s/step) | loss (s/step) |",
-        "|---|---|---|---|---|",
-        f"| ConKD, hard gate | {kd['step_s']:.3f} | {kd['tokens_per_s']:.0f} | "
-        f"{kd['teacher_s']:.3f} ({kd['teacher_s'] / kd['step_s']:.0%}) | "
-        f"{kd['loss_s']:.3f} ({kd['loss_s'] / kd['step_s']:.0%}) |",
-        f"| CE only (w_kd = 0, no teacher) | {ce['step_s']:.3f} | {ce['tokens_per_s']:.0f} | – "
-        f"| {ce['loss_s']:.3f} ({ce['loss_s'] / ce['step_s']:.0%}) |",
-        "",
-        f"**ConKD / CE-only step time: {kd['step_s'] / ce['step_s']:.2f}×** (same run, "
-        "alternating jobs).",
+        *_table(agg, labels),
         "",
     ]
+    if not args.impls:
+        kd, ce = agg["conkd_hard"], agg["ce_only"]
+        lines += [
+            f"**ConKD / CE-only step time: {kd['step_s'] / ce['step_s']:.2f}×** (same run, "
+            "alternating jobs).",
+            "",
+        ]
     text = "\n".join(lines)
     print(text)
     print(json.dumps({"raw": res}, indent=1))

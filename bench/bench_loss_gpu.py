@@ -9,18 +9,28 @@
    bf16 and fp32, hard and soft gates, τ ∈ {1, 2}: loss parts, λ, m and the gradient
    (max error relative to the largest gradient entry). Tolerances: fp32 1e-4, bf16 5e-2.
 2. Speed and peak memory, N ∈ {4096, 8192}, bf16 and fp32, hard gate, forward + backward:
-   * from logits (student logits needing grad, teacher logits): reference, chunked, triton,
-     triton in place;
+   * from logits (student logits needing grad, teacher logits): naive (conkd_scale/loss/
+     naive.py), reference, chunked, triton, triton in place;
    * from hidden states (H = 1024, lm_head [V, H] in the same dtype, teacher logits given):
-     reference on ``h @ W.T``, triton in place on ``h @ W.T``, fused_linear (teacher logits),
-     fused_linear (teacher hidden states + lm_head: no [N, V] tensor for either model).
+     naive and reference on ``h @ W.T``, triton in place on ``h @ W.T``, fused_linear
+     (teacher logits: what the distillation job runs), fused_linear (teacher hidden states +
+     lm_head: no [N, V] tensor for either model).
    Time: median of 5 after 2 warm-ups (CUDA events). Memory: peak allocated above the inputs
    (gradients included). A variant that runs out of memory is reported as OOM.
-3. Triton launch configurations (BLOCK_V, num_warps) at N = 4096, bf16.
+3. Bandwidth: a device-to-device copy's bandwidth (bytes read + written, 2 GiB buffer), and
+   the Triton kernel's forward + backward effective bandwidth over its byte floor (read the
+   student and teacher logits once, write the gradient once: 3·N·V·bytes), timed around the
+   loss call alone (the logits' clone is outside), N ∈ {4096, 8192}, bf16 and fp32.
+4. Triton launch configurations (BLOCK_V, num_warps) at N = 4096, bf16.
 
-Prints markdown tables and writes everything to the JSON path. Nothing is downloaded. Exit
-status 1 when a correctness check fails (the JSON is written first). A time budget
-(``--budget-s``, default 270 s) skips the remaining timings rather than overrun.
+Issue #7's GPU targets, checked and printed at the end: Triton forward + backward ≥ 70% of
+the copy bandwidth over its byte floor; fused-linear (teacher logits) at N = 8192, H = 1024,
+|U| = 57,181, bf16: peak memory ≤ 1/5 of the naive loss's on ``h @ W.T``, time ≤ naive's.
+
+Prints markdown tables and writes everything to the JSON path (``--md`` also writes the
+markdown). Nothing is downloaded. Exit status 1 when a correctness check fails (the JSON is
+written first). A time budget (``--budget-s``, default 270 s) skips the remaining timings
+rather than overrun.
 """
 
 from __future__ import annotations
@@ -47,8 +57,11 @@ if not torch.cuda.is_available():  # before the kernel's first launch (it jits l
 from conkd_scale.loss import GateConfig, LossConfig, conkd_loss_chunked, conkd_loss_reference  # noqa: E402
 from conkd_scale.loss import triton_kernel as tk  # noqa: E402
 from conkd_scale.loss.fused_linear import conkd_loss_fused_linear  # noqa: E402
+from conkd_scale.loss.naive import conkd_loss_naive  # noqa: E402
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 5e-2}
+BW_TARGET = 0.70  # Triton fwd+bwd effective bandwidth over its floor / D2D copy bandwidth
+FUSED_TARGET = {"N": 8192, "dtype": "bfloat16", "mem": 0.2, "time": 1.0}  # vs naive (hidden)
 
 
 def make_inputs(
@@ -88,7 +101,9 @@ def loss_from_logits(impl: str, x: dict[str, Any], cfg: LossConfig) -> Callable[
 
     def run() -> Any:
         z = x["z_NV"].clone().requires_grad_(True)  # stands for the lm_head output: counted
-        if impl == "reference":
+        if impl == "naive":
+            out = conkd_loss_naive(z, *args)
+        elif impl == "reference":
             out = conkd_loss_reference(z, *args)
         elif impl == "chunked":
             out = conkd_loss_chunked(z, *args)
@@ -106,7 +121,9 @@ def loss_from_hidden(impl: str, x: dict[str, Any], cfg: LossConfig) -> Callable[
     def run() -> Any:
         h = x["h_NH"].detach().requires_grad_(True)
         W = x["W_VH"].detach().requires_grad_(True)
-        if impl == "reference":
+        if impl == "naive":
+            out = conkd_loss_naive(h @ W.t(), x["t_NV"], *side)
+        elif impl == "reference":
             out = conkd_loss_reference(h @ W.t(), x["t_NV"], *side)
         elif impl == "triton_inplace":
             out = tk.conkd_loss_triton(h @ W.t(), x["t_NV"], *side, inplace=True)
@@ -173,7 +190,7 @@ def correctness(dev: torch.device, quick: bool) -> list[dict]:
             href, hg_ref = loss_from_hidden("reference", xh, cfg)()
             cands = [
                 (impl, loss_from_logits(impl, x, cfg), ref, (g_ref,))
-                for impl in ("chunked", "triton", "triton_inplace")
+                for impl in ("naive", "chunked", "triton", "triton_inplace")
             ]
             cands += [
                 (impl, loss_from_hidden(impl, xh, cfg), href, hg_ref)
@@ -209,7 +226,7 @@ def correctness(dev: torch.device, quick: bool) -> list[dict]:
 
 
 def timings(dev: torch.device, quick: bool, budget_end: float) -> list[dict]:
-    Ns = (64, 128) if quick else (4096, 8192)
+    Ns = (128, 64) if quick else (8192, 4096)  # the fused-linear target's N first
     W, I, H = (1_500, 300, 64) if quick else (50_257, 6_924, 1024)
     warmup, repeats = (1, 2) if quick else (2, 5)
     cfg = LossConfig(gate=GateConfig(mode="hard"), chunk_size=1024)
@@ -217,8 +234,11 @@ def timings(dev: torch.device, quick: bool, budget_end: float) -> list[dict]:
     for N in Ns:
         for dtype in (torch.bfloat16, torch.float32):
             for source, impls in (
-                ("logits", ("reference", "chunked", "triton", "triton_inplace")),
-                ("hidden", ("reference", "triton_inplace", "fused_linear", "fused_linear_th")),
+                ("logits", ("naive", "reference", "chunked", "triton", "triton_inplace")),
+                (
+                    "hidden",
+                    ("naive", "reference", "triton_inplace", "fused_linear", "fused_linear_th"),
+                ),
             ):
                 x = make_inputs(N, W, I, dtype, dev, H=H if source == "hidden" else 0)
                 make = loss_from_logits if source == "logits" else loss_from_hidden
@@ -245,6 +265,106 @@ def timings(dev: torch.device, quick: bool, budget_end: float) -> list[dict]:
                         torch.cuda.empty_cache()
                 del x
     return rows
+
+
+def _event_ms(fn: Callable[[], Any], prep: Callable[[], Any], warmup: int, repeats: int) -> float:
+    """Median CUDA-event time (ms) of ``fn(prep())``, ``prep`` (e.g. a clone) not timed."""
+    times = []
+    for i in range(warmup + repeats):
+        arg = prep()
+        torch.cuda.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        res = fn(arg)
+        b.record()
+        torch.cuda.synchronize()
+        del res, arg
+        if i >= warmup:
+            times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def copy_bandwidth(dev: torch.device) -> dict:
+    """Device-to-device copy bandwidth (GB/s, bytes read + written) of a 2 GiB buffer."""
+    src = torch.ones(2**29, dtype=torch.float32, device=dev)  # 2 GiB
+    dst = torch.empty_like(src)
+    ms = _event_ms(lambda _: dst.copy_(src), lambda: None, warmup=3, repeats=10)
+    nbytes = 2 * src.numel() * src.element_size()
+    return {"bytes": nbytes, "ms": ms, "GB_per_s": nbytes / ms / 1e6}
+
+
+def triton_bandwidth(dev: torch.device, copy_gbps: float, budget_end: float) -> list[dict]:
+    """Triton forward + backward effective bandwidth over its byte floor (3·N·V·bytes: the
+    student and teacher logits read once, the gradient written once) against ``copy_gbps``."""
+    W, I = 50_257, 6_924
+    cfg = LossConfig(gate=GateConfig(mode="hard"))
+    rows = []
+    for N in (4096, 8192):
+        for dtype in (torch.bfloat16, torch.float32):
+            x = make_inputs(N, W, I, dtype, dev)
+            side = (x["t_NV"], x["rec_SI"], x["rec_row_N"], x["items_I"], x["labels_N"], cfg)
+            for impl in ("triton_inplace", "triton"):
+                row: dict[str, Any] = {"N": N, "V": W + I, "dtype": str(dtype).split(".")[1]}
+                row["impl"] = impl
+                if time.monotonic() > budget_end:
+                    row["skipped"] = "time budget"
+                    rows.append(row)
+                    continue
+
+                def fn(z: torch.Tensor, impl: str = impl, side: tuple = side) -> Any:
+                    out = tk.conkd_loss_triton(z, *side, inplace=impl == "triton_inplace")
+                    out.loss.backward()
+                    return out
+
+                def prep(x: dict[str, Any] = x) -> torch.Tensor:
+                    return x["z_NV"].clone().requires_grad_(True)
+
+                try:
+                    ms = _event_ms(fn, prep, warmup=2, repeats=5)
+                except Exception as e:
+                    row["error"] = f"{type(e).__name__}: {e}"[:300]
+                    rows.append(row)
+                    continue
+                floor = 3 * x["z_NV"].numel() * x["z_NV"].element_size()
+                gbps = floor / ms / 1e6
+                row.update(ms=ms, floor_bytes=floor, GB_per_s=gbps, frac_of_copy=gbps / copy_gbps)
+                rows.append(row)
+                print(f"  bandwidth {row}", file=sys.stderr, flush=True)
+    torch.cuda.empty_cache()
+    return rows
+
+
+def check_targets(res: dict) -> list[dict]:
+    """Issue #7's GPU targets from the measured rows (``met`` None where not measured)."""
+    out = []
+    for r in res.get("bandwidth", []):
+        if "frac_of_copy" in r:
+            out.append({
+                "target": f"Triton fwd+bwd ≥ {BW_TARGET:.0%} of copy bandwidth over its floor",
+                "case": f"{r['impl']}, N={r['N']}, {r['dtype']}",
+                "value": f"{r['frac_of_copy']:.1%} ({r['GB_per_s']:,.0f} GB/s)",
+                "met": r["frac_of_copy"] >= BW_TARGET,
+            })  # fmt: skip
+    cell = {(r["impl"]): r for r in res.get("timings", []) if r["source"] == "hidden"
+            and r["N"] == FUSED_TARGET["N"] and r["dtype"] == FUSED_TARGET["dtype"]}  # fmt: skip
+    naive = cell.get("naive", {})
+    for impl in ("fused_linear", "fused_linear_th"):
+        r = cell.get(impl, {})
+        case = f"{impl} vs naive on h @ W.T, N={FUSED_TARGET['N']}, H=1024, bf16"
+        if "ms" not in r or "ms" not in naive:
+            out.append({"target": "fused-linear memory ≤ 1/5 and time ≤ naive's", "case": case,
+                        "value": "not measured", "met": None})  # fmt: skip
+            continue
+        mem, tim = r["peak_mb"] / naive["peak_mb"], r["ms"] / naive["ms"]
+        out.append({
+            "target": f"fused-linear peak memory ≤ {FUSED_TARGET['mem']:.0%} of naive's",
+            "case": case, "value": f"{mem:.1%}", "met": mem <= FUSED_TARGET["mem"],
+        })  # fmt: skip
+        out.append({
+            "target": f"fused-linear time ≤ {FUSED_TARGET['time']}× naive's",
+            "case": case, "value": f"{tim:.2f}×", "met": tim <= FUSED_TARGET["time"],
+        })  # fmt: skip
+    return out
 
 
 def launch_sweep(dev: torch.device, quick: bool, budget_end: float) -> list[dict]:
@@ -298,12 +418,10 @@ def tables(res: dict) -> str:
         "",
         "### Forward + backward, hard gate, τ = 1 (median ms; peak MB above the inputs)",
         "",
-        "| N | dtype | from | impl | ms | × reference | peak MB | × reference |",
+        "| N | dtype | from | impl | ms | × naive | peak MB | × naive |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    refs = {
-        (r["N"], r["dtype"], r["source"]): r for r in res["timings"] if r["impl"] == "reference"
-    }
+    refs = {(r["N"], r["dtype"], r["source"]): r for r in res["timings"] if r["impl"] == "naive"}
     for r in res["timings"]:
         ref = refs.get((r["N"], r["dtype"], r["source"]), {})
         if "ms" in r:
@@ -314,6 +432,30 @@ def tables(res: dict) -> str:
             why = "OOM" if r.get("oom") else r.get("skipped") or r.get("error", "?")
             cells = f"{why} | | |"
         out.append(f"| {r['N']} | {r['dtype']} | {r['source']} | {r['impl']} | {cells} |")
+    if res.get("copy"):
+        c = res["copy"]
+        out += [
+            "",
+            f"### Bandwidth (device-to-device copy: {c['GB_per_s']:,.0f} GB/s, read + written)",
+            "",
+            "Triton forward + backward, hard gate; floor = 3·N·V·bytes (logits of both models "
+            "read once, gradient written once); the loss call alone is timed.",
+            "",
+            "| N | dtype | impl | ms | GB/s over the floor | × copy bandwidth |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in res["bandwidth"]:
+            if "GB_per_s" in r:
+                cells = f"{r['ms']:.3f} | {r['GB_per_s']:,.0f} | {r['frac_of_copy']:.1%}"
+            else:
+                cells = f"{r.get('skipped') or r.get('error', '?')} | |"
+            out.append(f"| {r['N']} | {r['dtype']} | {r['impl']} | {cells} |")
+    if res.get("targets"):
+        out += ["", "### Issue #7 GPU targets", "", "| target | case | measured | met |",
+                "|---|---|---|---|"]  # fmt: skip
+        for t in res["targets"]:
+            met = "–" if t["met"] is None else "yes" if t["met"] else "**NO**"
+            out.append(f"| {t['target']} | {t['case']} | {t['value']} | {met} |")
     if res["launch_sweep"]:
         out += [
             "",
@@ -336,6 +478,7 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="tiny shapes (also runs on the CPU)")
     p.add_argument("--budget-s", type=float, default=270.0, help="skip timings after this")
     p.add_argument("--skip-timings", action="store_true")
+    p.add_argument("--md", type=Path, default=None, help="also write the markdown tables here")
     args = p.parse_args()
     t0 = time.monotonic()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -352,14 +495,27 @@ def main() -> int:
     }
     res["correctness"] = correctness(dev, args.quick)
     end = t0 + args.budget_s
+    cuda_timed = dev.type == "cuda" and not args.skip_timings and not args.quick
+    res["copy"] = copy_bandwidth(dev) if cuda_timed else None
+    if cuda_timed:
+        torch.cuda.empty_cache()
+    res["bandwidth"] = (
+        triton_bandwidth(dev, res["copy"]["GB_per_s"], end) if res["copy"] is not None else []
+    )
     res["timings"] = [] if args.skip_timings else timings(dev, args.quick, end)
     res["launch_sweep"] = [] if args.skip_timings else launch_sweep(dev, args.quick, end)
+    res["targets"] = check_targets(res)
     res["wall_s"] = time.monotonic() - t0
     args.out_json.parent.mkdir(parents=True, exist_ok=True)
     args.out_json.write_text(json.dumps(res, indent=1))
-    print(f"## ConKD loss on {res['device']} (torch {res['torch']}, triton {res['triton']})\n")
-    print(tables(res))
-    print(f"\nwall {res['wall_s']:.0f} s; JSON: {args.out_json}")
+    text = (
+        f"## ConKD loss on {res['device']} (torch {res['torch']}, triton {res['triton']})\n\n"
+        f"{tables(res)}\n\nwall {res['wall_s']:.0f} s; JSON: {args.out_json}"
+    )
+    print(text)
+    if args.md is not None:
+        args.md.parent.mkdir(parents=True, exist_ok=True)
+        args.md.write_text(text + "\n")
     return 0 if all(r["ok"] for r in res["correctness"]) else 1
 
 

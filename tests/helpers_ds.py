@@ -65,7 +65,16 @@ def run_deepspeed(
         log.write_text(f"$ {' '.join(cmd)}\n# {time.perf_counter() - t0:.1f} s\n{out}")
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{out[-6000:]}")
+    if check:  # the job released DeepSpeed's /dev/shm buffers (distributed.release_shm_buffer)
+        assert not shm_buffers(proc), f"left in /dev/shm: {shm_buffers(proc)}"
     return proc
+
+
+def shm_buffers(proc: subprocess.CompletedProcess) -> list[Path]:
+    """DeepSpeed CPU allreduce buffers in /dev/shm that belong to this launcher run."""
+    args = [str(a) for a in proc.args]
+    port = args[args.index("--master_port") + 1]
+    return sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
 
 
 def make_tiny_gpt2(

@@ -10,6 +10,7 @@ import torch
 from conkd_scale.config import build_config, config_to_dict
 from conkd_scale.data.sequences import IGNORE
 from conkd_scale.loss import (
+    GPU_IMPLS,
     IGNORE_INDEX,
     GateConfig,
     LossConfig,
@@ -74,9 +75,19 @@ def test_dispatch() -> None:
     assert type(out_auto.loss.grad_fn).__name__.startswith("ConKDChunked")
     out_ref = conkd_loss(*args, LossConfig(impl="reference"))
     torch.testing.assert_close(out_auto.loss, out_ref.loss)
-    for impl in ("triton", "fused_linear"):  # registered, but they need CUDA tensors
-        with pytest.raises(ConfigError, match="needs CUDA tensors"):
-            conkd_loss(*args, LossConfig(impl=impl))
+    with pytest.raises(ConfigError, match="needs CUDA tensors|needs the triton package"):
+        conkd_loss(*args, LossConfig(impl="triton"))
+    # fused_linear runs anywhere; given logits on the CPU it is the chunked path
+    assert resolve_impl(LossConfig(impl="fused_linear"), CPU) == "fused_linear"
+    out_fl = conkd_loss(*args, LossConfig(impl="fused_linear"))
+    assert type(out_fl.loss.grad_fn).__name__.startswith("ConKDChunked")
+    torch.testing.assert_close(out_fl.loss, out_ref.loss)
+    # auto picks the fused lm_head path only on CUDA, and only for callers with hidden states
+    assert resolve_impl(LossConfig(), CPU, hidden_states=True) == "chunked"
+    if "triton" in GPU_IMPLS:
+        cuda = torch.device("cuda")
+        assert resolve_impl(LossConfig(), cuda, hidden_states=True) == "fused_linear"
+        assert resolve_impl(LossConfig(), cuda) == "triton"
 
 
 def test_gate_stats() -> None:

@@ -185,8 +185,11 @@ def test_no_full_logits_tensor_is_ever_created() -> None:
 
 
 def test_triton_chunk_kernel() -> None:
-    """The per-chunk Triton kernel (interpreter on the CPU) with the global 1/N_valid."""
+    """The per-chunk Triton kernel (interpreter on the CPU, compiled on CUDA) with the global
+    1/N_valid."""
     data = _case(N=13, V=131, I=9, seed=6)
+    if CUDA:  # the compiled kernel takes CUDA tensors only
+        data = tuple(x.cuda() for x in data)
     cfg = LossConfig(gate=GateConfig(mode="hard"), tau=1.4)
     os.environ["CONKD_TRITON_BLOCK_V"] = "64"  # three blocks per row
     try:

@@ -7,7 +7,13 @@ Per micro batch, on every rank and in the same order (ZeRO-3 forwards are collec
    distribution for the batch's recommender turns, ``[S, |I|]`` (one row per turn);
 2. ``loss_step``: the student's forward -> logits at the loss rows -> the gated two-teacher
    loss (``conkd_scale.loss.conkd_loss``; chunked on the CPU), whose parts are logged;
-   the teacher's rows are freed as soon as the loss has used them.
+   the teacher's rows are freed as soon as the loss has used them. With ``loss.impl``
+   resolving to ``fused_linear`` (``auto`` on CUDA) the engine's module is
+   ``ConKDFusedLinearLoss`` around the student: one engine call runs the student up to its
+   final hidden states and the loss through the lm_head chunk by chunk (no ``[N, V]``
+   student logits; ZeRO-3 gathers the partitioned lm_head for the loss's forward and
+   backward). Its checkpoints then name the student's parameters ``model.*``; evaluation
+   and the exported student are unchanged (the wrapper passes plain forwards through).
 
 Output directory (``output_dir``)::
 
@@ -23,6 +29,7 @@ Output directory (``output_dir``)::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -40,7 +47,8 @@ from conkd_scale.data.tokenizer import item_token_ids, save_tokenizer
 from conkd_scale.distill import teachers as T
 from conkd_scale.distill.config import DistillConfig
 from conkd_scale.eval.catalog_io import save_item_catalog
-from conkd_scale.loss import conkd_loss
+from conkd_scale.loss import LossOutput, conkd_loss, resolve_impl
+from conkd_scale.loss.fused_linear import ConKDFusedLinearLoss
 from conkd_scale.loss.gates import item_mass
 from conkd_scale.models.builder import build_model
 from conkd_scale.models.export import export_hf
@@ -112,6 +120,7 @@ class DistillRecipe:
         self.summary: dict[str, Any] = {}
         self.teacher: Any = None
         self.rec: Any = None
+        self.fused = False  # loss.impl resolved to fused_linear (set in setup)
         self._dump_pending = False
 
     # ---------------------------------------------------------------------------- setup
@@ -177,8 +186,18 @@ class DistillRecipe:
                 T.dialog_model_dir(cfg.dialog_dir), ds_inf, self.vocab
             )
         total = plan_steps(cfg.train, len(self.train_data), self.dist.world_size)
+        # the student's final hidden states are at hand: auto may pick fused_linear (CUDA)
+        impl = None
+        if self.teacher is not None:
+            impl = resolve_impl(cfg.loss, self.dist.device, hidden_states=True)
+        self.fused = impl == "fused_linear"
+        module = (
+            ConKDFusedLinearLoss(self.built.model, cfg.loss, vocab_size=self.vocab)
+            if self.fused
+            else self.built.model
+        )
         self.engine, *_ = deepspeed.initialize(
-            model=self.built.model,
+            model=module,
             optimizer=make_optimizer(self.built.model, cfg.train),
             lr_scheduler=make_scheduler_factory(cfg.train, total),
             config=ds,
@@ -214,13 +233,14 @@ class DistillRecipe:
             "train_sequences": len(self.train_data),
             "total_steps": total,
             "zero_stage": ds.get("zero_optimization", {}).get("stage", 0),
+            "loss_impl": impl,
         }
         D.run_on_main(write_json, self.out / "run_info.json", info)
         D.print0(json.dumps(info))
         resumed = self.trainer.resume()
         self._dump_pending = cfg.debug_dump_dir is not None and resumed is None
         if self._dump_pending:
-            export_hf(self.engine, tok, Path(str(cfg.debug_dump_dir)) / "student0")
+            export_hf(self._student(), tok, Path(str(cfg.debug_dump_dir)) / "student0")
 
     # ---------------------------------------------------------------------------- hooks
     @torch.no_grad()
@@ -242,10 +262,16 @@ class DistillRecipe:
         batch["time_teacher_s"] = time.perf_counter() - t0
         return batch
 
+    def _student(self) -> Any:
+        """What export reads: the engine, or under fused_linear the student LM it wraps."""
+        return self.engine.module.model if self.fused else self.engine
+
     def _loss(
         self, engine: Any, batch: Batch, student_gate: bool = False
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         cfg = self.cfg
+        if self.fused and torch.is_grad_enabled():
+            return self._fused_loss(engine, batch)
         logits_BTV = lm_logits(engine, batch)
         dev = logits_BTV.device
         rows_BT = loss_rows(batch).to(dev)
@@ -276,9 +302,46 @@ class DistillRecipe:
             rec_row_N,
             self.item_tok_I.to(dev),
             labels_N,
-            cfg.loss,
+            # evaluation of a fused_linear run: the same function on the logits
+            dataclasses.replace(cfg.loss, impl="auto") if self.fused else cfg.loss,
             inplace=True,  # student_NV is this step's own copy: its buffer takes the gradient
         )
+        return out.loss, self._kd_parts(out, labels_N, batch, t0, sgate, spred_N)
+
+    def _fused_loss(self, engine: Any, batch: Batch) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The training loss under ``loss.impl=fused_linear``: the student's forward and the
+        loss in one engine call (``ConKDFusedLinearLoss``, same rows and function as
+        :meth:`_loss`). Its ``time_loss_s`` includes the student's forward."""
+        dev = self.dist.device
+        t0 = time.perf_counter()
+        res = engine(
+            input_ids=batch["input_ids"].to(dev),
+            attention_mask=batch["attention_mask"].to(dev),
+            labels=batch["labels"].to(dev),
+            rec_row=batch["rec_turn"].to(dev),
+            rec_probs_SI=batch["rec_SI"].to(dev),
+            item_ids_I=self.item_tok_I.to(dev),
+            teacher_logits=batch.pop("teacher_NV"),
+        )
+        out = LossOutput(
+            **{k: res[k] for k in ("loss", "ce", "kd", "kd_dialog", "kd_rec", "lam_N", "m_N")},
+            n_tokens=int(res["n_tokens"]),
+        )
+        labels_N = batch["labels"][:, 1:].to(dev)[loss_rows(batch).to(dev)]  # [N]
+        return out.loss, self._kd_parts(out, labels_N, batch, t0, {}, None)
+
+    def _kd_parts(
+        self,
+        out: LossOutput,
+        labels_N: torch.Tensor,  # [N] gold tokens of the loss rows
+        batch: Batch,
+        t0: float,
+        sgate: dict[str, Any],
+        spred_N: torch.Tensor | None,  # [N] the student's own hard gate (validation) or None
+    ) -> dict[str, Any]:
+        """The logged parts of a ConKD loss (gate counts pooled exactly by DistillLogger)."""
+        cfg = self.cfg
+        dev = labels_N.device
         lam = out.lam_N.detach().float()
         gold = torch.isin(labels_N, self.item_tok_I.to(dev))
         pred = lam > cfg.loss.gate.eta
@@ -299,7 +362,7 @@ class DistillRecipe:
         }
         if spred_N is not None:  # the student's hard gate against the teacher's (both at η)
             parts["sgate_n_agree"] = float((spred_N == pred).sum())
-        return out.loss, parts
+        return parts
 
     @torch.no_grad()
     def _student_gate_sums(
@@ -387,7 +450,7 @@ class DistillRecipe:
         if self.trainer.stopped_early or not self.cfg.export:
             return None
         path = export_hf(
-            self.engine,
+            self._student(),
             self.built.tokenizer,
             self.out / "hf",
             meta={

@@ -1,9 +1,11 @@
 """The ConKD student loss: gated two-teacher KD plus cross-entropy (METHOD.md).
 
 Layering (STYLE.md): :mod:`.reference` is the pure-PyTorch ground truth, :mod:`.chunked` the
-CPU path (an autograd.Function computing the gradient in the forward), a Triton kernel on
-CUDA is to come. :func:`conkd_loss` picks one from ``cfg.impl``; :func:`gate_stats` gives
-the gate's logging figures.
+CPU path (an autograd.Function computing the gradient in the forward), :mod:`.triton_kernel`
+the CUDA kernel, :mod:`.fused_linear` the loss fused with the student's lm_head (from hidden
+states; :class:`~.fused_linear.ConKDFusedLinearLoss` runs it inside a DeepSpeed engine's
+forward), :mod:`.naive` the benchmarks' baseline. :func:`conkd_loss` picks one from
+``cfg.impl``; :func:`gate_stats` gives the gate's logging figures.
 
 Row alignment is the caller's: row t of the logits must predict ``labels[t]`` (shift causal-LM
 logits and the ``rec_turn`` index together before calling).
@@ -39,10 +41,11 @@ __all__ = [
 ]
 
 GPU_IMPLS: dict[str, Callable[..., LossOutput]] = {}
-"""GPU implementations by ``impl`` name ("triton", "fused_linear"); ``auto`` uses "triton" on
-CUDA. Registered lazily: :mod:`.triton_kernel` (and its ``@triton.jit`` functions) is imported
-on first use only, so importing the loss package costs nothing and Triton's interpreter
-setting (``TRITON_INTERPRET``, read when a kernel is defined) may still be chosen later."""
+"""Triton implementations on logits by ``impl`` name ("triton", and "fused_linear", which given
+logits runs the same kernel on them). Registered lazily: :mod:`.triton_kernel` (and its
+``@triton.jit`` functions) is imported on first use only, so importing the loss package costs
+nothing and Triton's interpreter setting (``TRITON_INTERPRET``, read when a kernel is
+defined) may still be chosen later."""
 
 
 def _lazy_gpu_impl(name: str) -> Callable[..., LossOutput]:
@@ -59,18 +62,31 @@ if importlib.util.find_spec("triton") is not None:
     GPU_IMPLS.update({k: _lazy_gpu_impl(k) for k in ("triton", "fused_linear")})
 
 
-def resolve_impl(cfg: LossConfig, device: torch.device) -> str:
-    """The implementation ``cfg.impl`` means on ``device`` (``auto`` resolved)."""
+def _cuda_kernel(device: torch.device) -> bool:
+    return device.type == "cuda" and "triton" in GPU_IMPLS
+
+
+def resolve_impl(cfg: LossConfig, device: torch.device, *, hidden_states: bool = False) -> str:
+    """The implementation ``cfg.impl`` means on ``device`` (``auto`` resolved).
+
+    ``auto``: "chunked" on the CPU (and on CUDA without triton); on CUDA with triton,
+    "fused_linear" when the caller can give the student's final hidden states and lm_head
+    (``hidden_states=True``: the distillation job, which then never builds ``[N, V]`` student
+    logits), else "triton". "fused_linear" runs on any device (the Triton kernel per chunk on
+    CUDA, the chunked math elsewhere); "triton" needs CUDA tensors and triton.
+    """
     if cfg.impl == "auto":
-        return "triton" if device.type == "cuda" and "triton" in GPU_IMPLS else "chunked"
-    if cfg.impl in ("triton", "fused_linear"):
-        if cfg.impl not in GPU_IMPLS:
+        if not _cuda_kernel(device):
+            return "chunked"
+        return "fused_linear" if hidden_states else "triton"
+    if cfg.impl == "triton":
+        if "triton" not in GPU_IMPLS:
             raise ConfigError(
-                f"loss.impl: {cfg.impl!r} is not implemented yet (it will need a CUDA GPU); "
-                "use 'auto', 'chunked' or 'reference'"
+                "loss.impl: 'triton' needs the triton package (and a CUDA GPU); "
+                "use 'auto', 'chunked', 'fused_linear' or 'reference'"
             )
         if device.type != "cuda":
-            raise ConfigError(f"loss.impl: {cfg.impl!r} needs CUDA tensors, got {device}")
+            raise ConfigError(f"loss.impl: 'triton' needs CUDA tensors, got {device}")
     return cfg.impl
 
 
@@ -85,12 +101,14 @@ def conkd_loss(
     *,
     inplace: bool = False,
 ) -> LossOutput:
-    """The ConKD loss by ``cfg.impl``. ``inplace`` (chunked only): see conkd_loss_chunked."""
+    """The ConKD loss by ``cfg.impl``. ``inplace`` (chunked and Triton): see
+    conkd_loss_chunked. Given logits, "fused_linear" (whose saving needs hidden states: see
+    :mod:`.fused_linear`) runs the Triton kernel on CUDA and the chunked path elsewhere."""
     impl = resolve_impl(cfg, student_logits.device)
     args = (student_logits, teacher_logits, rec_probs_SI, rec_row, item_ids_I, labels, cfg)
     if impl == "reference":
         return conkd_loss_reference(*args)
-    if impl == "chunked":
+    if impl == "chunked" or (impl == "fused_linear" and not _cuda_kernel(student_logits.device)):
         return conkd_loss_chunked(*args, inplace=inplace)
     return GPU_IMPLS[impl](*args, inplace=inplace)
 

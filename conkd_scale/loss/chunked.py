@@ -10,10 +10,13 @@ pass), then come the loss parts and the gradient with respect to the student log
 
 (q_R^τ scattered to the item columns). The gradient is stored in the student's dtype, in a
 separate [N, V] buffer or, with ``inplace=True``, in the student-logits buffer itself; the
-backward only scales it by ``grad_output``. Live fp32 memory beyond that is a few [C, V]
-temporaries. R's table stays [S, I]: its rows are gathered per chunk. Teacher logits get
-no gradient; rows with label -100 are skipped (gradient 0) and, when every row is ignored,
-the loss and its parts are 0.
+backward only scales it by ``grad_output``. Live fp32 memory beyond that is two [C, V]
+scratch buffers (p_D^τ and p_S^τ; the KL's temporary goes into the chunk's gradient rows
+before the gradient does) and a few [C, I] ones; a third [C, V] buffer (and two for row
+gathers when some rows are ignored) when the gradient cannot be written in place per chunk.
+R's table stays [S, I]: its rows are gathered per chunk. Teacher logits get no gradient;
+rows with label -100 are skipped (gradient 0) and, when every row is ignored, the loss and
+its parts are 0.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ def _chunk(
     y_C: Tensor,  # [C] gold labels
     logq_CI: Tensor,  # [C, I] log q_R^τ of each row's turn (compute dtype)
     item_ids_I: Tensor,  # [I]
-    work: list[Tensor],  # 3 × [≥C, V] scratch buffers (compute dtype)
+    work: list[Tensor],  # [≥C, V] scratch buffers (compute dtype): 2, or 3 without grad_out_CV
     grad_out_CV: Tensor | None,  # [C, V] where to write the gradient (compute dtype) or None
     gate_cfg: GateConfig,
     tau: float,
@@ -65,11 +68,12 @@ def _chunk(
     """Loss parts of one chunk and its gradient [C, V] (already / N_valid).
 
     The gradient goes into ``grad_out_CV`` when given (it may alias ``z_CV``: every read of
-    z happens first), else into a scratch buffer. Returns (grad_CV, ce_C, kd_d_C, kd_r_C,
-    lam_C, m_C).
+    z happens first; it also holds the KL's temporary before), else into a scratch buffer.
+    Returns (grad_CV, ce_C, kd_d_C, kd_r_C, lam_C, m_C).
     """
     C = z_CV.shape[0]
-    buf_pd, buf_ps, buf_tmp = (w[:C] for w in work)
+    buf_pd, buf_ps = work[0][:C], work[1][:C]
+    buf_tmp = grad_out_CV if grad_out_CV is not None else work[2][:C]
     zt_CV = z_CV if tau == 1.0 else z_CV / tau  # [C, V] student logits / τ
     tt_CV = t_CV if tau == 1.0 else t_CV / tau  # [C, V] teacher logits / τ
     rows_C = torch.arange(C, device=z_CV.device)
@@ -87,22 +91,25 @@ def _chunk(
     psu_CV, lse_z_C = (None, lse_s_C) if tau == 1.0 else _softmax_lse(z_CV, None)
     ce_C = lse_z_C - z_CV[rows_C, y_C]  # [C]
 
-    # KL(p_D^τ ‖ p_S^τ) = Σ p_D·(tt − zt) + lse_s − lse_tt. nansum drops 0·(±inf) = NaN, which
-    # only arises where p_D = 0 (a NaN input would still poison ce through the lse).
+    # KL(q_R^τ ‖ p_S^τ) over items only; p_S^τ normalised over U.
     use_d, use_r = gate_cfg.mode != "rec", gate_cfg.mode != "dialog"
+    q_CI = logq_CI.exp()  # [C, I]
+    if use_r:
+        logps_CI = zt_CV.index_select(1, item_ids_I).sub_(lse_s_C.unsqueeze(1))  # [C, I]
+        kl_r_C = torch.sub(logq_CI, logps_CI, out=logps_CI).mul_(q_CI).nansum(dim=-1)  # [C]
+        del logps_CI
+    else:
+        kl_r_C = torch.zeros_like(m_C)
+
+    # KL(p_D^τ ‖ p_S^τ) = Σ p_D·(tt − zt) + lse_s − lse_tt, the last read of z (its temporary
+    # may overwrite z's rows). nansum drops 0·(±inf) = NaN, which only arises where p_D = 0
+    # (a NaN input would still poison ce through the lse).
     if use_d:
         diff_CV = torch.sub(tt_CV, zt_CV, out=buf_tmp).mul_(pd_CV)  # [C, V]
         kl_d_C = diff_CV.nansum(dim=-1) + (lse_s_C - lse_tt_C)  # [C]
+        del diff_CV
     else:
         kl_d_C = torch.zeros_like(m_C)
-
-    # KL(q_R^τ ‖ p_S^τ) over items only; p_S^τ normalised over U.
-    q_CI = logq_CI.exp()  # [C, I]
-    if use_r:
-        logps_CI = zt_CV.index_select(1, item_ids_I) - lse_s_C.unsqueeze(1)  # [C, I]
-        kl_r_C = (q_CI * (logq_CI - logps_CI)).nansum(dim=-1)  # [C]
-    else:
-        kl_r_C = torch.zeros_like(m_C)
 
     zero_C = torch.zeros_like(m_C)
     kd_d_C = tau**2 * torch.where(lam_C < 1, (1 - lam_C) * kl_d_C, zero_C)  # [C]
@@ -118,7 +125,7 @@ def _chunk(
     if use_d and a != 0.0:
         g_CV.addcmul_(pd_CV, (a * inv_M * (1 - lam_C)).unsqueeze(1), value=-1.0)
     if use_r and a != 0.0:
-        g_CV.index_add_(1, item_ids_I, q_CI * (-a * inv_M * lam_C).unsqueeze(1))
+        g_CV.index_add_(1, item_ids_I, q_CI.mul_((-a * inv_M * lam_C).unsqueeze(1)))
     if w_ce != 0.0:
         g_CV[rows_C, y_C] -= w_ce * inv_M
     return g_CV, ce_C, kd_d_C, kd_r_C, lam_C, m_C
@@ -165,11 +172,11 @@ class ConKDChunkedFunction(torch.autograd.Function):
         lam_N = torch.zeros(N, dtype=torch.float32, device=device)
         m_N = torch.zeros(N, dtype=torch.float32, device=device)
         C = min(cfg.chunk_size, max(M, 1))
-        # Scratch reused by every chunk (no per-chunk allocation, no page faults): p_D, p_S,
-        # a temporary, and row gathers when some rows are ignored.
-        n_work = 3 if all_valid else 5
-        work = [torch.empty(C, V, dtype=dtype, device=device) for _ in range(n_work)] if M else []
         direct = grad_NV.dtype == dtype  # gradient written straight into its final buffer
+        # Scratch reused by every chunk (no per-chunk allocation, no page faults): p_D, p_S,
+        # a temporary unless the chunk's gradient rows hold it, row gathers unless all valid.
+        n_work = 5 if not all_valid else 2 if direct else 3
+        work = [torch.empty(C, V, dtype=dtype, device=device) for _ in range(n_work)] if M else []
         for start in range(0, M, C):
             end = min(start + C, M)
             c = end - start

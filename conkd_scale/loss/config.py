@@ -63,9 +63,12 @@ class LossConfig:
     w_kd: float = 0.5
     """[decision] weight of the gated KD term; ≥ 0 (0 gives the one-hot multi-task baseline)."""
     impl: LossImpl = "auto"
-    """Implementation of the same function: auto (chunked on CPU; the Triton kernel on CUDA
-    when CUDA is present), reference (pure PyTorch, [N, V] temporaries), chunked (CPU path),
-    triton / fused_linear (CUDA: conkd_scale/loss/triton_kernel.py, fused_linear.py)."""
+    """Implementation of the same function: auto (chunked on the CPU; on CUDA the Triton
+    kernel, fused with the student's lm_head where the caller has hidden states, as the
+    distillation job does), reference (pure PyTorch, [N, V] temporaries), chunked (CPU path),
+    triton (CUDA: conkd_scale/loss/triton_kernel.py), fused_linear (lm_head + loss one chunk
+    of rows at a time, no [N, V] student logits: conkd_scale/loss/fused_linear.py; Triton per
+    chunk on CUDA, the chunked math on the CPU)."""
     chunk_size: int = 1024
     """Rows (response tokens) per chunk of the chunked implementation; ≥ 1."""
 

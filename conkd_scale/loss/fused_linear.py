@@ -325,21 +325,28 @@ class ConKDFusedLinearLoss(nn.Module):
         self,
         input_ids: Tensor,  # [B, T]
         attention_mask: Tensor,  # [B, T]
-        labels: Tensor,  # [B, T] unshifted: position t+1's label is predicted at t; -100 = none
-        rec_row: Tensor,  # [B, T] unshifted turn row of each position (-1 where none)
-        rec_probs_SI: Tensor,  # [S, I]
-        item_ids_I: Tensor,  # [I]
+        labels: Tensor | None = None,  # [B, T] unshifted: labels[:, t+1] is predicted at t
+        rec_row: Tensor | None = None,  # [B, T] unshifted turn row of each position (-1: none)
+        rec_probs_SI: Tensor | None = None,  # [S, I]
+        item_ids_I: Tensor | None = None,  # [I]
         teacher_logits: Tensor | None = None,  # [N, V] D's logits at the N loss rows
         teacher_hidden: Tensor | None = None,  # [N, Ht] D's final hidden states at the loss rows
         teacher_weight_VH: Tensor | None = None,  # [V, Ht] D's lm_head weight (gathered)
-    ) -> dict[str, Tensor]:
+        **lm_kwargs: Any,
+    ) -> Any:
         """The loss and its parts as a dict of tensors (DeepSpeed's hooks see every tensor).
 
         Rows follow the recipe's convention: the loss rows are the positions t < T−1 whose
         shifted label ``labels[:, t+1]`` is not -100, in row-major order; the teacher inputs
         are given at exactly those rows. Keys: loss, ce, kd, kd_dialog, kd_rec, lam_N, m_N,
-        n_tokens (a 0-d long tensor).
+        n_tokens (a 0-d long tensor). Without ``labels`` it is the wrapped LM's own forward
+        (``model(input_ids, attention_mask, **lm_kwargs)``, with its full logits), so that an
+        engine built on this module still serves evaluation and generation code.
         """
+        if labels is None:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, **lm_kwargs)
+        if rec_row is None or rec_probs_SI is None or item_ids_I is None:
+            raise ValueError("the loss needs labels, rec_row, rec_probs_SI and item_ids_I")
         out_h = self.model.base_model(  # type: ignore[operator]
             input_ids=input_ids, attention_mask=attention_mask, use_cache=False
         )

@@ -214,6 +214,9 @@ class ResultsTable:
         self.cfg = cfg
         self.walls: dict[str, float] = {}
 
+    def _all_walls(self) -> dict[str, float]:
+        return _merge_walls(self.cfg.results / "results.json", self.walls)
+
     def _teacher_dirs(self, row: Row) -> tuple[Path, Path]:
         t = self.cfg.work / "teachers"
         return t / row.rec, t / row.dialog
@@ -295,7 +298,7 @@ class ResultsTable:
             "machine": _machine(),
             "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
             "wall_s": round(time.perf_counter() - t0, 1),
-            "run_walls_s": self.walls,
+            "run_walls_s": self._all_walls(),
             "rows": results,
         }
         cfg.results.mkdir(parents=True, exist_ok=True)
@@ -303,6 +306,12 @@ class ResultsTable:
         with atomic_open(cfg.results / "results.md", "w", encoding="utf-8") as f:
             f.write(render_markdown(report))
         return report
+
+
+def _merge_walls(old_report: Path, walls: dict[str, float]) -> dict[str, float]:
+    """Run wall times of earlier invocations (rows reused now) joined with this one's."""
+    old = json.loads(old_report.read_text(encoding="utf-8")) if old_report.is_file() else {}
+    return {**old.get("run_walls_s", {}), **walls}
 
 
 def _machine() -> str:
@@ -323,7 +332,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"# Results: {report['dataset']}",
         "",
         f"Command: `{report['command']}` — {report['date']}, {report['machine']}, "
-        f"seed {report['seed']}, wall {report['wall_s']:.0f} s (this invocation).",
+        f"seed {report['seed']}, wall {report['wall_s']:.0f} s (this invocation; "
+        f"{sum(report.get('run_walls_s', {}).values()) / 60:.1f} min summed over every "
+        "training and evaluation run, earlier invocations included).",
         "",
         "| system | " + " | ".join(COLUMNS) + " |",
         "|---|" + "---|" * len(COLUMNS),
