@@ -247,3 +247,40 @@ def test_model_without_mode_tokens(gen: LMGenerator, corpus: Corpus) -> None:
         use_mode_tokens=False,
     )
     assert row.ids == seq.input_ids[: len(row.ids)]
+
+
+def test_item_class_logits_lets_the_item_mass_compete_as_one_class() -> None:
+    """Words 0-2, items 3-5: each item is less likely than word 0, their sum is not."""
+    from conkd_scale.eval.generation import ItemClassLogits
+
+    probs_BV = torch.tensor(
+        [
+            [0.30, 0.10, 0.10, 0.15, 0.20, 0.15],  # item mass 0.50 > 0.30: item 4 (its best)
+            [0.60, 0.10, 0.05, 0.10, 0.05, 0.10],  # item mass 0.25 < 0.60: word 0
+        ]
+    )
+    scores_BV = probs_BV.log()
+    out_BV = ItemClassLogits([5, 3, 4])(torch.zeros(2, 1, dtype=torch.long), scores_BV)
+    assert out_BV.argmax(-1).tolist() == [4, 0]
+    assert out_BV[0, 4].exp().item() == pytest.approx(0.50)  # the class's probability
+    assert torch.isinf(out_BV[0, [3, 5]]).all()  # the class's other items drop out
+    assert out_BV[1, 3].exp().item() == pytest.approx(0.25) and torch.isinf(out_BV[1, [4, 5]]).all()
+    assert torch.equal(out_BV[:, :3], scores_BV[:, :3])  # words untouched
+    assert scores_BV.argmax(-1).tolist() == [0, 0]  # per-token argmax: never an item
+
+
+def test_class_decoding_writes_the_models_top_item(gen: LMGenerator, corpus: Corpus) -> None:
+    """Greedy with item_decoding=class: wherever an item is written it is the model's own
+    top item there (its argmax over items), and no fewer replies have items than with
+    per-token argmax (an item token that wins alone also wins as the class)."""
+    contexts = [s.context for s in corpus.samples("test")[:12]]
+    by_class = _with(gen, item_decoding="class", max_new_tokens=12)
+    replies = by_class.generate(contexts, "rec")
+    own = by_class.own_top_items(contexts, replies, "rec")
+    assert all(top == (g.items[0] if g.items else None) for g, top in zip(replies, own))
+    plain = _with(gen, item_decoding="token", max_new_tokens=12).generate(contexts, "rec")
+    first = [next((t for t in g.token_ids if t in gen.item_of_id), None) for g in replies]
+    first_plain = [next((t for t in g.token_ids if t in gen.item_of_id), None) for g in plain]
+    assert sum(f is not None for f in first) >= sum(f is not None for f in first_plain)
+    with pytest.raises(ConfigError, match="item_decoding"):
+        GenerationSettings(item_decoding="words")  # type: ignore[arg-type]

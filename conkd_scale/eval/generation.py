@@ -64,6 +64,7 @@ class GenerationSettings:
     seed: int = 0  # decoding=sample: torch seed set once before generating
     use_mode_tokens: bool | None = None  # trained with [REC]/[GEN]? None: conkd_export.json's
     # use_mode_tokens when loaded from a directory, else true
+    item_decoding: Literal["class", "token"] = "class"  # greedy/beam: see ItemClassLogits
     progress: bool = True  # tqdm bar
 
     def __post_init__(self) -> None:
@@ -76,6 +77,38 @@ class GenerationSettings:
             raise ConfigError(f"top_p: expected in (0, 1], got {self.top_p}")
         if not self.temperature > 0:
             raise ConfigError(f"temperature: expected > 0, got {self.temperature}")
+        if self.item_decoding not in ("class", "token"):
+            raise ConfigError(f"item_decoding: {self.item_decoding!r} is not class/token")
+
+
+class ItemClassLogits:
+    """**[decision]** Greedy and beam decoding see the item tokens as one class.
+
+    At each step the class "an item" scores ``logsumexp`` of the item logits — its
+    probability is the model's item mass ``m_t``, the quantity ConKD's gate reads — and stands
+    for the class's best item; the other item tokens drop out. So a model writes an item where
+    it puts more mass on items than on any single word, and then its top item. With plain
+    per-token argmax (``item_decoding=token``) the mass of a model unsure *which* of thousands
+    of items to name is spread thin, and it may never write one (a 2-layer D on ReDial wrote
+    no item in any of 3,937 test replies). Sampling needs no change: drawing a token from the
+    full distribution already picks an item with probability ``m_t``. A Hugging Face
+    ``LogitsProcessor``: ``scores`` [B, V] in, [B, V] out.
+    """
+
+    def __init__(self, item_ids: Sequence[int]) -> None:
+        self.item_ids_I = torch.tensor(sorted(item_ids), dtype=torch.long)  # [I]
+
+    def __call__(self, input_ids: torch.Tensor, scores_BV: torch.Tensor) -> torch.Tensor:
+        items_I = self.item_ids_I.to(scores_BV.device)
+        if len(items_I) == 0:
+            return scores_BV
+        item_BI = scores_BV[:, items_I]  # [B, I]
+        best_B = items_I[item_BI.argmax(-1)]  # [B] vocabulary id of each row's top item
+        out_BV = scores_BV.clone()
+        out_BV[:, items_I] = float("-inf")
+        rows_B = torch.arange(len(out_BV), device=out_BV.device)
+        out_BV[rows_B, best_B] = item_BI.logsumexp(-1).to(out_BV.dtype)
+        return out_BV
 
 
 @dataclass
@@ -272,6 +305,14 @@ class LMGenerator:
             kw.update(do_sample=True, top_p=s.top_p, temperature=s.temperature, top_k=0)
         return GenerationConfig(**kw)
 
+    def _logits_processors(self) -> Any:
+        from transformers import LogitsProcessorList
+
+        s = self.settings
+        if s.item_decoding == "class" and s.decoding != "sample":
+            return LogitsProcessorList([ItemClassLogits(list(self.item_of_id))])
+        return LogitsProcessorList()
+
     @torch.no_grad()
     def generate_ids(self, prompts: Sequence[Sequence[int]]) -> list[list[int]]:
         """Generated ids (prompt excluded) for each prompt, batched with left padding."""
@@ -293,6 +334,7 @@ class LMGenerator:
                     input_ids=input_ids_BT.to(self.device),
                     attention_mask=attention_mask_BT.to(self.device),
                     generation_config=gen_cfg,
+                    logits_processor=self._logits_processors(),
                 )  # [B, T + new]
                 for b, n in enumerate(idx):
                     out[n] = seq_BL[b, T:].tolist()
