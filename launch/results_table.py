@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ablations", action="store_true", help="also the ablation rows (7a-7f)")
     p.add_argument("--config", default=None, help="JSON/YAML file of ResultsConfig fields")
     p.add_argument("overrides", nargs="*", metavar="key=value")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # key=value overrides before and after flags
     over = list(args.overrides)
     over += [f"dataset={args.dataset}"] if args.dataset else []
     over += [f"data_dir={args.data_dir}"] if args.data_dir else []

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-dir")
     p.add_argument("--config", help="JSON/YAML file of StudyConfig fields")
     p.add_argument("overrides", nargs="*", metavar="key=value")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # key=value overrides before and after flags
     over = list(args.overrides)
     for key in ("sizes", "gates", "ablations", "dataset", "data_dir", "launcher", "output_dir"):
         value = getattr(args, key)

@@ -156,6 +156,12 @@ def reading(summary: dict[str, Any]) -> list[str]:
         "for every student, so λ_t is the same at every size; what changes with size is how "
         "well each student follows it."
     )
+    if t["fires"] == 0:
+        lines.append(
+            f"- **The hard gate is closed everywhere:** D's item mass never exceeds η = {eta}, "
+            "so every hard-gate student here was trained with dialogue-only KD (λ_t = 0), "
+            "and hard vs soft compares dialogue-only KD with the soft gate."
+        )
     runs = summary["runs"]
     for variant in summary["variants"]:
         rs = [r for r in runs if r["variant"] == variant and r["params"]]
@@ -163,21 +169,37 @@ def reading(summary: dict[str, Any]) -> list[str]:
             continue
         xs = [r["params"] for r in rs]
         f1 = [r["gate"]["f1"] for r in rs]
-        slope = size_trend(xs, f1)
         first, last = rs[0], rs[-1]
-        trend = (
-            "no clear change"
-            if slope is None or abs(slope) < 0.02
-            else ("improves" if slope > 0 else "worsens")
+        masses = (
+            f"its item mass at gold item tokens goes from {_fmt(first['gate']['m_gold'])} "
+            f"({first['size']}) to {_fmt(last['gate']['m_gold'])} ({last['size']}; D: "
+            f"{_fmt(t['m_gold'])}), and elsewhere from {_fmt(first['gate']['m_other'])} to "
+            f"{_fmt(last['gate']['m_other'])}"
         )
+        if all(x is None for x in f1):
+            lines.append(
+                f"- **Students' own gate ({variant}).** At no size does the student's hard gate "
+                f"(η = {eta}) open on a gold item token; {masses}."
+            )
+            continue
+        slope = size_trend(xs, f1)
+        if slope is None:
+            trend = "too few sizes where it opens to call a trend"
+        elif abs(slope) < 0.02:
+            trend = f"it shows no clear change with size (slope {slope:.3f} per decade)"
+        else:
+            better = "improves" if slope > 0 else "worsens"
+            trend = f"it {better} with size (slope {slope:.3f} per decade of parameters)"
+
+        def f1_at(r: dict[str, Any]) -> str:
+            f = r["gate"]["f1"]
+            return _fmt(f) if f is not None else "undefined (it never opens on one)"
+
         lines.append(
             f"- **Students' own gate ({variant}).** The student's hard gate as a detector of "
-            f"gold item tokens has F1 {_fmt(first['gate']['f1'])} at {first['size']} "
-            f"({_params(first['params'])}) and {_fmt(last['gate']['f1'])} at {last['size']} "
-            f"({_params(last['params'])}): it {trend} with size (slope "
-            f"{_fmt(slope)} per decade of parameters); its item mass at gold item tokens goes "
-            f"from {_fmt(first['gate']['m_gold'])} to {_fmt(last['gate']['m_gold'])} "
-            f"(D: {_fmt(t['m_gold'])})."
+            f"gold item tokens has F1 {f1_at(first)} at {first['size']} "
+            f"({_params(first['params'])}) and {f1_at(last)} at {last['size']} "
+            f"({_params(last['params'])}): {trend}; {masses}."
         )
     variants = summary["variants"]
     if "hard" in variants and "soft" in variants:

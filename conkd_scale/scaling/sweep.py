@@ -225,15 +225,22 @@ class Study:
     def run(self) -> dict[str, Any] | None:
         """Run what is missing, then analyse; ``None`` when only submitted (SLURM)."""
         t0 = time.perf_counter()
-        if self.cfg.launcher == "local":
-            self.run_local()
-        else:
-            ids = self.submit_slurm()
-            if self.cfg.submit_only and ids:
-                print(f"run the same command again after jobs {ids} end to analyse")
-                return None
-            if ids:
-                self.wait_slurm(ids)
+        try:
+            if self.cfg.launcher == "local":
+                self.run_local()
+            else:
+                ids = self.submit_slurm()
+                if self.cfg.submit_only and ids:
+                    print(f"run the same command again after jobs {ids} end to analyse")
+                    return None
+                if ids:
+                    self.wait_slurm(ids)
+        finally:  # the runs' wall times survive a failed or interrupted invocation
+            info = {
+                "wall_s_this_invocation": round(time.perf_counter() - t0, 1),
+                "run_walls_s": self.walls,
+            }
+            write_json(self.out / "logs" / "study.json", _merge_walls(self.out, info))
         missing = [j.name for j in self.jobs() if not self.finished(j.name)]
         if missing:
             raise RuntimeError(
@@ -241,11 +248,6 @@ class Study:
             )
         from conkd_scale.scaling.report import write_report
 
-        info = {
-            "wall_s_this_invocation": round(time.perf_counter() - t0, 1),
-            "run_walls_s": self.walls,
-        }
-        write_json(self.out / "logs" / "study.json", _merge_walls(self.out, info))
         return write_report(self)
 
 
