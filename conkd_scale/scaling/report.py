@@ -276,7 +276,7 @@ def plot_metrics(summary: dict[str, Any], path: Path) -> None:
         _log_x(ax, plotted, summary)
         ax.set_xlabel("student parameters")
         ax.set_title(metric + ("" if HIGHER_IS_BETTER[metric] else " (lower is better)"))
-    axes[0].legend(fontsize=8)
+    _legend(axes[0], 8)
     fig.tight_layout()
     _save(fig, path)
 
@@ -298,7 +298,7 @@ def plot_histograms(summary: dict[str, Any], path: Path) -> None:
         ax.set_xlabel("item mass m_t")
         ax.set_title(f"{size} ({_params(_size_params(summary, size))})")
     axes[0][0].set_ylabel("fraction of reply tokens")
-    axes[0][0].legend(fontsize=7)
+    _legend(axes[0][0], 7)
     fig.tight_layout()
     _save(fig, path)
 
@@ -321,7 +321,7 @@ def plot_gate_pr(summary: dict[str, Any], path: Path) -> None:
         ax.set_ylim(0, 1.02)
         ax.set_xlabel("student parameters")
         ax.set_title(f"hard gate {key} vs gold item tokens (η = {summary['eta']})")
-    axes[0].legend(fontsize=8)
+    _legend(axes[0], 8)
     fig.tight_layout()
     _save(fig, path)
 
@@ -346,7 +346,7 @@ def plot_profiles(summary: dict[str, Any], path: Path) -> None:
         ax.set_xlabel("recommender turn of the conversation")
         ax.set_title(title, fontsize=9)
     axes[0][0].set_ylabel("mean turn gate max_t m_t")
-    axes[0][0].legend(fontsize=7)
+    _legend(axes[0][0], 7)
     fig.tight_layout()
     _save(fig, path)
 
@@ -362,9 +362,15 @@ def plot_training(summary: dict[str, Any], path: Path) -> None:
                 ax.plot(val["step"], val[key], ".-", label=r["name"])
         ax.set_xlabel("optimizer step")
         ax.set_title(key.replace("val_sgate_", "student gate: "), fontsize=9)
-    axes[0].legend(fontsize=6)
+    _legend(axes[0], 6)
     fig.tight_layout()
     _save(fig, path)
+
+
+def _legend(ax: Any, fontsize: int) -> None:
+    """A legend when the panel has labelled lines (an empty study panel has none)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=fontsize)
 
 
 def _log_x(ax: Any, plotted: bool, summary: dict[str, Any]) -> None:
