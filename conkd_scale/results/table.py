@@ -214,8 +214,10 @@ class ResultsTable:
         self.cfg = cfg
         self.walls: dict[str, float] = {}
 
-    def _all_walls(self) -> dict[str, float]:
-        return _merge_walls(self.cfg.results / "results.json", self.walls)
+    def _all_walls(self, keys: set[str]) -> dict[str, float]:
+        """This table's rows: their walls now, or from the invocation that ran them."""
+        walls = _merge_walls(self.cfg.results / "results.json", self.walls)
+        return {k: v for k, v in walls.items() if k.split("/")[0] in keys}
 
     def _teacher_dirs(self, row: Row) -> tuple[Path, Path]:
         t = self.cfg.work / "teachers"
@@ -298,7 +300,7 @@ class ResultsTable:
             "machine": _machine(),
             "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
             "wall_s": round(time.perf_counter() - t0, 1),
-            "run_walls_s": self._all_walls(),
+            "run_walls_s": self._all_walls({r.key for r in rows}),
             "rows": results,
         }
         cfg.results.mkdir(parents=True, exist_ok=True)
