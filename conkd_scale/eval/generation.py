@@ -313,6 +313,16 @@ class LMGenerator:
             return LogitsProcessorList([ItemClassLogits(list(self.item_of_id))])
         return LogitsProcessorList()
 
+    def _left_padded(self, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``input_ids`` and ``attention_mask`` [B, T] of ``seqs``, padded on the left."""
+        T = max(len(x) for x in seqs)
+        input_ids_BT = torch.full((len(seqs), T), self.pad_id, dtype=torch.long)
+        attention_mask_BT = torch.zeros((len(seqs), T), dtype=torch.long)
+        for b, x in enumerate(seqs):
+            input_ids_BT[b, T - len(x) :] = torch.tensor(list(x), dtype=torch.long)
+            attention_mask_BT[b, T - len(x) :] = 1
+        return input_ids_BT, attention_mask_BT
+
     @torch.no_grad()
     def generate_ids(self, prompts: Sequence[Sequence[int]]) -> list[list[int]]:
         """Generated ids (prompt excluded) for each prompt, batched with left padding."""
@@ -323,13 +333,8 @@ class LMGenerator:
         with _progress(len(prompts), "generate", self.settings.progress) as bar:
             for s in range(0, len(order), bs):
                 idx = order[s : s + bs]
-                T = max(len(prompts[n]) for n in idx)
-                input_ids_BT = torch.full((len(idx), T), self.pad_id, dtype=torch.long)
-                attention_mask_BT = torch.zeros((len(idx), T), dtype=torch.long)
-                for b, n in enumerate(idx):
-                    p = prompts[n]
-                    input_ids_BT[b, T - len(p) :] = torch.tensor(p, dtype=torch.long)
-                    attention_mask_BT[b, T - len(p) :] = 1
+                input_ids_BT, attention_mask_BT = self._left_padded([prompts[n] for n in idx])
+                T = input_ids_BT.shape[1]
                 seq_BL = self.model.generate(
                     input_ids=input_ids_BT.to(self.device),
                     attention_mask=attention_mask_BT.to(self.device),
@@ -364,12 +369,8 @@ class LMGenerator:
         bs = self.settings.batch_size
         for s in range(0, len(todo), bs):
             chunk = todo[s : s + bs]
-            T = max(len(ids) for _, ids in chunk)
-            input_ids_BT = torch.full((len(chunk), T), self.pad_id, dtype=torch.long)
-            attention_mask_BT = torch.zeros((len(chunk), T), dtype=torch.long)
-            for b, (_, ids) in enumerate(chunk):  # left padding: the last position is [-1]
-                input_ids_BT[b, T - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-                attention_mask_BT[b, T - len(ids) :] = 1
+            # left padding: every row's last token is at [-1]
+            input_ids_BT, attention_mask_BT = self._left_padded([ids for _, ids in chunk])
             # positions count from each row's first real token, as in generate()
             position_ids_BT = (attention_mask_BT.cumsum(-1) - 1).clamp(min=0)
             logits_BV = self.model(
