@@ -30,15 +30,25 @@ def dialog_model_dir(path: str | Path) -> Path:
     return path / "hf" if (path / "hf" / "config.json").is_file() else path
 
 
-def rec_ready(cfg: DistillConfig) -> bool:
+def rec_trained(path: str | Path) -> bool:
+    """R's training directory (or its checkpoint directory) holds a trained R."""
     from conkd_scale.rec.train import CHECKPOINT_DIR, CHECKPOINT_FILE
 
-    d = cfg.rec_dir
+    d = Path(path)
     return (d / CHECKPOINT_FILE).is_file() or (d / CHECKPOINT_DIR / CHECKPOINT_FILE).is_file()
 
 
+def dialog_trained(path: str | Path) -> bool:
+    """``path`` is D's training directory with its export, or a Hugging Face model directory."""
+    return (dialog_model_dir(path) / "config.json").is_file()
+
+
+def rec_ready(cfg: DistillConfig) -> bool:
+    return rec_trained(cfg.rec_dir)
+
+
 def dialog_ready(cfg: DistillConfig) -> bool:
-    return (dialog_model_dir(cfg.dialog_dir) / "config.json").is_file()
+    return dialog_trained(cfg.dialog_dir)
 
 
 def check_teachers_present(cfg: DistillConfig) -> None:

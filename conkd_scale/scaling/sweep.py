@@ -260,12 +260,9 @@ def _dialog_preset() -> str:
 
 def _teachers_ready(rec_dir: Path, dialog_dir: Path) -> bool:
     """Both teachers trained (the checks launch/distill.py makes before auto-training)."""
-    from conkd_scale.rec.train import CHECKPOINT_DIR, CHECKPOINT_FILE
+    from conkd_scale.distill.teachers import dialog_trained, rec_trained
 
-    rec = (rec_dir / CHECKPOINT_FILE).is_file() or (
-        rec_dir / CHECKPOINT_DIR / CHECKPOINT_FILE
-    ).is_file()
-    return rec and (dialog_dir / "hf" / "config.json").is_file()
+    return rec_trained(rec_dir) and dialog_trained(dialog_dir)
 
 
 def _merge_walls(out: Path, info: dict[str, Any]) -> dict[str, Any]:
