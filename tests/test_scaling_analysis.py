@@ -219,3 +219,24 @@ def test_study_config_errors() -> None:
         build_config(StudyConfig, None, ["dataset=redial"])
     cfg = build_config(StudyConfig, None, ["sizes=small,tiny", "gates=soft", "ablations=no_kg"])
     assert [r.name for r in cfg.runs()] == ["tiny-soft", "tiny-no_kg", "small-soft", "small-no_kg"]
+
+
+def test_manifest_cli_prints_one_argument_per_line_and_names_a_bad_index(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What slurm/sweep.sh reads: line i's distill/evaluate arguments, one per line."""
+    from conkd_scale.scaling.manifest import main
+
+    path = tmp_path / "manifest.jsonl"
+    rows = [
+        {"name": "tiny-hard", "distill": ["--deepspeed", "z.json", "a=b c"], "evaluate": ["x"]},
+        {"name": "teacher-dialog", "distill": None, "evaluate": ["--system", "dialog"]},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main([str(path), "0", "distill"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["--deepspeed", "z.json", "a=b c"]
+    assert main([str(path), "1", "distill"]) == 0  # D's trace: nothing to train
+    assert capsys.readouterr().out == ""
+    assert main([str(path), "2", "evaluate"]) == 2
+    assert f"{path}: no line 2 (it has 2 jobs)" in capsys.readouterr().err
+    assert main([str(path), "0", "train"]) == 2  # not a part of a job: the usage
