@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import pytest
@@ -10,7 +11,6 @@ import torch
 from conkd_scale.config import build_config, config_to_dict
 from conkd_scale.data.sequences import IGNORE
 from conkd_scale.loss import (
-    GPU_IMPLS,
     IGNORE_INDEX,
     GateConfig,
     LossConfig,
@@ -82,9 +82,13 @@ def test_dispatch() -> None:
     out_fl = conkd_loss(*args, LossConfig(impl="fused_linear"))
     assert type(out_fl.loss.grad_fn).__name__.startswith("ConKDChunked")
     torch.testing.assert_close(out_fl.loss, out_ref.loss)
+    # a bare name (a function's backend argument) raises RuntimeError where it cannot run
+    assert resolve_impl("chunked", CPU) == "chunked"
+    with pytest.raises(RuntimeError, match="backend='triton' needs CUDA tensors"):
+        resolve_impl("triton", CPU)
     # auto picks the fused lm_head path only on CUDA, and only for callers with hidden states
     assert resolve_impl(LossConfig(), CPU, hidden_states=True) == "chunked"
-    if "triton" in GPU_IMPLS:
+    if importlib.util.find_spec("triton") is not None:
         cuda = torch.device("cuda")
         assert resolve_impl(LossConfig(), cuda, hidden_states=True) == "fused_linear"
         assert resolve_impl(LossConfig(), cuda) == "triton"

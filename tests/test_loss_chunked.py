@@ -2,74 +2,28 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
-from conkd_scale.loss import (
-    IGNORE_INDEX,
-    GateConfig,
-    LossConfig,
-    conkd_loss_chunked,
-    conkd_loss_reference,
-)
+from conkd_scale.loss import IGNORE_INDEX, GateConfig, LossConfig, conkd_loss_chunked
 from conkd_scale.loss.chunked import ConKDChunkedFunction
 from conkd_scale.loss.common import tempered_log_q
+from tests.loss_helpers import (
+    against_reference,
+    assert_inplace_through_lm_head,
+    assert_same,
+    logits_case,
+    one_thread,  # noqa: F401 (autouse fixture)
+)
 
 MODES = ("hard", "soft", "static", "oracle", "dialog", "rec")
 TOL = {torch.float32: 1e-5, torch.bfloat16: 5e-2, torch.float64: 1e-10}
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP stalls when the shared cores are busy."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _case(N=41, V=1271, I=97, S=5, dtype=torch.float32, seed=0, ignore_every=4):
-    """Odd shapes; items scattered over the vocabulary, not sorted; some ignored rows."""
-    g = torch.Generator().manual_seed(seed)
-    z = (torch.randn(N, V, generator=g) * 3).to(dtype)
-    t = torch.randn(N, V, generator=g) * 3
-    item_ids = torch.randperm(V, generator=g)[:I]
-    t[: N // 2, item_ids] += 6.0  # high item mass in the first half → hard gate opens
-    t = t.to(dtype)
-    q = torch.softmax(torch.randn(S, I, generator=g) * 2, -1).to(dtype)
-    labels = torch.randint(0, V, (N,), generator=g)
-    labels[::7] = item_ids[: len(labels[::7])]
-    if ignore_every:
-        labels[1::ignore_every] = IGNORE_INDEX
-    rec_row = torch.randint(0, S, (N,), generator=g)
-    rec_row[labels == IGNORE_INDEX] = -1
-    return z, t, q, rec_row, item_ids, labels
-
-
-def _both(z, t, q, rec_row, items, labels, cfg, grad_scale=1.0, **kw):
-    outs, grads = [], []
-    for fn in (conkd_loss_reference, conkd_loss_chunked):
-        zz = z.clone().requires_grad_(True)
-        extra = kw if fn is conkd_loss_chunked else {}
-        out = fn(zz, t, q, rec_row, items, labels, cfg, **extra)
-        (out.loss * grad_scale).backward()
-        outs.append(out)
-        grads.append(zz.grad)
-    return outs, grads
-
-
-def _assert_same(outs, grads, tol: float) -> None:
-    ref, chk = outs
-    for key in ("loss", "ce", "kd", "kd_dialog", "kd_rec"):
-        a, b = getattr(ref, key).double(), getattr(chk, key).double()
-        torch.testing.assert_close(b, a, rtol=tol, atol=tol * 1e-2, msg=key)
-    assert ref.n_tokens == chk.n_tokens
-    torch.testing.assert_close(chk.m_N, ref.m_N, rtol=max(tol, 1e-6), atol=1e-7)
-    torch.testing.assert_close(chk.lam_N, ref.lam_N, rtol=max(tol, 1e-6), atol=1e-7)
-    g_ref, g_chk = grads[0].double(), grads[1].double()
-    assert g_chk.dtype == g_ref.dtype and torch.isfinite(g_chk).all()
-    scale = g_ref.abs().max()
-    torch.testing.assert_close(g_chk, g_ref, rtol=tol, atol=tol * scale)
+# Odd shapes (41 rows, 1271 columns, 97 items); R's table in the logits' dtype.
+_case = partial(logits_case, N=41, V=1271, I=97, S=5, item_every=7, cast_rec=True)
+_both = partial(against_reference, conkd_loss_chunked)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -77,46 +31,46 @@ def _assert_same(outs, grads, tol: float) -> None:
 def test_matches_reference_fp32(mode: str, tau: float) -> None:
     data = _case()
     cfg = LossConfig(gate=GateConfig(mode=mode), tau=tau, w_ce=0.4, w_kd=0.8, chunk_size=16)
-    outs, grads = _both(*data, cfg)
-    _assert_same(outs, grads, TOL[torch.float32])
+    ref, chk = _both(*data, cfg=cfg)
+    assert_same(ref, chk, TOL[torch.float32])
     if mode in ("hard", "oracle"):
-        assert 0 < outs[1].lam_N.sum() < outs[1].n_tokens  # the gate really mixes here
+        assert 0 < chk[0].lam_N.sum() < chk[0].n_tokens  # the gate really mixes here
 
 
 @pytest.mark.parametrize("chunk_size", [1, 7, 40, 41, 1000])
 def test_chunk_sizes(chunk_size: int) -> None:
     data = _case(seed=1)
     cfg = LossConfig(gate=GateConfig(mode="soft"), chunk_size=chunk_size)
-    _assert_same(*_both(*data, cfg), TOL[torch.float32])
+    assert_same(*_both(*data, cfg=cfg), TOL[torch.float32])
 
 
 @pytest.mark.parametrize("mode", ["hard", "soft", "rec"])
 def test_matches_reference_bf16(mode: str) -> None:
     data = _case(dtype=torch.bfloat16, seed=2)
     cfg = LossConfig(gate=GateConfig(mode=mode), tau=1.5, chunk_size=8)
-    _assert_same(*_both(*data, cfg), TOL[torch.bfloat16])
+    assert_same(*_both(*data, cfg=cfg), TOL[torch.bfloat16])
 
 
 def test_no_ignored_rows_and_batched_shape() -> None:
     z, t, q, rec_row, items, labels = _case(N=42, ignore_every=0, seed=3)
     B, T = 6, 7
     data = (z.view(B, T, -1), t.view(B, T, -1), q, rec_row.view(B, T), items, labels.view(B, T))
-    outs, grads = _both(*data, LossConfig(chunk_size=5))
-    _assert_same(outs, grads, TOL[torch.float32])
-    assert grads[1].shape == (B, T, z.shape[1]) and outs[1].lam_N.shape == (B * T,)
+    ref, chk = _both(*data, cfg=LossConfig(chunk_size=5))
+    assert_same(ref, chk, TOL[torch.float32])
+    assert chk[1].shape == (B, T, z.shape[1]) and chk[0].lam_N.shape == (B * T,)
 
 
 @pytest.mark.parametrize("c", [0.0, 1.0])
 def test_lambda_extremes(c: float) -> None:
     cfg = LossConfig(gate=GateConfig(mode="static", c=c), tau=2.0, chunk_size=9)
-    _assert_same(*_both(*_case(seed=4), cfg), TOL[torch.float32])
+    assert_same(*_both(*_case(seed=4), cfg=cfg), TOL[torch.float32])
 
 
 @pytest.mark.parametrize("inplace", [False, True])
 def test_grad_output_not_one(inplace: bool) -> None:
     cfg = LossConfig(gate=GateConfig(mode="hard"), chunk_size=6)
-    outs, grads = _both(*_case(seed=5), cfg, grad_scale=-2.5, inplace=inplace)
-    _assert_same(outs, grads, TOL[torch.float32])
+    ref, chk = _both(*_case(seed=5), cfg=cfg, grad_scale=-2.5, inplace=inplace)
+    assert_same(ref, chk, TOL[torch.float32])
 
 
 def test_all_rows_ignored() -> None:
@@ -144,19 +98,7 @@ def test_inplace_through_lm_head(ignore_every: int) -> None:
     h = torch.randn(33, 16, generator=g)
     w = torch.randn(16, 301, generator=g)
     cfg = LossConfig(gate=GateConfig(mode="soft"), tau=1.3, chunk_size=10)
-    grads = []
-    for use_chunked in (False, True):
-        hh, ww = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
-        logits = hh @ ww  # [N, V]; matmul does not save its output
-        if use_chunked:
-            out = conkd_loss_chunked(logits, t, q, rec_row, items, labels, cfg, inplace=True)
-            assert not torch.allclose(logits.detach(), h @ w)  # buffer now holds the gradient
-        else:
-            out = conkd_loss_reference(logits, t, q, rec_row, items, labels, cfg)
-        out.loss.backward()
-        grads.append((out.loss.detach(), hh.grad, ww.grad))
-    for a, b in zip(*grads, strict=True):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert_inplace_through_lm_head(conkd_loss_chunked, h, w, t, q, rec_row, items, labels, cfg)
 
 
 def test_inplace_refuses_a_saved_tensor() -> None:
@@ -179,9 +121,9 @@ def test_stable_for_huge_and_infinite_logits() -> None:
     labels[0] = 7
     for mode in MODES:
         cfg = LossConfig(gate=GateConfig(mode=mode), chunk_size=5)
-        outs, grads = _both(z, t, q, rec_row, items, labels, cfg)
-        assert torch.isfinite(outs[1].loss) and torch.isfinite(grads[1]).all()
-        _assert_same(outs, grads, 1e-4)
+        ref, chk = _both(z, t, q, rec_row, items, labels, cfg=cfg)
+        assert torch.isfinite(chk[0].loss) and torch.isfinite(chk[1]).all()
+        assert_same(ref, chk, 1e-4)
 
 
 def test_teacher_gets_no_gradient() -> None:
@@ -208,9 +150,9 @@ def test_gradcheck_fp64(tau: float) -> None:
 def test_non_contiguous_and_fp16_inputs() -> None:
     z, t, q, rec_row, items, labels = _case(N=30, V=50, I=6, seed=9)
     cfg = LossConfig(gate=GateConfig(mode="soft"), chunk_size=7)
-    _assert_same(*_both(z.t().contiguous().t(), t, q, rec_row, items, labels, cfg), 1e-5)
+    assert_same(*_both(z.t().contiguous().t(), t, q, rec_row, items, labels, cfg=cfg), 1e-5)
     data16 = (z.half(), t.half(), q, rec_row, items, labels)
-    _assert_same(*_both(*data16, cfg), 5e-2)
+    assert_same(*_both(*data16, cfg=cfg), 5e-2)
 
 
 @pytest.mark.parametrize("ignore_every", [0, 3])

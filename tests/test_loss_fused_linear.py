@@ -2,8 +2,9 @@
 
 Gradients for the hidden states, the lm_head weight and bias are compared with autograd
 through the reference. The Triton per-chunk kernel runs under the interpreter without CUDA
-(``TRITON_INTERPRET`` set before triton is imported; see tests/test_loss_triton.py). The
-ZeRO-3 test runs this file as a one-rank DeepSpeed worker (gloo, CPU) in a subprocess.
+(``TRITON_INTERPRET`` is set before triton is imported: by tests/conftest.py, and by
+tests/loss_helpers.py in the worker). The ZeRO-3 test runs this file as a one-rank DeepSpeed
+worker (gloo, CPU) in a subprocess.
 """
 
 from __future__ import annotations
@@ -14,12 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest
+import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from conkd_scale.loss import IGNORE_INDEX, GateConfig, LossConfig, conkd_loss_reference
@@ -29,18 +26,15 @@ from conkd_scale.loss.fused_linear import (
     gathered,
     is_zero3_param,
 )
+from tests.loss_helpers import (
+    assert_grad_close,
+    assert_outputs_close,
+    one_thread,  # noqa: F401 (autouse fixture)
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA = torch.cuda.is_available()
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _case(N=41, V=1271, I=97, S=5, H=24, Ht=16, seed=0, ignore_every=4, dtype=torch.float32):
@@ -87,16 +81,9 @@ def _fused(h, W, b, th, tW, q, rec_row, items, labels, cfg, grad_scale=1.0, teac
 
 def _assert_same(ref, fus, tol: float) -> None:
     (r, gr), (o, go) = ref, fus
-    for key in ("loss", "ce", "kd", "kd_dialog", "kd_rec"):
-        a, b = getattr(r, key).double(), getattr(o, key).double()
-        torch.testing.assert_close(b, a, rtol=tol, atol=tol * 1e-2, msg=key)
-    assert r.n_tokens == o.n_tokens
-    torch.testing.assert_close(o.m_N, r.m_N, rtol=max(tol, 1e-6), atol=1e-6)
-    torch.testing.assert_close(o.lam_N, r.lam_N, rtol=max(tol, 1e-6), atol=1e-6)
+    assert_outputs_close(r, o, tol, gate_atol=1e-6)
     for name, a, b in zip(("hidden", "weight", "bias"), gr, go, strict=True):
-        assert b.dtype == a.dtype and b.shape == a.shape, name
-        a, b = a.double(), b.double()
-        torch.testing.assert_close(b, a, rtol=tol, atol=tol * a.abs().max(), msg=name)
+        assert_grad_close(b, a, tol, msg=name)
 
 
 @pytest.mark.parametrize("mode", ["hard", "soft", "oracle", "rec", "dialog"])

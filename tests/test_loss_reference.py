@@ -18,17 +18,9 @@ from conkd_scale.loss import (
     item_mass,
 )
 from conkd_scale.utils.errors import ConfigError
+from tests.loss_helpers import one_thread  # noqa: F401 (autouse fixture)
 
 MODES = ("hard", "soft", "static", "oracle", "dialog", "rec")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP stalls when the shared cores are busy."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _lse(xs: list[float]) -> float:

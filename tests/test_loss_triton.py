@@ -2,11 +2,12 @@
 
 Without CUDA the kernel runs under Triton's interpreter. Triton reads ``TRITON_INTERPRET``
 when ``triton.jit`` wraps a function (``triton.knobs.runtime.interpret``, read from the
-environment at that moment), so it is set here before anything imports triton; the kernel
-module also jits lazily at the first launch, per interpreter mode, so the order of imports
-across test modules does not matter. With CUDA the same tests run compiled on the GPU, and
-the ``gpu`` tests at the end run too. Interpreted kernels are slow: shapes stay small, with
-one odd-shape case (N = 41, V = 1271, 97 scattered items) over 3 blocks of 512 columns.
+environment at that moment), so tests/conftest.py sets it before anything imports triton;
+the kernel module also jits lazily at the first launch, per interpreter mode, so the order of
+imports across test modules does not matter. With CUDA the same tests run compiled on the
+GPU, and the ``gpu`` tests at the end run too. Interpreted kernels are slow: shapes stay
+small, with one odd-shape case (N = 41, V = 1271, 97 scattered items) over 3 blocks of 512
+columns.
 """
 
 from __future__ import annotations
@@ -14,25 +15,32 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest
-
 from conkd_scale.loss import (
-    GPU_IMPLS,
     IGNORE_INDEX,
+    ConKDLoss,
     GateConfig,
     LossConfig,
+    conkd_loss,
     conkd_loss_chunked,
     conkd_loss_reference,
     resolve_impl,
 )
+from conkd_scale.loss import dispatch as D
 from conkd_scale.loss import triton_kernel as tk
+from tests.loss_helpers import (
+    against_reference,
+    assert_inplace_through_lm_head,
+    assert_same,
+    logits_case,
+    one_thread,  # noqa: F401 (autouse fixture)
+    run_loss,
+)
 
 pytestmark = [
     pytest.mark.skipif(not tk.HAVE_TRITON, reason="triton is not installed"),
@@ -44,62 +52,15 @@ DEVICE = torch.device("cuda" if CUDA else "cpu")
 MODES = ("hard", "soft", "static", "oracle", "dialog", "rec")
 TOL = {torch.float32: 1e-5, torch.bfloat16: 5e-2, torch.float16: 5e-2}
 
+_case = partial(logits_case, N=13, V=301, I=23, S=3, device=DEVICE)
+_both = partial(against_reference, tk.conkd_loss_triton)
+
 
 @pytest.fixture(autouse=True)
-def _small_blocks(monkeypatch: pytest.MonkeyPatch):
-    """Interpreter: one thread (tiny numpy ops) and small blocks so rows span several."""
+def _small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Interpreter: small blocks so that rows span several."""
     if not CUDA:
         monkeypatch.setenv("CONKD_TRITON_BLOCK_V", "128")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _case(N=13, V=301, I=23, S=3, dtype=torch.float32, seed=0, ignore_every=4):
-    """Items scattered over the vocabulary, unsorted; the first half of the rows puts high
-    mass on items (the hard gate opens there); some item targets; some ignored rows."""
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(N, V, generator=g) * 3
-    t = torch.randn(N, V, generator=g) * 3
-    item_ids = torch.randperm(V, generator=g)[:I]
-    t[: N // 2, item_ids] += 6.0
-    q = torch.softmax(torch.randn(S, I, generator=g) * 2, -1)
-    labels = torch.randint(0, V, (N,), generator=g)
-    labels[::5] = item_ids[: len(labels[::5])]
-    if ignore_every:
-        labels[1::ignore_every] = IGNORE_INDEX
-    rec_row = torch.randint(0, S, (N,), generator=g)
-    rec_row[labels == IGNORE_INDEX] = -1
-    out = (z.to(dtype), t.to(dtype), q, rec_row, item_ids, labels)
-    return tuple(x.to(DEVICE) for x in out)
-
-
-def _run(fn, z, t, q, rec_row, items, labels, cfg, grad_scale=1.0, **kw):
-    zz = z.clone().requires_grad_(True)
-    out = fn(zz, t, q, rec_row, items, labels, cfg, **kw)
-    (out.loss * grad_scale).backward()
-    return out, zz.grad
-
-
-def _both(*data, cfg, grad_scale=1.0, **kw):
-    ref = _run(conkd_loss_reference, *data, cfg, grad_scale)
-    tri = _run(tk.conkd_loss_triton, *data, cfg, grad_scale, **kw)
-    return ref, tri
-
-
-def _assert_same(ref, tri, tol: float) -> None:
-    (r, g_r), (o, g_o) = ref, tri
-    for key in ("loss", "ce", "kd", "kd_dialog", "kd_rec"):
-        a, b = getattr(r, key).double(), getattr(o, key).double()
-        torch.testing.assert_close(b, a, rtol=tol, atol=tol * 1e-2, msg=key)
-    assert r.n_tokens == o.n_tokens
-    assert o.lam_N.dtype == o.m_N.dtype == torch.float32
-    torch.testing.assert_close(o.m_N, r.m_N, rtol=max(tol, 1e-6), atol=1e-7)
-    torch.testing.assert_close(o.lam_N, r.lam_N, rtol=max(tol, 1e-6), atol=1e-7)
-    assert g_o.dtype == g_r.dtype and torch.isfinite(g_o).all()
-    g_r, g_o = g_r.double(), g_o.double()
-    torch.testing.assert_close(g_o, g_r, rtol=tol, atol=tol * g_r.abs().max())
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -110,7 +71,7 @@ def test_odd_shape_fp32(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     data = _case(N=41, V=1271, I=97, S=5)
     cfg = LossConfig(gate=GateConfig(mode=mode), w_ce=0.4, w_kd=0.8)
     ref, tri = _both(*data, cfg=cfg)
-    _assert_same(ref, tri, TOL[torch.float32])
+    assert_same(ref, tri, TOL[torch.float32])
     if mode in ("hard", "oracle"):
         assert 0 < tri[0].lam_N.sum() < tri[0].n_tokens  # the gate really mixes here
 
@@ -118,33 +79,33 @@ def test_odd_shape_fp32(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize("mode", MODES)
 def test_tempered_fp32(mode: str) -> None:
     cfg = LossConfig(gate=GateConfig(mode=mode), tau=2.0, w_ce=0.3, w_kd=1.1)
-    _assert_same(*_both(*_case(seed=1), cfg=cfg), TOL[torch.float32])
+    assert_same(*_both(*_case(seed=1), cfg=cfg), TOL[torch.float32])
 
 
 @pytest.mark.parametrize(("mode", "dtype"), [("hard", torch.bfloat16), ("soft", torch.bfloat16),
                                              ("rec", torch.float16)])  # fmt: skip
 def test_half_precision(mode: str, dtype: torch.dtype) -> None:
     cfg = LossConfig(gate=GateConfig(mode=mode), tau=1.5)
-    _assert_same(*_both(*_case(dtype=dtype, seed=2), cfg=cfg), TOL[dtype])
+    assert_same(*_both(*_case(dtype=dtype, seed=2), cfg=cfg), TOL[dtype])
 
 
 def test_mixed_dtypes_bf16_teacher_fp32_student() -> None:
     z, t, *rest = _case(seed=3)
     cfg = LossConfig(gate=GateConfig(mode="soft"))
-    _assert_same(*_both(z, t.bfloat16(), *rest, cfg=cfg), TOL[torch.float32])
+    assert_same(*_both(z, t.bfloat16(), *rest, cfg=cfg), TOL[torch.float32])
 
 
 @pytest.mark.parametrize("inplace", [False, True])
 def test_grad_output_not_one(inplace: bool) -> None:
     cfg = LossConfig(gate=GateConfig(mode="hard"), tau=1.3)
-    _assert_same(*_both(*_case(seed=4), cfg=cfg, grad_scale=-2.5, inplace=inplace), 1e-5)
+    assert_same(*_both(*_case(seed=4), cfg=cfg, grad_scale=-2.5, inplace=inplace), 1e-5)
 
 
 @pytest.mark.parametrize("c", [0.0, 1.0])
 def test_lambda_extremes(c: float) -> None:
     cfg = LossConfig(gate=GateConfig(mode="static", c=c), tau=2.0)
     ref, tri = _both(*_case(seed=5), cfg=cfg)
-    _assert_same(ref, tri, 1e-5)
+    assert_same(ref, tri, 1e-5)
     assert (tri[0].kd_rec == 0) if c == 0.0 else (tri[0].kd_dialog == 0)
 
 
@@ -153,7 +114,7 @@ def test_hard_gate_thresholds(eta: float) -> None:
     """η = 0: every row with item mass opens (λ = 1); η = 1: none can (m ≤ 1, strict >)."""
     cfg = LossConfig(gate=GateConfig(mode="hard", eta=eta))
     ref, tri = _both(*_case(seed=6), cfg=cfg)
-    _assert_same(ref, tri, 1e-5)
+    assert_same(ref, tri, 1e-5)
     valid = tri[0].lam_N[_case(seed=6)[-1] != IGNORE_INDEX]
     assert bool((valid == (1.0 if eta == 0.0 else 0.0)).all())
 
@@ -179,7 +140,7 @@ def test_batched_shape_without_ignored_rows() -> None:
     B, T = 3, 4
     data = (z.view(B, T, -1), t.view(B, T, -1), q, rec_row.view(B, T), items, labels.view(B, T))
     ref, tri = _both(*data, cfg=LossConfig(gate=GateConfig(mode="soft")))
-    _assert_same(ref, tri, 1e-5)
+    assert_same(ref, tri, 1e-5)
     assert tri[1].shape == (B, T, z.shape[1]) and tri[0].lam_N.shape == (B * T,)
 
 
@@ -201,7 +162,7 @@ def test_stable_for_huge_and_infinite_logits() -> None:
         assert torch.isfinite(tri[1]).all()
         assert torch.equal(torch.isfinite(tri[0].loss), torch.isfinite(ref[0].loss))
         if torch.isfinite(ref[0].loss):
-            _assert_same(ref, tri, 1e-4)
+            assert_same(ref, tri, 1e-4)
         else:  # KL(p_D ‖ p_S) = ∞ where p_S = 0 < p_D: the gradient is still finite and equal
             torch.testing.assert_close(tri[1], ref[1], rtol=1e-4, atol=1e-6)
 
@@ -210,9 +171,9 @@ def test_matches_chunked_path() -> None:
     """Two implementations of the same function agree (here without the reference)."""
     data = _case(seed=9)
     cfg = LossConfig(gate=GateConfig(mode="soft"), tau=0.7, chunk_size=5)
-    a = _run(conkd_loss_chunked, *data, cfg)
-    b = _run(tk.conkd_loss_triton, *data, cfg)
-    _assert_same(a, b, 1e-5)
+    a = run_loss(conkd_loss_chunked, *data, cfg)
+    b = run_loss(tk.conkd_loss_triton, *data, cfg)
+    assert_same(a, b, 1e-5)
 
 
 @pytest.mark.parametrize("ignore_every", [0, 3])
@@ -223,19 +184,7 @@ def test_inplace_through_lm_head(ignore_every: int) -> None:
     h = torch.randn(11, 8, generator=g).to(DEVICE)
     w = torch.randn(8, 97, generator=g).to(DEVICE)
     cfg = LossConfig(gate=GateConfig(mode="soft"), tau=1.3)
-    grads = []
-    for use_triton in (False, True):
-        hh, ww = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
-        logits = hh @ ww  # [N, V]; matmul does not save its output
-        if use_triton:
-            out = tk.conkd_loss_triton(logits, t, q, rec_row, items, labels, cfg, inplace=True)
-            assert not torch.allclose(logits.detach(), h @ w)  # buffer now holds the gradient
-        else:
-            out = conkd_loss_reference(logits, t, q, rec_row, items, labels, cfg)
-        out.loss.backward()
-        grads.append((out.loss.detach(), hh.grad, ww.grad))
-    for a, b in zip(*grads, strict=True):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert_inplace_through_lm_head(tk.conkd_loss_triton, h, w, t, q, rec_row, items, labels, cfg)
 
 
 def test_inplace_refuses_a_saved_tensor() -> None:
@@ -262,7 +211,7 @@ def test_vocabulary_slice_of_padded_logits() -> None:
     view = buf[:, :90]
     assert view.stride(0) == 128 and not view.is_contiguous()
     cfg = LossConfig(gate=GateConfig(mode="soft"))
-    ref, g_ref = _run(conkd_loss_reference, z, t, q, rec_row, items, labels, cfg)
+    ref, g_ref = run_loss(conkd_loss_reference, z, t, q, rec_row, items, labels, cfg)
     out = tk.conkd_loss_triton(view, t, q, rec_row, items, labels, cfg, inplace=True)
     torch.testing.assert_close(buf.detach()[:, :90], g_ref, rtol=1e-5, atol=1e-7)  # in place
     assert torch.equal(buf.detach()[:, 90:], pad)
@@ -276,7 +225,7 @@ def test_vocabulary_slice_of_padded_logits() -> None:
 def test_no_grad_evaluation_writes_nothing(inplace: bool) -> None:
     z, t, q, rec_row, items, labels = _case(seed=13)
     cfg = LossConfig(gate=GateConfig(mode="soft"), tau=1.5)
-    ref = _run(conkd_loss_reference, z, t, q, rec_row, items, labels, cfg)
+    ref = run_loss(conkd_loss_reference, z, t, q, rec_row, items, labels, cfg)
     z_before = z.clone()
     with torch.no_grad():
         out = tk.conkd_loss_triton(z, t, q, rec_row, items, labels, cfg, inplace=inplace)
@@ -296,28 +245,34 @@ def test_teacher_gets_no_gradient_and_repeated_items_rejected() -> None:
         tk.conkd_loss_triton(z, t, q, rec_row, dup, labels, LossConfig())
 
 
-def test_module_wrapper_and_registration(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_module_wrapper_and_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
     data = _case(seed=12)
     cfg = LossConfig(gate=GateConfig(mode="oracle"), tau=1.2)
-    mod = tk.ConKDLoss(cfg)
+    mod = ConKDLoss(cfg)
     assert "oracle" in repr(mod)
     z = data[0].clone().requires_grad_(True)
     out = mod(z, *data[1:])
     out.loss.backward()
     assert type(out.loss.grad_fn).__name__.startswith("ConKDTriton")
-    _assert_same(_run(conkd_loss_reference, *data, cfg), (out, z.grad), 1e-5)
+    assert_same(run_loss(conkd_loss_reference, *data, cfg), (out, z.grad), 1e-5)
 
-    monkeypatch.setattr("conkd_scale.loss.GPU_IMPLS", dict(GPU_IMPLS))
-    tk.register()
-    import conkd_scale.loss as L
-
-    assert L.GPU_IMPLS["triton"] is tk.conkd_loss_triton
-    monkeypatch.setattr(tk, "_WARNED_FUSED", False)
-    with pytest.warns(UserWarning, match="called with logits"):
-        out2 = L.GPU_IMPLS["fused_linear"](data[0], *data[1:], cfg)
-    torch.testing.assert_close(out2.loss, out.loss.detach())
+    # the module's choice: the kernel wherever it runs, interpreted ones included
+    assert resolve_impl("auto", DEVICE, interpreter=True) == "triton"
     assert resolve_impl(LossConfig(), torch.device("cuda")) == "triton"
     assert resolve_impl(LossConfig(), torch.device("cpu")) == "chunked"
+
+    # conkd_loss where the kernel runs (the interpreter stands in for CUDA without one):
+    # "triton" is the kernel; "fused_linear" given logits runs it on them, with a warning
+    if not CUDA:
+        monkeypatch.setattr(D, "_triton_runs", lambda device, interpreter: True)
+    z1 = data[0].clone().requires_grad_(True)
+    out1 = conkd_loss(z1, *data[1:], LossConfig(gate=cfg.gate, tau=cfg.tau, impl="triton"))
+    assert type(out1.loss.grad_fn).__name__.startswith("ConKDTriton")
+    torch.testing.assert_close(out1.loss.detach(), out.loss.detach())
+    monkeypatch.setattr(D, "_WARNED_FUSED", False)
+    with pytest.warns(UserWarning, match="called with logits"):
+        out2 = conkd_loss(*data, LossConfig(gate=cfg.gate, tau=cfg.tau, impl="fused_linear"))
+    torch.testing.assert_close(out2.loss, out.loss.detach())
 
 
 def test_kernel_compiles_for_sm90() -> None:
@@ -326,7 +281,7 @@ def test_kernel_compiles_for_sm90() -> None:
     mode leaves state in triton.language that the compiler trips over."""
     pytest.importorskip("triton.backends.nvidia")
     code = (
-        "from conkd_scale.loss.triton_kernel import aot_compile\n"
+        "from conkd_scale.loss.aot import aot_compile\n"
         "for args in [('bf16', 'hard', False), ('fp32', 'soft', True), ('fp16', 'oracle', True),"
         " ('bf16', 'rec', True), ('bf16', 'dialog', False), ('fp32', 'static', False)]:\n"
         "    assert aot_compile(*args).asm['cubin']\n"
@@ -365,7 +320,7 @@ def test_gpu_realistic_shape(dtype: torch.dtype) -> None:
     rec_row = torch.randint(0, S, (N,), device="cuda", generator=g)
     for mode in ("hard", "soft"):
         cfg = LossConfig(gate=GateConfig(mode=mode), tau=1.5)
-        _assert_same(*_both(z, t.to(dtype), q, rec_row, items, labels, cfg=cfg), TOL[dtype])
+        assert_same(*_both(z, t.to(dtype), q, rec_row, items, labels, cfg=cfg), TOL[dtype])
 
 
 @pytest.mark.gpu

@@ -43,6 +43,33 @@ def compute_dtype(*tensors: Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+def check_rows(
+    labels_N: Tensor,  # [N] long gold tokens, -100 where no loss
+    rec_row_N: Tensor,  # [N] long row of rec_probs for each loss row
+    item_ids_I: Tensor,  # [I] vocabulary ids of the items
+    S: int,  # rows of rec_probs
+    V: int,  # vocabulary size
+) -> None:
+    """Check the index ranges of the loss inputs (every implementation's entry runs this).
+
+    Raises ``ValueError`` on an item id outside ``[0, V)``, a label of a loss row outside
+    ``[0, V)``, or a loss row whose ``rec_row`` is not in ``[0, S)``.
+    """
+    I = item_ids_I.numel()
+    if I > 0 and (int(item_ids_I.min()) < 0 or int(item_ids_I.max()) >= V):
+        raise ValueError(f"item ids must lie in [0, {V})")
+    valid_N = labels_N != IGNORE_INDEX  # [N]
+    if bool(valid_N.any()):
+        y_M, r_M = labels_N[valid_N], rec_row_N[valid_N]  # [M], [M]
+        if int(y_M.min()) < 0 or int(y_M.max()) >= V:
+            raise ValueError(f"labels of loss rows must lie in [0, {V}) (or be {IGNORE_INDEX})")
+        if int(r_M.min()) < 0 or int(r_M.max()) >= S:
+            raise ValueError(
+                f"every loss row needs a recommender-turn row in [0, {S}) in rec_row "
+                f"(got {int(r_M.min())}..{int(r_M.max())})"
+            )
+
+
 def flatten_inputs(
     student_logits: Tensor,  # [..., V]
     teacher_logits: Tensor,  # [..., V]
@@ -53,8 +80,7 @@ def flatten_inputs(
 ) -> FlatInputs:
     """Flatten ``[B, T, V]`` / ``[N, V]`` inputs to rows and check shapes and index ranges.
 
-    Raises ``ValueError`` on a shape mismatch, an item id outside ``[0, V)``, a label of a
-    loss row outside ``[0, V)``, or a loss row whose ``rec_row`` is not in ``[0, S)``.
+    Raises ``ValueError`` on a shape mismatch or an index out of range (:func:`check_rows`).
     """
     V = student_logits.shape[-1]
     if teacher_logits.shape != student_logits.shape:
@@ -73,24 +99,11 @@ def flatten_inputs(
     I = item_ids_I.numel()
     if rec_probs_SI.shape[1] != I:
         raise ValueError(f"rec_probs has {rec_probs_SI.shape[1]} columns but there are {I} items")
-    if I > 0 and (int(item_ids_I.min()) < 0 or int(item_ids_I.max()) >= V):
-        raise ValueError(f"item ids must lie in [0, {V})")
-    student_NV = student_logits.reshape(-1, V)
-    teacher_NV = teacher_logits.reshape(-1, V)
     labels_N = labels.reshape(-1).long()
     rec_row_N = rec_row.reshape(-1).long()
-    valid_N = labels_N != IGNORE_INDEX
-    if bool(valid_N.any()):
-        y_M = labels_N[valid_N]
-        if int(y_M.min()) < 0 or int(y_M.max()) >= V:
-            raise ValueError(f"labels of loss rows must lie in [0, {V}) (or be {IGNORE_INDEX})")
-        r_M = rec_row_N[valid_N]
-        S = rec_probs_SI.shape[0]
-        if int(r_M.min()) < 0 or int(r_M.max()) >= S:
-            raise ValueError(
-                f"every loss row needs a recommender-turn row in [0, {S}) in rec_row "
-                f"(got {int(r_M.min())}..{int(r_M.max())})"
-            )
+    check_rows(labels_N, rec_row_N, item_ids_I, rec_probs_SI.shape[0], V)
+    student_NV = student_logits.reshape(-1, V)
+    teacher_NV = teacher_logits.reshape(-1, V)
     return FlatInputs(student_NV, teacher_NV, rec_probs_SI, rec_row_N, item_ids_I.long(), labels_N)
 
 

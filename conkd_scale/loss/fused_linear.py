@@ -36,8 +36,15 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from conkd_scale.loss.common import IGNORE_INDEX, LossOutput, compute_dtype, tempered_log_q
+from conkd_scale.loss.common import (
+    IGNORE_INDEX,
+    LossOutput,
+    check_rows,
+    compute_dtype,
+    tempered_log_q,
+)
 from conkd_scale.loss.config import LossConfig
+from conkd_scale.loss.dispatch import resolve_impl
 
 Backend = Literal["auto", "triton", "chunked"]
 
@@ -93,31 +100,6 @@ def register_external_weight(module: nn.Module, *params: Tensor | None) -> None:
 
 
 # ------------------------------------------------------------------------ the function
-def _check_rows(labels_N: Tensor, rec_row_N: Tensor, item_ids_I: Tensor, S: int, V: int) -> None:
-    """Index ranges of the loss rows (as ``common.flatten_inputs`` checks for logits)."""
-    I = item_ids_I.numel()
-    if I > 0 and (int(item_ids_I.min()) < 0 or int(item_ids_I.max()) >= V):
-        raise ValueError(f"item ids must lie in [0, {V})")
-    valid_N = labels_N != IGNORE_INDEX
-    if bool(valid_N.any()):
-        y_M, r_M = labels_N[valid_N], rec_row_N[valid_N]
-        if int(y_M.min()) < 0 or int(y_M.max()) >= V:
-            raise ValueError(f"labels of loss rows must lie in [0, {V}) (or be {IGNORE_INDEX})")
-        if int(r_M.min()) < 0 or int(r_M.max()) >= S:
-            raise ValueError(f"every loss row needs a recommender-turn row in [0, {S})")
-
-
-def _use_triton(backend: Backend, device: torch.device) -> bool:
-    from conkd_scale.loss.triton_kernel import kernel_available
-
-    if backend == "chunked":
-        return False
-    ok = kernel_available(device)
-    if backend == "triton" and not ok:
-        raise RuntimeError(f"backend='triton' needs CUDA tensors and triton, got {device}")
-    return ok and (backend == "triton" or device.type == "cuda")
-
-
 class ConKDFusedLinearFunction(torch.autograd.Function):
     """autograd.Function of the fused-linear loss; see :func:`conkd_loss_fused_linear`."""
 
@@ -270,11 +252,12 @@ def conkd_loss_fused_linear(
         raise ValueError("rec_probs must be [S, I] with one column per item id")
     labels_N, rec_row_N = labels.reshape(-1).long(), rec_row.reshape(-1).long()
     items_I = item_ids_I.long()
-    _check_rows(labels_N, rec_row_N, items_I, rec_probs_SI.shape[0], V)
+    check_rows(labels_N, rec_row_N, items_I, rec_probs_SI.shape[0], V)
     chunk = int(chunk_size or cfg.chunk_size)
     if chunk < 1:
         raise ValueError("chunk_size must be >= 1")
-    use_triton = _use_triton(backend, hidden.device)
+    # an explicit backend='triton' may run interpreted; 'auto' picks Triton on CUDA only
+    use_triton = resolve_impl(backend, hidden.device, interpreter=backend == "triton") == "triton"
     loss, ce, kd, kd_d, kd_r, lam_N, m_N = ConKDFusedLinearFunction.apply(
         h_NH, weight_VH, bias_V, t_NV, th_NH, teacher_weight_VH, rec_probs_SI, rec_row_N,
         items_I, labels_N, cfg, chunk, use_triton,

@@ -26,16 +26,20 @@ On a machine without CUDA the kernel runs under Triton's interpreter (``TRITON_I
 in the environment before the first launch; slow, for tests). Triton reads that variable
 when ``triton.jit`` is applied, so the kernel is jitted lazily, per interpreter mode, at its
 first launch rather than at import.
+
+This module holds the kernel, its launcher and its autograd.Function. Which implementation
+runs is :func:`conkd_scale.loss.dispatch.resolve_impl`'s choice; the ``nn.Module`` wrapper is
+:class:`conkd_scale.loss.module.ConKDLoss` and the ahead-of-time compiler
+:func:`conkd_scale.loss.aot.aot_compile`.
 """
 
 from __future__ import annotations
 
 import os
-import warnings
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from conkd_scale.loss.common import (
     IGNORE_INDEX,
@@ -60,15 +64,13 @@ except ImportError:  # pragma: no cover - exercised only without triton
 __all__ = [
     "GATE_CODES",
     "HAVE_TRITON",
-    "ConKDLoss",
     "ConKDTritonFunction",
-    "aot_compile",
     "conkd_loss_triton",
+    "conkd_row_kernel",
     "conkd_rows_",
-    "fused_linear_from_logits",
     "item_column_map",
     "kernel_available",
-    "register",
+    "launch_config",
 ]
 
 GATE_CODES = {"hard": 0, "soft": 1, "static": 2, "oracle": 3, "dialog": 4, "rec": 5}
@@ -78,7 +80,8 @@ N_PARTS = 5
 """Per-row outputs of the kernel, in this order: ce, kd_dialog, kd_rec, λ, m."""
 
 
-def _conkd_row_kernel(
+# The kernel as a plain function: _kernel() jits it per interpreter mode, aot.py compiles it.
+def conkd_row_kernel(
     z_ptr,  # [N, V] student logits (any float dtype), unit column stride
     t_ptr,  # [N, V] dialogue-teacher logits (any float dtype), unit column stride
     g_ptr,  # [N, V] out: ∂L/∂z in the gradient's dtype; may alias z_ptr
@@ -244,7 +247,7 @@ def _kernel() -> Any:
     """The jitted kernel for the current interpreter mode (jitted on first use)."""
     mode = _interpret_mode()
     if mode not in _JITTED:
-        _JITTED[mode] = triton.jit(_conkd_row_kernel)
+        _JITTED[mode] = triton.jit(conkd_row_kernel)
     return _JITTED[mode]
 
 
@@ -411,95 +414,3 @@ def conkd_loss_triton(
         inplace,
     )  # fmt: skip
     return LossOutput(loss, ce, kd, kd_d, kd_r, lam_N, m_N, n_valid)
-
-
-class ConKDLoss(nn.Module):
-    """``nn.Module`` face of the loss: the Triton kernel where it can run, else the chunked
-    CPU path (same function). ``forward`` takes the arguments of :func:`conkd_loss_triton`."""
-
-    def __init__(self, cfg: LossConfig | None = None, *, inplace: bool = False) -> None:
-        super().__init__()
-        self.cfg = cfg or LossConfig()
-        self.inplace = inplace
-
-    def forward(
-        self,
-        student_logits: Tensor,  # [N, V] or [B, T, V]
-        teacher_logits: Tensor,  # [N, V] or [B, T, V]
-        rec_probs_SI: Tensor,  # [S, I]
-        rec_row: Tensor,  # [N] or [B, T]
-        item_ids_I: Tensor,  # [I]
-        labels: Tensor,  # [N] or [B, T]
-    ) -> LossOutput:
-        args = (student_logits, teacher_logits, rec_probs_SI, rec_row, item_ids_I, labels)
-        if kernel_available(student_logits.device):
-            return conkd_loss_triton(*args, self.cfg, inplace=self.inplace)
-        from conkd_scale.loss.chunked import conkd_loss_chunked
-
-        return conkd_loss_chunked(*args, self.cfg, inplace=self.inplace)
-
-    def extra_repr(self) -> str:
-        c = self.cfg
-        return f"gate={c.gate.mode}, tau={c.tau}, w_ce={c.w_ce}, w_kd={c.w_kd}"
-
-
-def aot_compile(
-    dtype: str = "bf16",
-    gate: str = "hard",
-    tempered: bool = False,
-    block_v: int = 4096,
-    num_warps: int = 16,
-    arch: int = 90,
-    write_grad: bool = True,
-) -> Any:
-    """Compile the kernel ahead of time for CUDA ``sm_<arch>`` without a GPU (Triton's bundled
-    ptxas); returns the ``CompiledKernel`` (``.asm["ptx"]``, ``.asm["cubin"]``). A check that
-    the compiler, not only the interpreter, accepts the kernel. Call it in a process that
-    never had ``TRITON_INTERPRET`` set: the interpreter leaves state in ``triton.language``.
-    ``dtype``: the logits' Triton type name (bf16, fp16, fp32)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from triton.runtime.jit import JITFunction
-
-    ptr_types = (f"*{dtype}",) * 3 + ("*fp32", "*i32", "*i64", "*i64", "*fp32")
-    ptrs = ("z_ptr", "t_ptr", "g_ptr", "logq_ptr", "col_ptr", "y_ptr", "r_ptr", "parts_ptr")
-    sig = dict(zip(ptrs, ptr_types, strict=True))
-    sig |= {k: "i64" for k in ("stride_z", "stride_t", "stride_g")}
-    sig |= {k: "i32" for k in ("N", "V", "I")}
-    sig |= {k: "fp32" for k in ("inv_tau", "tau_sq", "w_ce", "a_kd", "inv_m", "eta", "c_static")}
-    sig |= {k: "constexpr" for k in ("GATE", "TEMPERED", "WRITE_GRAD", "BLOCK_V", "ACC")}
-    const = {"GATE": GATE_CODES[gate], "TEMPERED": tempered, "WRITE_GRAD": write_grad,
-             "BLOCK_V": block_v, "ACC": tl.float32}  # fmt: skip
-    src = ASTSource(fn=JITFunction(_conkd_row_kernel), signature=sig, constexprs=const)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
-
-
-_WARNED_FUSED = False
-
-
-def fused_linear_from_logits(*args: Any, **kwargs: Any) -> LossOutput:
-    """``GPU_IMPLS["fused_linear"]``: the dispatcher only has logits, which already exist, so
-    the Triton kernel runs on them (same function). The memory saving of the fused path needs
-    hidden states: :func:`conkd_scale.loss.fused_linear.conkd_loss_fused_linear` or
-    :class:`conkd_scale.loss.fused_linear.ConKDFusedLinearLoss`. Warns once."""
-    global _WARNED_FUSED
-    if not _WARNED_FUSED:
-        _WARNED_FUSED = True
-        warnings.warn(
-            "loss.impl='fused_linear' called with logits: running the Triton kernel on them; "
-            "pass hidden states to conkd_loss_fused_linear / ConKDFusedLinearLoss to never "
-            "materialise [N, V] logits",
-            stacklevel=2,
-        )
-    return conkd_loss_triton(*args, **kwargs)
-
-
-def register() -> None:
-    """Add the kernel to ``conkd_scale.loss.GPU_IMPLS``: "triton" (so ``impl=auto`` picks it
-    on CUDA) and "fused_linear" (:func:`fused_linear_from_logits`). No-op without triton."""
-    if not HAVE_TRITON:
-        return
-    from conkd_scale.loss import GPU_IMPLS
-
-    GPU_IMPLS["triton"] = conkd_loss_triton
-    GPU_IMPLS["fused_linear"] = fused_linear_from_logits
