@@ -81,3 +81,23 @@ def test_distill_config_checks(override, needle):
 
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
         build_config(DistillConfig, None, [override])
+
+
+@pytest.mark.parametrize(
+    "overrides, preset",
+    [
+        ([], "mini"),  # the distillation default
+        (["teachers.dialog_preset=small"], "small"),
+        # a preset among the teacher's own overrides wins over teachers.dialog_preset
+        (["teachers.dialog_preset=small", "teachers.dialog_overrides=model.preset=tiny"], "tiny"),
+    ],
+)
+def test_auto_trained_dialog_teacher_gets_the_configured_preset(overrides, preset):
+    from conkd_scale.distill.config import DistillConfig
+    from conkd_scale.distill.teachers import dialog_teacher_overrides
+    from conkd_scale.training.dialog_teacher import DialogTeacherConfig
+
+    cfg = build_config(DistillConfig, None, overrides)
+    dcfg = build_config(DialogTeacherConfig, None, dialog_teacher_overrides(cfg))
+    assert dcfg.model.preset == preset
+    assert dcfg.dataset == cfg.dataset and dcfg.max_length == cfg.max_length

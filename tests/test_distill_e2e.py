@@ -168,6 +168,7 @@ def test_zero2_student(run_a):
             f"output_dir={out}",
             "train.max_steps=2",
             "loss.gate.mode=soft",
+            "loss.gate.eta=auto",
             "train.eval_every=2",
             "train.eval_max_batches=2",
         ],
@@ -175,6 +176,10 @@ def test_zero2_student(run_a):
     )
     info = json.loads((out / "run_info.json").read_text())
     assert info["zero_stage"] == 2
+    # η = auto was chosen on the validation split: the best F1 of the grid, 0.5 included
+    cal = info["gate_calibration"]
+    assert cal["split"] == "valid" and info["eta"] == cal["eta"] and 0.0 <= info["eta"] < 1.0
+    assert cal["at_eta"]["f1"] >= cal["at_0.5"]["f1"] and cal["at_eta"]["n_gold"] > 0
     assert (out / "hf" / "config.json").is_file() and len(read_rows(out)) == 2
     # validation rows carry the student's own gate (followed by the scaling study)
     ev = read_rows(out, "eval")[-1]

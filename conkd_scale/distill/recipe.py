@@ -49,7 +49,7 @@ from conkd_scale.distill.config import DistillConfig
 from conkd_scale.eval.catalog_io import save_item_catalog
 from conkd_scale.loss import LossOutput, conkd_loss, resolve_impl
 from conkd_scale.loss.fused_linear import ConKDFusedLinearLoss
-from conkd_scale.loss.gates import item_mass
+from conkd_scale.loss.gates import choose_eta, gate_detection, item_mass
 from conkd_scale.models.builder import build_model
 from conkd_scale.models.export import export_hf
 from conkd_scale.training.data import Batch, sequence_collate
@@ -63,6 +63,7 @@ from conkd_scale.training.trainer import (
     make_scheduler_factory,
     plan_steps,
 )
+from conkd_scale.utils.errors import ConfigError
 from conkd_scale.utils.io import write_json
 
 GATE_COUNTS = (
@@ -167,6 +168,12 @@ class DistillRecipe:
             train_convs = train_convs[: cfg.max_train_conversations]
         self.train_data = encode_split(train_convs, tok, cfg)  # type: ignore[arg-type]
         self.eval_data = encode_split(corpus.splits["valid"], tok, cfg)  # type: ignore[arg-type]
+        if cfg.loss.gate.eta == "auto" and cfg.uses_teachers and not self.eval_data:
+            raise ConfigError(
+                "loss.gate.eta=auto is chosen on the validation split, and "
+                f"{cfg.resolved_data_dir} has no validation conversations: add them or set "
+                "loss.gate.eta to a number"
+            )
         torch.manual_seed(cfg.train.seed)
         self.built = build_model(cfg.student, tok, ds_config=ds, catalog=corpus.catalog)
         if cfg.uses_teachers:
@@ -184,6 +191,12 @@ class DistillRecipe:
             )
             self.teacher = T.build_dialog_engine(
                 T.dialog_model_dir(cfg.dialog_dir), ds_inf, self.vocab
+            )
+        self.gate_calibration: dict[str, Any] | None = None
+        if self.teacher is not None and cfg.loss.gate.eta == "auto":
+            self.gate_calibration = self._resolve_eta(sequence_collate(tok.pad_token_id))
+            D.print0(
+                f"loss.gate.eta=auto: η = {cfg.loss.gate.eta} (validation F1 of the hard gate)"
             )
         total = plan_steps(cfg.train, len(self.train_data), self.dist.world_size)
         # the student's final hidden states are at hand: auto may pick fused_linear (CUDA)
@@ -234,6 +247,8 @@ class DistillRecipe:
             "total_steps": total,
             "zero_stage": ds.get("zero_optimization", {}).get("stage", 0),
             "loss_impl": impl,
+            "eta": cfg.loss.gate.eta if self.teacher is not None else None,
+            "gate_calibration": self.gate_calibration,
         }
         D.run_on_main(write_json, self.out / "run_info.json", info)
         D.print0(json.dumps(info))
@@ -241,6 +256,33 @@ class DistillRecipe:
         self._dump_pending = cfg.debug_dump_dir is not None and resumed is None
         if self._dump_pending:
             export_hf(self._student(), tok, Path(str(cfg.debug_dump_dir)) / "student0")
+
+    @torch.no_grad()
+    def _resolve_eta(self, collate: Any) -> dict[str, Any]:
+        """``η = auto``: D's item mass at every loss row of the validation split (every rank
+        runs the same forwards, as D is sharded), then the F1-best hard-gate threshold."""
+        mb, ms, golds = self.cfg.train.micro_batch, [], []
+        for s in range(0, len(self.eval_data), mb):
+            batch = collate(self.eval_data[s : s + mb])
+            logits_BTV = lm_logits(self.teacher, batch)  # [B, T, V]
+            rows_BT = loss_rows(batch).to(logits_BTV.device)
+            t_NV = logits_BTV[:, :-1][rows_BT][:, : self.vocab]  # [N, V]
+            labels_N = batch["labels"][:, 1:].to(t_NV.device)[rows_BT]  # [N]
+            items_I = self.item_tok_I.to(t_NV.device)
+            ms.append(item_mass(t_NV, items_I).float().cpu())
+            golds.append(torch.isin(labels_N, items_I).cpu())
+            del logits_BTV, t_NV
+        m_N, gold_N = torch.cat(ms), torch.cat(golds)
+        eta = choose_eta(m_N, gold_N)
+        self.cfg.loss.gate.eta = eta
+        return {
+            "split": "valid",
+            "eta": eta,
+            "m_gold_mean": float(m_N[gold_N].mean()) if gold_N.any() else None,
+            "m_other_mean": float(m_N[~gold_N].mean()) if (~gold_N).any() else None,
+            "at_eta": gate_detection(m_N, gold_N, eta),
+            "at_0.5": gate_detection(m_N, gold_N, 0.5),
+        }
 
     # ---------------------------------------------------------------------------- hooks
     @torch.no_grad()
@@ -344,7 +386,7 @@ class DistillRecipe:
         dev = labels_N.device
         lam = out.lam_N.detach().float()
         gold = torch.isin(labels_N, self.item_tok_I.to(dev))
-        pred = lam > cfg.loss.gate.eta
+        pred = lam > cfg.loss.gate.threshold
         parts = {
             "ce": out.ce,
             "kd": out.kd,
@@ -373,7 +415,7 @@ class DistillRecipe:
         gate's hits against the gold item positions (for precision and recall)."""
         m_N = item_mass(student_NV.detach(), self.item_tok_I.to(student_NV.device)).float()
         gold_N = torch.isin(labels_N, self.item_tok_I.to(labels_N.device))
-        pred_N = m_N > self.cfg.loss.gate.eta
+        pred_N = m_N > self.cfg.loss.gate.threshold
         return {
             "sgate_m_gold_sum": float(m_N[gold_N].sum()),
             "sgate_m_other_sum": float(m_N[~gold_N].sum()),

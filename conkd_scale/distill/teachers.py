@@ -73,6 +73,22 @@ def check_teachers_present(cfg: DistillConfig) -> None:
             )
 
 
+def dialog_teacher_overrides(cfg: DistillConfig) -> list[str]:
+    """``key=value`` settings of an auto-trained D: the run's data and sequence layout, the
+    size ``teachers.dialog_preset``, then ``teachers.dialog_overrides`` (which win)."""
+    return [
+        f"dataset={cfg.dataset}",
+        f"data_dir={cfg.resolved_data_dir}",
+        f"output_dir={cfg.dialog_dir}",
+        f"max_length={cfg.max_length}",
+        f"use_mode_tokens={cfg.use_mode_tokens}",
+        f"train.progress={cfg.train.progress}",
+        f"max_train_conversations={cfg.max_train_conversations}",
+        f"model.preset={cfg.teachers.dialog_preset}",
+        *cfg.teachers.dialog_overrides,
+    ]
+
+
 def train_missing_teachers(cfg: DistillConfig) -> None:
     """Train R and/or D where their directories lack a trained model. Collective."""
     if not rec_ready(cfg) and cfg.uses_teachers:
@@ -98,20 +114,7 @@ def train_missing_teachers(cfg: DistillConfig) -> None:
         from conkd_scale.training.ds_config import load_ds_config
 
         D.print0(f"training the dialogue teacher into {cfg.dialog_dir}")
-        dcfg = build_config(
-            DialogTeacherConfig,
-            None,
-            [
-                f"dataset={cfg.dataset}",
-                f"data_dir={cfg.resolved_data_dir}",
-                f"output_dir={cfg.dialog_dir}",
-                f"max_length={cfg.max_length}",
-                f"use_mode_tokens={cfg.use_mode_tokens}",
-                f"train.progress={cfg.train.progress}",
-                f"max_train_conversations={cfg.max_train_conversations}",
-                *cfg.teachers.dialog_overrides,
-            ],
-        )
+        dcfg = build_config(DialogTeacherConfig, None, dialog_teacher_overrides(cfg))
         ds_path = cfg.teachers.dialog_train_ds_config
         recipe = DialogTeacherRecipe(dcfg, load_ds_config(ds_path), ds_path)
         recipe.setup()

@@ -38,15 +38,30 @@ class GateConfig:
     mode: GateMode = "hard"
     """hard: λ=1[m>η]; soft: λ=m; static: λ=c; oracle: λ=1[y_t ∈ I] (gold token, an upper
     bound); dialog: λ=0 (dialogue-only KD); rec: λ=1 (recommendation-only KD)."""
-    eta: float = 0.5
-    """[decision] threshold η of the hard gate (strict: λ=1 only when m > η); in [0, 1]."""
+    eta: float | Literal["auto"] = 0.5
+    """[decision] threshold η of the hard gate (strict: λ=1 only when m > η); in [0, 1], or
+    ``auto``: the η that maximises the F1 of the hard gate as a detector of the positions
+    whose gold next token is an item, on the **validation** split (the distillation job
+    resolves it before training; :func:`conkd_scale.loss.gates.choose_eta`)."""
     c: float = 0.5
     """[decision] constant λ of the static-gate ablation; in [0, 1]."""
 
     def __post_init__(self) -> None:
         _check_literal(self.mode, GateMode, "loss.gate.mode")
-        _check_range(self.eta, 0.0, 1.0, "loss.gate.eta")
+        number = isinstance(self.eta, int | float) and 0.0 <= self.eta <= 1.0
+        if self.eta != "auto" and not number:
+            raise ConfigError(f"loss.gate.eta: {self.eta!r} must be a number in [0, 1] or auto")
         _check_range(self.c, 0.0, 1.0, "loss.gate.c")
+
+    @property
+    def threshold(self) -> float:
+        """η as a number; ``auto`` must have been resolved on the validation split first."""
+        if self.eta == "auto":
+            raise ConfigError(
+                "loss.gate.eta=auto is resolved on the validation split before training "
+                "(the distillation job does it); set a number to use the loss on its own"
+            )
+        return float(self.eta)
 
 
 @dataclass

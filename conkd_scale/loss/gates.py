@@ -36,7 +36,7 @@ def gate(m_N: Tensor, labels_N: Tensor, item_ids_I: Tensor, cfg: GateConfig) -> 
     """
     mode = cfg.mode
     if mode == "hard":
-        return (m_N > cfg.eta).to(m_N.dtype)
+        return (m_N > cfg.threshold).to(m_N.dtype)
     if mode == "soft":
         return m_N.detach().clone()
     if mode == "static":
@@ -49,3 +49,42 @@ def gate(m_N: Tensor, labels_N: Tensor, item_ids_I: Tensor, cfg: GateConfig) -> 
     if mode == "rec":
         return torch.ones_like(m_N)
     raise ValueError(f"unknown gate mode {mode!r}")
+
+
+ETA_GRID = tuple(k / 100 for k in range(100))  # candidate η of choose_eta: 0.00 ... 0.99
+
+
+@torch.no_grad()
+def gate_detection(m_N: Tensor, gold_N: Tensor, eta: float) -> dict[str, float]:
+    """The hard gate ``1[m > η]`` as a detector of gold item positions (``gold_N`` [N] bool):
+    ``precision``, ``recall``, ``f1`` (0 where undefined) and the counts behind them."""
+    pred_N = m_N > eta
+    hit, n_pred, n_gold = int((pred_N & gold_N).sum()), int(pred_N.sum()), int(gold_N.sum())
+    p = hit / n_pred if n_pred else 0.0
+    r = hit / n_gold if n_gold else 0.0
+    f1 = 2 * p * r / (p + r) if p + r > 0 else 0.0
+    return {
+        "eta": eta,
+        "precision": p,
+        "recall": r,
+        "f1": f1,
+        "n_hit": hit,
+        "n_pred": n_pred,
+        "n_gold": n_gold,
+        "n_tokens": int(m_N.numel()),
+    }
+
+
+@torch.no_grad()
+def choose_eta(m_N: Tensor, gold_N: Tensor, grid: tuple[float, ...] = ETA_GRID) -> float:
+    """``η = auto`` (METHOD.md "The gate"): the grid value whose hard gate ``1[m > η]`` has
+    the highest F1 at detecting the positions whose gold next token is an item; ties go to
+    the smallest η. ``m_N`` [N]: D's item mass; ``gold_N`` [N] bool. Call it on validation."""
+    if m_N.shape != gold_N.shape or m_N.dim() != 1:
+        raise ValueError(
+            f"m_N and gold_N must be [N], got {tuple(m_N.shape)}, {tuple(gold_N.shape)}"
+        )
+    if not bool(gold_N.any()):
+        raise ValueError("choose_eta: no gold item position to detect (empty validation split?)")
+    best = max(grid, key=lambda eta: (gate_detection(m_N, gold_N, eta)["f1"], -eta))
+    return float(best)

@@ -327,7 +327,7 @@ def conkd_rows_(
         z_NV, t_NV, g_NV, logq_SI, col_V, labels_N.contiguous(), rec_row_N.contiguous(),
         parts_5N, z_NV.stride(0), t_NV.stride(0), g_NV.stride(0), N, V, logq_SI.shape[1],
         1.0 / tau, tau * tau, float(cfg.w_ce), float(cfg.w_kd) * tau, float(inv_m),
-        float(cfg.gate.eta), float(cfg.gate.c), GATE=GATE_CODES[cfg.gate.mode],
+        float(cfg.gate.threshold), float(cfg.gate.c), GATE=GATE_CODES[cfg.gate.mode],
         TEMPERED=tau != 1.0, WRITE_GRAD=write_grad, BLOCK_V=block, ACC=_acc_of(dtype),
         num_warps=warps,
     )  # fmt: skip
