@@ -14,7 +14,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.parametrize("name, n", [("redial", 2043), ("inspired", 801)])
+@pytest.mark.parametrize("name, n", [("redial", 2043), ("inspired", 721)])
 def test_stats_on_real_data(name, n, request):
     data_dir = request.getfixturevalue(f"{name}_dir")
     r = _run("stats", "--dataset", name, "--data-dir", str(data_dir), "--split", "train")

@@ -49,10 +49,10 @@ def test_inspired_items_and_entities(tmp_path):
     c = load_dataset("inspired", tmp_path)
     assert c.catalog.ids == ["0", "2"] and c.catalog.title("0") == "Knives Out (2019)"
     assert c.catalog.title("2") == "Joker (2019 film)"
-    (conv0, _) = c.splits["train"]
+    (conv0,) = c.splits["train"]
     assert len(conv0.turns) == 2 and conv0.turns[1].role == RECOMMENDER
     assert conv0.turns[1].text == "Have you seen <item_0>? It is great."
-    assert len(c.splits["valid"]) == 1 and len(c.splits["test"]) == 1
+    assert len(c.splits["valid"]) == 1 and len(c.splits["test"]) == 2  # test: the valid file
     (s,) = c.samples("train")[:1]
     assert s.gold_items == ("0",) and s.context_entities == (
         "<http://dbpedia.org/resource/Action_film>",
@@ -81,7 +81,9 @@ def test_inspired_not_a_list(tmp_path):
 def test_real_inspired_stats(inspired_dir):
     c = load_dataset("inspired", inspired_dir)
     st = corpus_stats(c, "train")
-    assert st["conversations"] == 801
+    assert st["conversations"] == 721  # the train file's 801 minus the 10% selection draw
     assert st["kg_entities"] == 17320 and st["items_without_kg_node"] == 0
-    assert len(c.splits["valid"]) + len(c.splits["test"]) == 99
+    assert len(c.splits["valid"]) == 80 and len(c.splits["test"]) == 99
+    train_ids = {conv.conv_id for conv in c.splits["train"]}
+    assert not train_ids & {conv.conv_id for conv in c.splits["valid"]}
     assert st["recommendation_turns"] > 1000

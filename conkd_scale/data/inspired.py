@@ -5,13 +5,16 @@ Items are the movies linked to DBpedia: the item id is the movie's entity id in
 movie link seen in the conversations. Movie names found in a turn's text are replaced by the
 item token; a linked movie whose name is not in the text still counts as mentioned.
 
-Splits **[decision]**: the public UniCRS release has train (801) and valid (99) files only;
-``train`` is the train file, and the valid file's conversations alternate between ``valid``
-(even lines) and ``test`` (odd lines).
+Splits **[decision]**: the public UniCRS release has train (801) and valid (99) files only.
+``test`` is the whole valid file (the split every INSPIRED number is reported on);
+``valid``, the selection split (early stopping, η, sizes), is a fixed, seeded 10% of the
+train file's conversations (:data:`SELECTION_SHARE`, :data:`SELECTION_SEED`), and ``train``
+is the rest of the train file.
 """
 
 from __future__ import annotations
 
+import random
 import re
 from pathlib import Path
 
@@ -25,19 +28,29 @@ SPLITS = ("train", "valid", "test")
 ROLE_MAP = {"SEEKER": SEEKER, "RECOMMENDER": RECOMMENDER}
 _YEAR = re.compile(r"\s*\(\d{4}\)\s*$")
 _SPACES = re.compile(r"\s+")
+SELECTION_SHARE = 0.1  # share of the train file's conversations held out as ``valid``
+SELECTION_SEED = 0  # seed of that draw
 
 
 def _uri_name(uri: str) -> str:
     return uri.strip("<>").rsplit("/", 1)[-1].replace("_", " ")
 
 
-def _split_source(split: str) -> tuple[str, int | None]:
-    """File key and line parity (None = all lines) for a split."""
+def _split_source(split: str) -> tuple[str, bool | None]:
+    """File key, and whether the split keeps the selection draw (None = all conversations)."""
     if split == "train":
-        return "train", None
-    if split in ("valid", "test"):
-        return "valid", 0 if split == "valid" else 1
+        return "train", False
+    if split == "valid":
+        return "train", True
+    if split == "test":
+        return "valid", None
     raise DataError("inspired", f"unknown split {split!r}", hint=f"use one of {list(SPLITS)}")
+
+
+def selection_draw(n: int) -> set[int]:
+    """Indices of the train file's conversations that form the ``valid`` split."""
+    k = max(1, round(n * SELECTION_SHARE)) if n > 1 else 0
+    return set(random.Random(SELECTION_SEED).sample(range(n), k))
 
 
 def _raw_conversations(data_dir: Path, key: str) -> list[tuple[int, list]]:
@@ -145,11 +158,13 @@ def _parse(
 def load_split(data_dir: str | Path, split: str, entity2id: dict[str, int]) -> list[Conversation]:
     """Conversations of one split (see the module docstring for the split decision)."""
     data_dir = Path(data_dir)
-    key, parity = _split_source(split)
+    key, selected = _split_source(split)
     path = data_dir / FILES[key]
+    raw = _raw_conversations(data_dir, key)
+    draw = selection_draw(len(raw)) if selected is not None else set()
     out = []
-    for k, (n, turns) in enumerate(_raw_conversations(data_dir, key)):
-        if parity is not None and k % 2 != parity:
+    for k, (n, turns) in enumerate(raw):
+        if selected is not None and (k in draw) != selected:
             continue
         out.append(_parse(turns, entity2id, path, n, f"inspired-{key}-{n}"))
     return out
