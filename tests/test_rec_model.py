@@ -237,7 +237,10 @@ def test_unknown_context_is_ignored(trained: RecTeacherTrainer) -> None:
     q_unknown = teacher.item_distribution([_turn(("nope",), ("<http://x>",))], ids)
     q_empty = teacher.item_distribution([_turn()], ids)
     torch.testing.assert_close(q_unknown, q_empty)
-    bias = teacher.model.item_bias / teacher.tau
+    # empty context: u = 0 and no copy (g = 0), so q_R = softmax(b / (T · τ)); T = the copy
+    # mixture's calibrated temperature of p_gen
+    T = teacher.model.gen_temperature if teacher.model.copy == "recency" else 1.0
+    bias = teacher.model.item_bias / (T * teacher.tau)
     torch.testing.assert_close(q_empty[0], torch.softmax(bias, -1))
 
 

@@ -67,7 +67,7 @@ def test_outputs(run: tuple[Path, dict[str, Any]]) -> None:
         "new/R@10",
         "new/R@50",
         "turn/R@10",
-        "new_masked/R@10",
+        "new_unmasked/R@10",
         "popularity/R@1",
         "popularity/R@10",
         "popularity/R@50",
@@ -206,8 +206,9 @@ def test_evaluate_turns_variants_hand_computed() -> None:
     scores = torch.tensor([[0.1, 0.9, 0.5, 0.7], [0.0, 0.0, 0.0, 0.0]])
     m = evaluate_turns(lambda ctx: scores[: len(ctx)], enc, ks=(1, 2, 3))
     assert m["R@1"] == 0.5 and m["n"] == 2  # gold 1 is first (a repeat), gold 2 third
-    assert (m["new/R@2"], m["new/R@3"], m["new/n"]) == (0.0, 1.0, 1)  # only gold 2 is new
-    assert m["new_masked/R@2"] == 1.0  # with the seen item 1 removed, gold 2 is second
+    # only gold 2 is new; ranked among all items it is third
+    assert (m["new_unmasked/R@2"], m["new_unmasked/R@3"], m["new/n"]) == (0.0, 1.0, 1)
+    assert m["new/R@1"] == 0.0 and m["new/R@2"] == 1.0  # seen item 1 removed: gold 2 second
     assert m["turn/R@1"] == 0.5 and m["turn/n"] == 1
     seen = evaluate_turns(lambda ctx: scores[: len(ctx)], enc, ks=(3,), exclude_seen=True)
     assert seen["R@3"] == 0.5  # the repeat can no longer be recommended

@@ -58,7 +58,8 @@ def test_evaluate_args() -> None:
 
 def test_results_config() -> None:
     cfg = build_config(ResultsConfig, None, [])
-    assert [r.key for r in cfg.rows()] == ["pipeline", "dialog", "rec", "onehot", "hard", "soft"]
+    keys = ["repeat", "pipeline", "dialog", "rec", "onehot", "hard", "soft"]
+    assert [r.key for r in cfg.rows()] == keys
     assert len(build_config(ResultsConfig, None, ["ablations=true"]).rows()) == len(ROWS)
     with pytest.raises(ConfigError, match="unknown row 'bogus'"):
         build_config(ResultsConfig, None, ["only=bogus"])

@@ -120,10 +120,24 @@ class TurnSample:
     gold_items: tuple[str, ...]  # items mentioned in the response
     context_items: tuple[str, ...]  # items mentioned in the context, first-mention order
     context_entities: tuple[str, ...]  # non-item entities mentioned in the context
+    context_turn_items: tuple[tuple[str, ...], ...] = ()  # items of each context turn
 
     @property
     def is_recommendation(self) -> bool:
         return self.role == RECOMMENDER and bool(self.gold_items)
+
+    def recent_items(self) -> list[tuple[str, int]]:
+        """Distinct context items, most recently mentioned first, each with how many turns
+        ago it was last mentioned (1: the turn just before the response). Within one turn a
+        later item counts as more recent. Built without ``context_turn_items``: first-mention
+        order reversed, every item at 1 turn ago."""
+        if not self.context_turn_items:
+            return [(i, 1) for i in reversed(self.context_items)]
+        out: dict[str, int] = {}
+        for ago, items in enumerate(reversed(self.context_turn_items), start=1):
+            for i in reversed(items):
+                out.setdefault(i, ago)
+        return list(out.items())
 
 
 def _unique(xs: Iterable[str]) -> tuple[str, ...]:
@@ -149,6 +163,7 @@ def turn_samples(
                 gold_items=turn.items,
                 context_items=_unique(i for p in prev for i in p.items),
                 context_entities=_unique(e for p in prev for e in p.entities),
+                context_turn_items=tuple(p.items for p in prev),
             )
         )
     return out

@@ -42,7 +42,8 @@ DEFINITIONS: dict[str, str] = {
     "recommendation_turn": "a recommender turn whose gold text mentions at least one item",
     "gold_items": "the distinct items mentioned in the gold recommender turn (all of them)",
     "/new": "suffix: the same metric with gold items already mentioned in the context "
-    "removed, over the turns where at least one gold item remains",
+    "removed, over the turns where at least one gold item remains; for R@k, MRR@k and NDCG@k "
+    "the context's items are also removed from the candidates (the deduplicated protocol)",
     "R@k,MRR@k,NDCG@k": "module level, per gold item (KBRD protocol, pessimistic ties): rank "
     "of each distinct gold item of each recommendation turn in the system's item "
     "distribution over the whole catalog. R: q_R (ranked by R's raw scores s, the same order "

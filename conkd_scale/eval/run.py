@@ -10,14 +10,18 @@ Systems (METHOD.md "Systems in the results table") and the metrics each gets:
   ``MRR@10``, ``NDCG@10`` and ``PPL``; generated replies give ``ReR/PrR/F1@1,3,5``,
   ``rec_turn_item_rate``, ``Dist-2/3/4``, ``BLEU-1..4``.
 - ``rec`` (R alone): ``R@1/10/50``, ``MRR@10``, ``NDCG@10`` of ``q_R``.
+- ``repeat`` (the repeat baseline, METHOD.md "Deduplicated protocol"): the same module
+  metrics of "context items by recency, then training popularity" (no model needed).
 - ``pipeline`` (D writes, R chooses the items): R's module metrics, D's ``PPL``, the
   in-response and generation metrics of the replaced replies, and ``discrepancy`` (D's
   first item vs R's top item; for ``student``/``dialog``: the reply's first item vs the same
   model's top item where it wrote it).
 
-Every metric with gold items is also reported with the ``/new`` suffix (gold items already
-mentioned in the context removed). ``metrics.json`` holds the metric values at the top level
-(``null`` when undefined), ``definitions`` (what each name means here), ``counts`` and
+Every metric with gold items is also reported with the ``/new`` suffix: gold items already
+mentioned in the context removed, and for the module-level ranking metrics the context's
+items removed from the candidates too (``R@k/new``). ``metrics.json`` holds the metric
+values at the top level (``null`` when undefined), ``definitions`` (what each name means
+here), ``counts`` and
 ``meta``. With ``gate_trace=true``, LM systems also write ``gate_trace.jsonl``: per turn,
 the LM's item mass at each scored reply token and which of those tokens are gold items
 (read by the scaling study's gate analysis). Evaluated turns: every recommender turn of the
@@ -66,11 +70,13 @@ from conkd_scale.eval.metrics_lm import (
     perplexity,
 )
 from conkd_scale.eval.scoring import RANK_KS, ScoredTurns, TeacherForcedScorer
-from conkd_scale.metrics.ranking import RankingAccumulator
+from conkd_scale.metrics.ranking import RankingAccumulator, mask_items
+from conkd_scale.rec.repeat import RepeatBaseline
 from conkd_scale.utils.errors import ConfigError
 from conkd_scale.utils.io import write_json, write_jsonl
 
-SYSTEMS = ("student", "dialog", "rec", "pipeline")
+SYSTEMS = ("student", "dialog", "rec", "pipeline", "repeat")
+RANKERS = ("rec", "pipeline", "repeat")  # systems whose module-level ranking is an ItemScorer
 LM_SYSTEMS = ("student", "dialog", "pipeline")
 RANK_KEYS = ("R@1", "R@10", "R@50", "MRR@10", "NDCG@10")
 COMMON_DEFINITIONS = ("recommendation_turn", "gold_items", "/new", "R@k,MRR@k,NDCG@k", "null")
@@ -81,7 +87,7 @@ LM_DEFINITIONS = ("ReR@k", "PrR@k", "F1@k", "rec_turn_item_rate", "PPL", "Dist-n
 class EvalConfig:
     """Run config of ``launch/evaluate.py`` (``key=value`` overrides; nested: ``generation.*``)."""
 
-    system: Literal["student", "dialog", "rec", "pipeline"] = "student"
+    system: Literal["student", "dialog", "rec", "pipeline", "repeat"] = "student"
     model: str | None = None  # exported HF dir: the LM (student/dialog) or D (pipeline)
     rec_teacher: str | None = None  # R's training output dir or its checkpoint/ (rec/pipeline)
     dataset: Literal["redial", "inspired", "synthetic"] = "synthetic"
@@ -139,7 +145,8 @@ def load_rec_teacher(path: str | Path, device: str | torch.device = "cpu") -> It
 def rec_ranking(
     rec: ItemScorer, turns: Sequence[TurnSample], catalog_ids: Sequence[str], batch_size: int
 ) -> tuple[dict[str, float], dict[str, float]]:
-    """R's module metrics (all gold items, and ``/new``) on the recommendation turns."""
+    """A ranker's module metrics on the recommendation turns: all gold items, and ``/new``
+    (gold items not in the context, ranked among the items not in the context)."""
     index = {i: n for n, i in enumerate(catalog_ids)}
     acc, acc_new = RankingAccumulator(RANK_KS), RankingAccumulator(RANK_KS)
     rec_turns = [t for t in turns if t.is_recommendation]
@@ -150,7 +157,7 @@ def rec_ranking(
         seen = [{index[i] for i in t.context_items if i in index} for t in chunk]
         new = [[g for g in row if g not in ctx] for row, ctx in zip(gold, seen, strict=True)]
         acc.add(scores_SI, gold)
-        acc_new.add(scores_SI, new)
+        acc_new.add(mask_items(scores_SI, seen), new)
     return acc.result(), acc_new.result()
 
 
@@ -181,7 +188,7 @@ def evaluate_shard(
     ids = catalog.ids
     mode: Mode = cfg.mode
     records = [_base_record(t, catalog) for t in turns]
-    if cfg.system in ("rec", "pipeline"):
+    if cfg.system in RANKERS:
         assert rec is not None
         r_all, r_new = rec_ranking(rec, turns, ids, cfg.rec_batch_size)
         res.rec_ranking, res.rec_ranking_new = [r_all], [r_new]
@@ -229,7 +236,7 @@ def evaluate_shard(
                 d_items=p.d_items,
                 r_top_item=p.r_top_item,
             )
-    elif cfg.system == "rec":
+    elif cfg.system in ("rec", "repeat"):
         assert rec is not None
         for s in range(0, len(turns), cfg.rec_batch_size):
             chunk = turns[s : s + cfg.rec_batch_size]
@@ -254,7 +261,7 @@ def compute_metrics(cfg: EvalConfig, shards: Sequence[ShardResult]) -> dict[str,
     for s in shards:
         if s.scored is not None:
             scored.merge(s.scored)
-    if cfg.system in ("rec", "pipeline"):  # the pipeline's recommender is R
+    if cfg.system in RANKERS:  # the pipeline's recommender is R
         ranking = merge_ranking_results([r for s in shards for r in s.rec_ranking])
         ranking_new = merge_ranking_results([r for s in shards for r in s.rec_ranking_new])
     else:
@@ -348,7 +355,8 @@ def evaluate(
     shard = ShardResult()
     try:
         assert cfg.data_dir is not None
-        corpus = load_dataset(cfg.dataset, cfg.data_dir, kg=cfg.kg, splits=(cfg.split,))
+        splits = (cfg.split,) if cfg.system != "repeat" else tuple({cfg.split, "train"})
+        corpus = load_dataset(cfg.dataset, cfg.data_dir, kg=cfg.kg, splits=splits)
         turns = corpus.samples(cfg.split)
         if cfg.max_turns:
             turns = turns[: cfg.max_turns]
@@ -360,7 +368,9 @@ def evaluate(
                 cfg.generation, progress=cfg.generation.progress and rank == 0
             )
             generator = build_generator(cfg.model, settings, device=device, dtype=cfg.dtype)
-        if rec is None and cfg.system in ("rec", "pipeline"):
+        if rec is None and cfg.system == "repeat":
+            rec = RepeatBaseline.from_samples(corpus.samples("train"), corpus.catalog.ids)
+        elif rec is None and cfg.system in ("rec", "pipeline"):
             assert cfg.rec_teacher is not None
             rec = load_rec_teacher(cfg.rec_teacher, device)
         shard = evaluate_shard(

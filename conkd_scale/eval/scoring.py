@@ -12,7 +12,7 @@ reply in the training layout ``[RECOMMENDER] [REC|GEN] text </s>``.
   order) and renormalised (``log_softmax`` over items) rank the items; the gold item is the
   one at that position. Computed with :class:`conkd_scale.metrics.ranking.RankingAccumulator`
   (per-item protocol, pessimistic ties), once with all gold items and once (``/new``) with
-  only those not mentioned in the context.
+  only those not mentioned in the context, ranked among the items not in the context.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from conkd_scale.data.schema import RECOMMENDER, TurnSample
 from conkd_scale.data.sequences import _turn_ids
 from conkd_scale.data.tokenizer import item_token_ids
 from conkd_scale.eval.generation import LMGenerator, _progress
-from conkd_scale.metrics.ranking import RankingAccumulator
+from conkd_scale.metrics.ranking import RankingAccumulator, mask_items
 
 RANK_KS = (1, 10, 50)
 
@@ -61,6 +61,7 @@ class _Row:
     start: int  # index of the first reply token after the role token
     nll_from: int  # first position that carries NLL
     items: list[tuple[int, int, bool]]  # (position, catalog index, new) per gold item
+    seen: list[int]  # catalog indices of the context's items (not candidates under /new)
 
 
 class TeacherForcedScorer:
@@ -101,7 +102,8 @@ class TeacherForcedScorer:
             t = self._tok_of.get(g)
             pos = next((p for p in range(start, len(ids)) if ids[p] == t), None)
             items.append((-1 if pos is None else pos, self._index_of.get(g, -1), g not in seen))
-        return _Row(ids, start, nll_from, items)
+        seen_idx = [self._index_of[i] for i in turn.context_items if i in self._index_of]
+        return _Row(ids, start, nll_from, items, seen_idx)
 
     @torch.no_grad()
     def score(self, turns: Sequence[TurnSample], gate_trace: bool = False) -> ScoredTurns:
@@ -145,7 +147,10 @@ class TeacherForcedScorer:
                     item_logits_NI = logits_BTV[b, pos_N][:, item_tok_I].float()  # [N, I]
                     scores_NI = item_logits_NI.log_softmax(-1).cpu()  # renormalised over I
                     acc.add(scores_NI, [[g] for _, g, _ in found])
-                    acc_new.add(scores_NI, [[g] if new else [] for _, g, new in found])
+                    acc_new.add(
+                        mask_items(scores_NI, [r.seen] * len(found)),
+                        [[g] if new else [] for _, g, new in found],
+                    )
                 del logits_BTV
                 bar.update(len(batch))
         out.ranking.append(acc.result())

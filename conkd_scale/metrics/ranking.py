@@ -37,6 +37,7 @@ import torch
 __all__ = [
     "RankingAccumulator",
     "gold_ranks",
+    "mask_items",
     "mrr_at_k",
     "ndcg_at_k",
     "ranking_metrics",
@@ -135,6 +136,17 @@ def _per_sample_values(
         vals[f"MRR@{k}"] = torch.tensor(mrr, dtype=torch.float64)
         vals[f"NDCG@{k}"] = torch.tensor(ndcg, dtype=torch.float64)
     return vals, skipped
+
+
+def mask_items(scores_BI: torch.Tensor, items: Sequence[Iterable[int]]) -> torch.Tensor:
+    """Scores with each row's ``items`` removed from the candidates (``-inf``; a new tensor):
+    the candidate set of the ``/new`` protocol, where the context's items are left out."""
+    out_BI = scores_BI.clone()
+    for b, row in enumerate(items):
+        cols = list(row)
+        if cols:
+            out_BI[b, cols] = float("-inf")
+    return out_BI
 
 
 def _mean(x: torch.Tensor) -> float:

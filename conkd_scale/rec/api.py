@@ -24,7 +24,7 @@ import torch
 
 from conkd_scale.data.schema import TurnSample
 from conkd_scale.rec.graph import ContextIndex, RecGraph
-from conkd_scale.rec.model import RecTeacherModel, pad_contexts
+from conkd_scale.rec.model import RecentItems, RecTeacherModel, pad_contexts, pad_recent
 from conkd_scale.rec.train import (
     CHECKPOINT_DIR,
     CHECKPOINT_FILE,
@@ -73,21 +73,17 @@ class RecTeacher:
                 f"{file}: cannot load the checkpoint ({type(e).__name__}: {e}); "
                 "retrain or copy it again"
             ) from None
-        if state.get("format") != CHECKPOINT_FORMAT:
+        if state.get("format") not in (1, CHECKPOINT_FORMAT):
             raise ConfigError(
                 f"{file}: checkpoint format {state.get('format')!r}, this code "
-                f"reads format {CHECKPOINT_FORMAT}; retrain the teacher"
+                f"reads formats 1 and {CHECKPOINT_FORMAT}; retrain the teacher"
             )
-        cfg = RecTeacherConfig(**state["config"])
+        fields = dict(state["config"])
+        if state["format"] == 1:  # written before the copy component existed
+            fields["copy"] = "none"
+        cfg = RecTeacherConfig(**fields)
         graph = RecGraph.from_state(state["graph"])
-        model = RecTeacherModel(
-            graph,
-            dim=cfg.dim,
-            num_bases=cfg.num_bases,
-            dropout=cfg.dropout,
-            use_kg=cfg.use_kg,
-            rgcn_impl=cfg.rgcn_impl,
-        )
+        model = cfg.build_model(graph)
         model.load_state_dict(state["state_dict"])
         return cls(model.to(map_location), cfg)
 
@@ -131,9 +127,14 @@ class RecTeacher:
         self.model.eval()
         ctx = [self._index.encode(t)[0] for t in turns]
         ctx_BC, mask_BC = pad_contexts(ctx)
+        pairs = [self._index.recent(t) for t in turns]
+        recent = pad_recent([i for i, _ in pairs], [a for _, a in pairs])
         device = self.model.item_bias.device
         scores_SI = self.model.scores_from_nodes(
-            self._node_embeddings(), ctx_BC.to(device), mask_BC.to(device)
+            self._node_embeddings(),
+            ctx_BC.to(device),
+            mask_BC.to(device),
+            RecentItems(*(x.to(device) for x in recent)),
         )  # [S, I_R]
         if item_ids is not None:
             scores_SI = scores_SI[:, self.aligned_index(item_ids).to(device)]

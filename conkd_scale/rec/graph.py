@@ -200,3 +200,9 @@ class ContextIndex:
         nodes = [self._item_node[i] for i in items]
         nodes += [self._entity_node[e] for e in turn.context_entities if e in self._entity_node]
         return list(dict.fromkeys(nodes)), items
+
+    def recent(self, turn: TurnSample) -> tuple[list[int], list[int]]:
+        """The context's known items, most recently mentioned first, and how many turns ago
+        each was last mentioned (what the copy component reads)."""
+        pairs = [(self.item_index[i], a) for i, a in turn.recent_items() if i in self.item_index]
+        return [i for i, _ in pairs], [a for _, a in pairs]

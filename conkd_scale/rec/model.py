@@ -13,9 +13,26 @@
 
 ``use_kg=False`` (the ``--no-kg`` ablation): the same model with no R-GCN layers, i.e.
 plain learned item and entity embeddings.
+
+Copy component (``copy="recency"``, the default; ``copy="none"`` is the KBRD-style R), a
+pointer-generator mixture that splits repeats from new items:
+``p(i) = (1 − g) · p_gen(i) + g · p_copy(i)``. ``p_gen`` is the softmax of ``s`` over the
+items **not** in the context; ``p_copy`` is a softmax over the context's distinct items of
+``w_rank[min(r_i, K − 1)] + w_ago[min(a_i, K) − 1] + β · s_i`` (``r_i = 0``: the most recently
+mentioned item; ``a_i``: turns since its last mention, 1 = the seeker's turn just before;
+``K = recency_buckets``). The copy gate ``g = σ(g · u + g_0 + v[min(a_0, K) − 1])`` reads
+the user vector and how recent the newest mention is (``g = 0`` for a context without
+items). The scores are ``log p`` (``q_R = softmax(log p / τ_R)``). ``p_gen`` is
+``softmax(s / T)``, with ``T`` (1 while training) fitted afterwards on the validation
+split's NLL (temperature scaling): an overfitted ``p_gen`` is overconfident, and the
+mixture's ranking of a repeat against a new item depends on its calibration. Trained with the same
+cross-entropy, the copy part learns how often and which of a conversation's items come back,
+and the graph part learns to rank only the items not named yet (what ``R@k/new`` measures).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -23,6 +40,8 @@ from torch_geometric.nn import RGCNConv
 
 from conkd_scale.rec.graph import RecGraph
 from conkd_scale.rec.rgcn import BasisRGCNConv
+
+COPY_MODES = ("none", "recency")
 
 
 class RecTeacherModel(nn.Module):
@@ -37,8 +56,12 @@ class RecTeacherModel(nn.Module):
         dropout: float = 0.0,
         use_kg: bool = True,
         rgcn_impl: str = "basis",
+        copy: str = "none",
+        recency_buckets: int = 8,
     ) -> None:
         super().__init__()
+        if copy not in COPY_MODES:
+            raise ValueError(f"copy must be one of {COPY_MODES}, got {copy!r}")
         if use_kg and graph.num_layers == 0:
             raise ValueError("use_kg=True needs a graph built with use_kg=True")
         self.graph = graph
@@ -58,6 +81,19 @@ class RecTeacherModel(nn.Module):
         self.attn_a = nn.Linear(dim, dim, bias=False)  # KBRD SelfAttentionLayer: a [d, d_a]
         self.attn_b = nn.Linear(dim, 1, bias=False)  # b [d_a, 1]
         self.item_bias = nn.Parameter(torch.zeros(graph.num_items))  # [I]
+        self.copy = copy
+        self.recency_buckets = recency_buckets
+        if copy == "recency":
+            K = recency_buckets
+            self.copy_rank = nn.Parameter(torch.zeros(K))  # [K] w_rank
+            self.copy_ago = nn.Parameter(torch.zeros(K))  # [K] w_ago
+            self.copy_gate_ago = nn.Parameter(torch.zeros(K))  # [K] v
+            self.copy_score = nn.Parameter(torch.zeros(()))  # β: weight of s_i in p_copy
+            # T of p_gen = softmax(s / T), fitted on validation after training (calibration)
+            self.register_buffer("gen_temperature", torch.ones(()))
+            self.copy_gate = nn.Linear(dim, 1)  # g · u + g_0
+            nn.init.zeros_(self.copy_gate.weight)
+            nn.init.zeros_(self.copy_gate.bias)
         self.dropout = nn.Dropout(dropout)
         self.register_buffer("item_node", graph.item_node.clone(), persistent=False)
         for l in range(n_layers):
@@ -90,18 +126,82 @@ class RecTeacherModel(nn.Module):
         alpha_BC = torch.softmax(e_BC, dim=-1) * mask_BC  # [B, C]; all 0 for an empty context
         return torch.einsum("bc,bcd->bd", alpha_BC, h_BCd)  # [B, d]
 
-    def forward(self, ctx_BC: torch.Tensor, mask_BC: torch.Tensor) -> torch.Tensor:
-        """Item scores ``s = u · e_i + b_i`` for a batch of contexts: ``[B, I]``."""
+    def forward(
+        self, ctx_BC: torch.Tensor, mask_BC: torch.Tensor, recent: RecentItems | None = None
+    ) -> torch.Tensor:
+        """Item scores ``s = u · e_i + b_i`` (+ the copy term) for a batch: ``[B, I]``."""
         node_Td = self.node_embeddings()  # [T, d]
-        return self.scores_from_nodes(node_Td, ctx_BC, mask_BC)
+        return self.scores_from_nodes(node_Td, ctx_BC, mask_BC, recent)
 
     def scores_from_nodes(
-        self, node_Td: torch.Tensor, ctx_BC: torch.Tensor, mask_BC: torch.Tensor
+        self,
+        node_Td: torch.Tensor,
+        ctx_BC: torch.Tensor,
+        mask_BC: torch.Tensor,
+        recent: RecentItems | None = None,
     ) -> torch.Tensor:
         """Scores ``[B, I]`` given precomputed target-node embeddings ``[T, d]``."""
         u_Bd = self.dropout(self.user_vectors(node_Td, ctx_BC, mask_BC))  # [B, d]
         item_Id = node_Td[self.item_node]  # [I, d]
-        return u_Bd @ item_Id.T + self.item_bias  # [B, I]
+        scores_BI = u_Bd @ item_Id.T + self.item_bias  # [B, I]
+        if self.copy == "none":
+            return scores_BI
+        if recent is None:
+            raise ValueError("copy='recency' needs the context's recent items")
+        return self.copy_scores(scores_BI, u_Bd, recent)
+
+    def copy_scores(
+        self, scores_BI: torch.Tensor, u_Bd: torch.Tensor, recent: RecentItems
+    ) -> torch.Tensor:
+        """Log-probabilities of the copy mixture ``(1 − g) p_gen + g p_copy``: ``[B, I]``.
+
+        ``p_gen = softmax(scores_BI)``; ``p_copy`` and ``g`` as in the module docstring.
+        """
+        K = self.recency_buckets
+        rank_BK = torch.arange(recent.items_BK.shape[1], device=scores_BI.device)
+        rank_BK = rank_BK.clamp(max=K - 1).expand_as(recent.items_BK)  # [B, K']
+        ago_BK = recent.ago_BK.clamp(min=1, max=K) - 1  # [B, K']
+        s_BK = scores_BI.gather(1, recent.items_BK)  # [B, K'] the graph part's score of each
+        logit_BK = self.copy_rank[rank_BK] + self.copy_ago[ago_BK] + self.copy_score * s_BK
+        has_B = recent.mask_BK.any(dim=1)  # [B]
+        logit_BK = logit_BK.masked_fill(~recent.mask_BK & has_B[:, None], float("-inf"))
+        p_copy_BK = torch.softmax(logit_BK, dim=1) * recent.mask_BK  # [B, K']
+        gate_B = self.copy_gate(u_Bd).squeeze(1) + self.copy_gate_ago[ago_BK[:, 0]]  # [B]
+        g_B = torch.sigmoid(gate_B) * has_B  # [B]
+        mass_BI = torch.zeros_like(scores_BI).scatter_add(
+            1, recent.items_BK, (g_B[:, None] * p_copy_BK).to(scores_BI.dtype)
+        )  # [B, I]: g · p_copy at each context item
+        in_ctx_BI = torch.zeros_like(scores_BI, dtype=torch.bool).scatter(
+            1, recent.items_BK, recent.mask_BK
+        )  # [B, I]: context items, which only the copy part ranks
+        gen_BI = torch.log_softmax(
+            (scores_BI / self.gen_temperature).masked_fill(in_ctx_BI, float("-inf")), dim=1
+        )
+        logp_gen_BI = gen_BI + torch.log1p(-g_B)[:, None]  # [B, I]
+        tiny = torch.finfo(mass_BI.dtype).tiny  # log 0 = -inf with a finite gradient (0)
+        log_mass_BI = torch.log(mass_BI.clamp_min(tiny)).masked_fill(mass_BI == 0, float("-inf"))
+        return torch.logaddexp(logp_gen_BI, log_mass_BI)
+
+
+class RecentItems(NamedTuple):
+    """The context's distinct items, most recent first (padded): what the copy term reads."""
+
+    items_BK: torch.Tensor  # [B, K'] long, R's item index (0 at padding)
+    ago_BK: torch.Tensor  # [B, K'] long: turns since the last mention (1: the turn before)
+    mask_BK: torch.Tensor  # [B, K'] bool: a real entry
+
+
+def pad_recent(items: list[list[int]], ago: list[list[int]]) -> RecentItems:
+    """Per-context recent item lists (and their turns-ago) -> padded :class:`RecentItems`."""
+    K = max([len(r) for r in items] + [1])
+    items_BK = torch.zeros(len(items), K, dtype=torch.long)
+    ago_BK = torch.ones(len(items), K, dtype=torch.long)
+    mask_BK = torch.zeros(len(items), K, dtype=torch.bool)
+    for b, (r, a) in enumerate(zip(items, ago, strict=True)):
+        items_BK[b, : len(r)] = torch.tensor(r, dtype=torch.long)
+        ago_BK[b, : len(r)] = torch.tensor(a, dtype=torch.long)
+        mask_BK[b, : len(r)] = True
+    return RecentItems(items_BK, ago_BK, mask_BK)
 
 
 def pad_contexts(contexts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,7 +30,7 @@ import copy
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -43,16 +43,16 @@ from tqdm.auto import tqdm
 from conkd_scale.config import config_to_dict
 from conkd_scale.data.corpus import DATASETS, Corpus, load_dataset
 from conkd_scale.data.schema import TurnSample
-from conkd_scale.metrics.ranking import RankingAccumulator
+from conkd_scale.metrics.ranking import RankingAccumulator, mask_items
 from conkd_scale.rec.graph import ContextIndex, RecGraph, build_rec_graph
-from conkd_scale.rec.model import RecTeacherModel, pad_contexts
+from conkd_scale.rec.model import COPY_MODES, RecTeacherModel, pad_contexts, pad_recent
 from conkd_scale.rec.popularity import Popularity
 from conkd_scale.utils.errors import ConfigError, ConkdError
 from conkd_scale.utils.io import atomic_dir, atomic_open, write_json, write_jsonl
 
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FILE = "rec_teacher.pt"
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: the copy component; format 1 (no copy fields) loads as copy="none"
 EVAL_KS = (1, 10, 50)
 
 
@@ -65,6 +65,12 @@ class RecTeacherConfig:
     kg: Literal["default", "kbrd", "dbpedia", "none"] = "default"  # default: the dataset's
     output_dir: str = ""  # run directory (required)
     use_kg: bool = True  # False: the --no-kg ablation (plain item/entity embeddings)
+    copy: str = "recency"  # copy component (rec/model.py): "recency" or "none" (KBRD-style R)
+    recency_buckets: int = 8  # copy features: rank and turns-ago buckets 1..K (K in 1..64)
+    copy_lr: float = 0.05  # Adam learning rate of the copy weights and gate
+    calibrate: bool = True  # copy="recency": fit p_gen's temperature on validation NLL
+    bias_init: Literal["zero", "popularity"] = "popularity"  # item bias b at start: 0, or
+    # the log of the training popularity (add-one smoothed)
     dim: int = 128  # embedding size d
     layers: int = 1  # R-GCN layers (FINDINGS: 1; more layers reach a much larger graph)
     num_bases: int = 8  # RGCNConv basis decomposition (0: one full matrix per relation)
@@ -90,6 +96,12 @@ class RecTeacherConfig:
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
             raise ConfigError(f"dataset: {self.dataset!r} is not one of {list(DATASETS)}")
+        if self.copy not in COPY_MODES:
+            raise ConfigError(
+                f"copy: unknown copy component {self.copy!r} (use one of {list(COPY_MODES)})"
+            )
+        if not 1 <= self.recency_buckets <= 64:
+            raise ConfigError(f"recency_buckets: must be in [1, 64], got {self.recency_buckets}")
         if self.kg == "none" and self.use_kg:
             raise ConfigError("kg=none leaves R without a graph: add --no-kg (use_kg=false)")
         positive = {
@@ -114,7 +126,7 @@ class RecTeacherConfig:
                 raise ConfigError(f"{name}: must be >= 0, got {v}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout: must be in [0, 1), got {self.dropout}")
-        for name, v in {"lr": self.lr, "tau_R": self.tau_R}.items():
+        for name, v in {"lr": self.lr, "copy_lr": self.copy_lr, "tau_R": self.tau_R}.items():
             if not v > 0 or math.isinf(v):
                 raise ConfigError(f"{name}: must be a positive number, got {v}")
         if self.weight_decay < 0:
@@ -126,6 +138,19 @@ class RecTeacherConfig:
             raise ConfigError("data_dir is required (--data-dir DIR)")
         if not self.output_dir:
             raise ConfigError("output_dir is required (--output-dir OUT)")
+
+    def build_model(self, graph: RecGraph) -> RecTeacherModel:
+        """R's model over ``graph`` as this config describes it (fresh weights)."""
+        return RecTeacherModel(
+            graph,
+            dim=self.dim,
+            num_bases=self.num_bases,
+            dropout=self.dropout,
+            use_kg=self.use_kg,
+            rgcn_impl=self.rgcn_impl,
+            copy=self.copy,
+            recency_buckets=self.recency_buckets,
+        )
 
     def graph_params(self) -> dict[str, Any]:
         """What :func:`build_rec_graph` was called with (saved with the checkpoint)."""
@@ -147,9 +172,27 @@ class EncodedTurns:
     ctx: list[list[int]]  # context nodes per turn
     ctx_items: list[list[int]]  # context item indices per turn
     gold: list[list[int]]  # gold item indices per turn
+    recent: list[list[int]] = field(default_factory=list)  # context items, most recent first
+    recent_ago: list[list[int]] = field(default_factory=list)  # turns since each was named
 
     def __len__(self) -> int:
         return len(self.gold)
+
+    def __getitem__(self, sl: slice) -> EncodedTurns:
+        return EncodedTurns(
+            self.ctx[sl], self.ctx_items[sl], self.gold[sl], self.recent[sl], self.recent_ago[sl]
+        )
+
+    def rows(self, rows: list[int]) -> EncodedTurns:
+        """The turns at ``rows`` (repeats allowed), in that order."""
+        pick = lambda xs: [xs[r] for r in rows] if xs else []  # noqa: E731
+        return EncodedTurns(
+            pick(self.ctx),
+            pick(self.ctx_items),
+            pick(self.gold),
+            pick(self.recent),
+            pick(self.recent_ago),
+        )
 
 
 def encode_turns(turns: list[TurnSample], index: ContextIndex) -> EncodedTurns:
@@ -160,9 +203,12 @@ def encode_turns(turns: list[TurnSample], index: ContextIndex) -> EncodedTurns:
         if not gold:
             continue
         nodes, items = index.encode(t)
+        recent, ago = index.recent(t)
         enc.ctx.append(nodes)
         enc.ctx_items.append(items)
         enc.gold.append(gold)
+        enc.recent.append(recent)
+        enc.recent_ago.append(ago)
     return enc
 
 
@@ -176,12 +222,10 @@ def new_gold(enc: EncodedTurns) -> list[list[int]]:
 
 
 def mask_seen(scores_BI: torch.Tensor, ctx_items: list[list[int]]) -> torch.Tensor:
-    """Scores with the items already in each context set to ``-inf`` (a new tensor)."""
-    out_BI = scores_BI.clone()
-    for b, items in enumerate(ctx_items):
-        if items and len(items) < out_BI.shape[1]:
-            out_BI[b, items] = float("-inf")
-    return out_BI
+    """Scores with the items already in each context set to ``-inf`` (a new tensor); a
+    context that holds every item is left unmasked."""
+    n_items = scores_BI.shape[1]
+    return mask_items(scores_BI, [i if len(i) < n_items else [] for i in ctx_items])
 
 
 def evaluate_turns(
@@ -192,30 +236,30 @@ def evaluate_turns(
     exclude_seen: bool = False,
     ks: tuple[int, ...] = EVAL_KS,
 ) -> dict[str, float]:
-    """Metrics of ``score_fn(ctx_lists) -> [B, I]`` on encoded turns.
+    """Metrics of ``score_fn(batch: EncodedTurns) -> [B, I]`` on encoded turns.
 
     Keys: ``R@k``, ``MRR@k``, ``NDCG@k`` (per gold item, KBRD protocol), the same under
-    ``new/`` (only gold items not already in the context; same scores), ``new_masked/``
-    (the same samples, with the context's items removed from the ranking: what a recommender
-    that never repeats would get) and ``turn/`` (one sample per turn with all its gold
+    ``new/`` (METHOD.md's deduplicated protocol: only gold items not already in the context,
+    ranked with the context's items removed from the candidates), ``new_unmasked/`` (the same
+    gold items, ranked among all items) and ``turn/`` (one sample per turn with all its gold
     items), each with ``n`` and ``skipped`` counts.
     """
     accs = {
         "": RankingAccumulator(ks),
         "new/": RankingAccumulator(ks),
-        "new_masked/": RankingAccumulator(ks),
+        "new_unmasked/": RankingAccumulator(ks),
         "turn/": RankingAccumulator(ks, per_turn=True),
     }
     fresh = new_gold(enc)
     for s in range(0, len(enc), batch_size):
         sl = slice(s, s + batch_size)
-        scores_BI = score_fn(enc.ctx[sl])  # [B, I]
+        scores_BI = score_fn(enc[sl])  # [B, I]
         if exclude_seen:
             scores_BI = mask_seen(scores_BI, enc.ctx_items[sl])
         accs[""].add(scores_BI, enc.gold[sl])
-        accs["new/"].add(scores_BI, fresh[sl])
+        accs["new_unmasked/"].add(scores_BI, fresh[sl])
         masked_BI = scores_BI if exclude_seen else mask_seen(scores_BI, enc.ctx_items[sl])
-        accs["new_masked/"].add(masked_BI, fresh[sl])
+        accs["new/"].add(masked_BI, fresh[sl])
         accs["turn/"].add(scores_BI, enc.gold[sl])
     return {f"{p}{k}": v for p, acc in accs.items() for k, v in acc.result().items()}
 
@@ -243,17 +287,20 @@ class RecTeacherTrainer:
             cfg.dataset, cfg.data_dir, kg=None if cfg.kg == "default" else cfg.kg
         )
         self.graph: RecGraph = build_rec_graph(self.corpus, **cfg.graph_params())
-        self.model = RecTeacherModel(
-            self.graph,
-            dim=cfg.dim,
-            num_bases=cfg.num_bases,
-            dropout=cfg.dropout,
-            use_kg=cfg.use_kg,
-            rgcn_impl=cfg.rgcn_impl,
+        self.model = cfg.build_model(self.graph)
+        self.popularity = Popularity.from_samples(
+            self.corpus.samples("train"), self.graph.item_ids, seed=cfg.seed
         )
-        self.optim = torch.optim.Adam(
-            self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
-        )
+        if cfg.bias_init == "popularity":
+            counts_I = self.popularity.counts_I.float() + 1.0  # [I]
+            with torch.no_grad():
+                self.model.item_bias.copy_((counts_I / counts_I.sum()).log())
+        copy_params = [p for n, p in self.model.named_parameters() if n.startswith("copy_")]
+        other = [p for n, p in self.model.named_parameters() if not n.startswith("copy_")]
+        groups = [{"params": other}]
+        if copy_params:  # a handful of scalars: they need a larger step than the embeddings
+            groups.append({"params": copy_params, "lr": cfg.copy_lr, "weight_decay": 0.0})
+        self.optim = torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         index = ContextIndex(self.graph)
         self.data = {s: encode_turns(self.corpus.samples(s), index) for s in self.corpus.splits}
         train = self.data["train"]
@@ -263,9 +310,6 @@ class RecTeacherTrainer:
         ).reshape(-1, 2)
         if len(self.train_pairs) == 0:
             raise ConfigError(f"{cfg.data_dir}: the training split has no recommendation turns")
-        self.popularity = Popularity.from_samples(
-            self.corpus.samples("train"), self.graph.item_ids, seed=cfg.seed
-        )
         self.out.mkdir(parents=True, exist_ok=True)
         info = {
             "items": self.graph.num_items,
@@ -283,9 +327,10 @@ class RecTeacherTrainer:
         write_json(self.out / "config.json", {**config_to_dict(cfg), "derived": info})
         self.info = info
 
-    def _scores(self, ctx: list[list[int]]) -> torch.Tensor:
-        ctx_BC, mask_BC = pad_contexts(ctx)
-        return self.model.scores_from_nodes(self._nodes, ctx_BC, mask_BC)
+    def _scores(self, batch: EncodedTurns) -> torch.Tensor:
+        ctx_BC, mask_BC = pad_contexts(batch.ctx)
+        recent = pad_recent(batch.recent, batch.recent_ago)
+        return self.model.scores_from_nodes(self._nodes, ctx_BC, mask_BC, recent)
 
     @torch.no_grad()
     def evaluate(self, split: str) -> dict[str, float]:
@@ -321,8 +366,10 @@ class RecTeacherTrainer:
         )
         for s in bar:
             batch = perm[s : s + cfg.batch_size]
-            ctx_BC, mask_BC = pad_contexts([train.ctx[r] for r in batch[:, 0].tolist()])
-            scores_BI = model(ctx_BC, mask_BC)  # [B, I]
+            turns = train.rows(batch[:, 0].tolist())
+            ctx_BC, mask_BC = pad_contexts(turns.ctx)
+            recent = pad_recent(turns.recent, turns.recent_ago)
+            scores_BI = model(ctx_BC, mask_BC, recent)  # [B, I]
             loss = F.cross_entropy(scores_BI, batch[:, 1])
             self.optim.zero_grad(set_to_none=True)
             loss.backward()
@@ -366,6 +413,9 @@ class RecTeacherTrainer:
                 break
         assert best_state is not None
         self.model.load_state_dict(best_state)
+        if cfg.copy == "recency" and cfg.calibrate:
+            self.model.gen_temperature.fill_(self.fit_temperature("valid"))
+            self.save_checkpoint(epoch=best_epoch, valid=self.evaluate("valid"))
         return {
             "best_epoch": best_epoch,
             "valid/R@10": best,
@@ -374,6 +424,28 @@ class RecTeacherTrainer:
             "train_cpu_seconds": time.process_time() - c0,  # all threads; wall time on a
             # shared machine depends on the load, CPU time much less
         }
+
+    @torch.no_grad()
+    def fit_temperature(self, split: str) -> float:
+        """The ``T`` of ``p_gen = softmax(s / T)`` that minimises the NLL of ``split``'s gold
+        items under the copy mixture (a grid over [0.5, 8])."""
+        self.model.eval()
+        self._nodes = self.model.node_embeddings()
+        data = self.data[split]
+        pairs = [(r, g) for r, gold in enumerate(data.gold) for g in gold]
+        rows, gold_N = [r for r, _ in pairs], torch.tensor([g for _, g in pairs])
+        best_T, best_nll = 1.0, float("inf")
+        for T in [0.5 * 1.25**k for k in range(13)]:
+            self.model.gen_temperature.fill_(T)
+            nll = 0.0
+            for s in range(0, len(rows), self.cfg.eval_batch_size):
+                batch = data.rows(rows[s : s + self.cfg.eval_batch_size])
+                logp_BI = self._scores(batch).log_softmax(dim=1)  # [B, I]
+                g_B = gold_N[s : s + len(batch)]
+                nll -= float(logp_BI.gather(1, g_B[:, None]).sum())
+            if nll < best_nll:
+                best_T, best_nll = T, nll
+        return best_T
 
     def save_checkpoint(self, *, epoch: int, valid: dict[str, float]) -> Path:
         """Write ``OUT/checkpoint/`` atomically (replacing the previous best)."""

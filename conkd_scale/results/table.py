@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from conkd_scale.data.synthetic import DEFAULT_DIR as DEFAULT_SYNTHETIC_DIR
+from conkd_scale.data.synthetic import ensure_synthetic
 from conkd_scale.utils.errors import ConfigError
 from conkd_scale.utils.io import atomic_open, write_json
 from conkd_scale.utils.procs import free_port, run_logged
@@ -40,6 +41,7 @@ class Row:
 
 
 ROWS: tuple[Row, ...] = (
+    Row("repeat", "0. Repeat baseline (context items by recency, then popularity)", "repeat"),
     Row("pipeline", "1. Pipeline (D writes, R fills item slots)", "pipeline"),
     Row("dialog", "2. Dialogue teacher D alone", "dialog"),
     Row("rec", "3. Recommendation teacher R alone", "rec"),
@@ -78,6 +80,8 @@ COLUMNS = (
     "R@1",
     "R@10",
     "R@50",
+    "R@10/new",
+    "R@50/new",
     "ReR@1",
     "PrR@1",
     "F1@1",
@@ -278,12 +282,16 @@ class ResultsTable:
         cfg = self.cfg
         t0 = time.perf_counter()
         rows = cfg.rows()
+        if cfg.dataset == "synthetic":  # the repeat row reads the corpus before any job runs
+            ensure_synthetic(cfg.data)
         results: dict[str, Any] = {}
         bar = tqdm(rows, desc="results table", unit="row")
         for row in bar:
             bar.set_postfix_str(row.key)
             if row.distill is not None:
                 model: Path | None = self._distill(row)
+            elif row.system == "repeat":
+                model = None  # no teacher: the training split's counts and the context
             else:
                 self._ensure_teachers()
                 model = self._teacher_dirs(row)[1] / "hf" if row.system != "rec" else None
