@@ -1,7 +1,7 @@
 """Benchmark the ConKD loss, forward + backward: naive PyTorch vs reference vs chunked (vs GPU).
 
     .venv/bin/python bench/bench_loss.py                       # N ∈ {1k,4k,16k}, |U| ∈ {57k,152k}
-    .venv/bin/python bench/bench_loss.py --ns 4096 --vs 57181  # the issue's CPU target cell
+    .venv/bin/python bench/bench_loss.py --ns 4096 --vs 57181  # the CPU target's cell only
     .venv/bin/python bench/bench_loss.py --quick --no-write    # small sizes, a few seconds
     .venv/bin/python bench/bench_loss.py --device cuda --dtype bf16 --ns 4096,8192 --vs 57181
 
@@ -47,7 +47,7 @@ GPU_VARIANTS = CPU_VARIANTS + ",triton,triton_inplace,fused_linear"
 GPU_ONLY = ("triton", "triton_inplace", "fused_linear")
 ITEMS = 6_924  # ReDial's items; |U| = words + items (57,181 = DialoGPT's 50,257 + 6,924)
 TARGET = {"n": 4096, "v": 57_181, "variant": "inplace:1024", "mem": 0.15, "time": 0.6}
-"""Issue #7's CPU target: at N = 4096, |U| = 57,181, fp32, forward + backward, the distillation
+"""The CPU target: at N = 4096, |U| = 57,181, fp32, forward + backward, the distillation
 job's path allocates ≤ 15% of the naive loss's extra memory in ≤ 0.6× its time."""
 
 EXTRA_NV = {"naive": 7.5, "reference": 9.0}
@@ -251,12 +251,12 @@ def _cell_text(r: dict[str, Any], base: dict[str, Any] | None) -> str:
 def target_line(
     results: dict[tuple[int, int, str], dict[str, Any]], args: argparse.Namespace
 ) -> str:
-    """Issue #7's CPU target, when its cell is in the grid."""
+    """The CPU target's line, when its cell is in the grid."""
     n, v, var = TARGET["n"], TARGET["v"], TARGET["variant"]
     if args.device != "cpu" or args.dtype != "fp32" or (n, v, var) not in results:
         return ""
     base, r = results.get((n, v, "naive"), {}), results[(n, v, var)]
-    head = f"**Target (issue #7; CPU, N = {n}, |U| = {v:,}, fp32, forward + backward):** "
+    head = f"**Target (CPU, N = {n}, |U| = {v:,}, fp32, forward + backward):** "
     if "times" not in base or "times" not in r:
         why = base.get("skipped") or base.get("failed") or r.get("skipped") or r.get("failed")
         return head + f"not measured ({why or 'naive not in --variants'})."

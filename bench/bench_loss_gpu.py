@@ -23,7 +23,7 @@
    loss call alone (the logits' clone is outside), N ∈ {4096, 8192}, bf16 and fp32.
 4. Triton launch configurations (BLOCK_V, num_warps) at N = 4096, bf16.
 
-Issue #7's GPU targets, checked and printed at the end: Triton forward + backward ≥ 70% of
+The loss's GPU targets, checked and printed at the end: Triton forward + backward ≥ 70% of
 the copy bandwidth over its byte floor; fused-linear (teacher logits) at N = 8192, H = 1024,
 |U| = 57,181, bf16: peak memory ≤ 1/5 of the naive loss's on ``h @ W.T``, time ≤ naive's.
 
@@ -335,7 +335,7 @@ def triton_bandwidth(dev: torch.device, copy_gbps: float, budget_end: float) -> 
 
 
 def check_targets(res: dict) -> list[dict]:
-    """Issue #7's GPU targets from the measured rows (``met`` None where not measured)."""
+    """The GPU targets from the measured rows (``met`` None where not measured)."""
     out = []
     for r in res.get("bandwidth", []):
         if "frac_of_copy" in r:
@@ -451,7 +451,7 @@ def tables(res: dict) -> str:
                 cells = f"{r.get('skipped') or r.get('error', '?')} | |"
             out.append(f"| {r['N']} | {r['dtype']} | {r['impl']} | {cells} |")
     if res.get("targets"):
-        out += ["", "### Issue #7 GPU targets", "", "| target | case | measured | met |",
+        out += ["", "### GPU targets", "", "| target | case | measured | met |",
                 "|---|---|---|---|"]  # fmt: skip
         for t in res["targets"]:
             met = "–" if t["met"] is None else "yes" if t["met"] else "**NO**"

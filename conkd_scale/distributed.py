@@ -33,6 +33,8 @@ from typing import Any, TypeVar
 
 import torch
 
+from conkd_scale.utils.procs import free_port
+
 T = TypeVar("T")
 
 LAUNCHERS = ("env", "mpi", "slurm", "single")
@@ -119,12 +121,6 @@ def slurm_env(env: dict[str, str] | os._Environ[str]) -> dict[str, str]:
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _set_cpu_threads(local_world_size: int) -> None:
     """Share the node's cores between its ranks unless the user chose (OMP_NUM_THREADS)."""
     if "OMP_NUM_THREADS" in os.environ:
@@ -149,7 +145,7 @@ def init_distributed(backend: str | None = None, *, timeout_minutes: float = 30.
     elif launcher == "single":
         env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         env.setdefault("MASTER_ADDR", "127.0.0.1")
-        env.setdefault("MASTER_PORT", str(_free_port()))
+        env.setdefault("MASTER_PORT", str(free_port()))
     elif launcher == "env":
         env.setdefault("LOCAL_RANK", "0")
         env.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -271,11 +267,11 @@ def run_on_main(fn: Any, *args: Any, **kwargs: Any) -> Any:
     import pickle
 
     result: tuple[bool, Any] = (True, None)
-    error: Exception | None = None
+    error: BaseException | None = None
     if is_main():
         try:
             result = (True, fn(*args, **kwargs))
-        except Exception as e:
+        except BaseException as e:  # KeyboardInterrupt too: the others must not wait
             error = e
             try:
                 pickle.dumps(e)
@@ -315,8 +311,8 @@ def release_shm_buffer(rank: int) -> None:
     With all ranks on one machine, DeepSpeed's CPU communication op creates
     ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>`` (66 MB)
     and never removes it, so every job would leave its ranks' buffers in RAM-backed /dev/shm
-    (they had filled 17 GiB of a 24 GiB machine). The peers mapped it while DeepSpeed
-    started, so removing the name now frees the memory once every rank has exited.
+    until the machine's memory fills. The peers mapped it while DeepSpeed started, so
+    removing the name now frees the memory once every rank has exited.
     """
     addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
     path = Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"

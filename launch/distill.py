@@ -22,7 +22,7 @@ from conkd_scale.training.ds_config import load_ds_config
 def make_recipe(cfg: DistillConfig, ds_config: dict[str, Any], ds_path: str) -> DistillRecipe:
     # D's inference config is validated here too, before any collective
     inference = load_ds_config(cfg.teachers.inference_ds_config)
-    return DistillRecipe(cfg, ds_config, ds_path, inference)
+    return DistillRecipe(cfg, ds_config, ds_path, inference_ds_config=inference)
 
 
 if __name__ == "__main__":

@@ -19,8 +19,6 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from conkd_scale.config import build_config
 from conkd_scale.eval.run import SYSTEMS, EvalConfig, run_evaluation
 from conkd_scale.utils.errors import ConkdError

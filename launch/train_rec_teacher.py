@@ -14,12 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from conkd_scale.config import build_config
-from conkd_scale.rec.train import RecTeacherConfig, init_distributed, train_rec_teacher
+from conkd_scale.distributed import print0
+from conkd_scale.rec.train import RecTeacherConfig, run_rec_teacher
 from conkd_scale.utils.errors import ConkdError
 
 
@@ -36,6 +34,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_intermixed_args(argv)
 
 
+SHOWN = [
+    "R@1",
+    "R@10",
+    "R@50",
+    "new/R@10",
+    "new/R@50",
+    "popularity/R@1",
+    "popularity/R@10",
+    "popularity/R@50",
+    "popularity/new/R@10",
+    "popularity/new/R@50",
+    "best_epoch",
+    "train_seconds",
+]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     flags = {
@@ -49,36 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = build_config(RecTeacherConfig, args.config, overrides)
         cfg.check_paths()
+        metrics = run_rec_teacher(cfg)
     except ConkdError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    rank, _, created = init_distributed(cfg.dist_timeout_minutes)
-    try:
-        metrics = train_rec_teacher(cfg)
-    except ConkdError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if created:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
-    if rank == 0:
-        keys = [
-            "R@1",
-            "R@10",
-            "R@50",
-            "new/R@10",
-            "new/R@50",
-            "popularity/R@1",
-            "popularity/R@10",
-            "popularity/R@50",
-            "popularity/new/R@10",
-            "popularity/new/R@50",
-            "best_epoch",
-            "train_seconds",
-        ]
-        print(json.dumps({k: metrics[k] for k in keys}, indent=1))
+    print0(json.dumps({k: metrics[k] for k in SHOWN}, indent=1))
     return 0
 
 

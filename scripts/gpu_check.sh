@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check of the ConKD loss (issue #7): the GPU tests and the GPU benchmarks on one GPU,
+# GPU check of the ConKD loss: the GPU tests and the GPU benchmarks on one GPU,
 # in at most 8 minutes.
 #
 #   bash scripts/gpu_check.sh              # outputs under $OUT if set, else runs/gpu_check/
@@ -27,7 +27,7 @@
 # compiled on the GPU in what is left (<= 120 s; a timeout there is reported, not failed).
 #
 # Outputs ($OUT, else runs/gpu_check/): gpu_check.md (summary: device, each step's status and
-# time, the benchmark tables and issue #7's GPU targets), gpu_check.log (everything),
+# time, the benchmark tables and the loss's GPU targets), gpu_check.log (everything),
 # tests.log, bench_loss_gpu.json, bench_loss_gpu.md, bench_loss_rows.md.
 # Exit status: 0 when every test and correctness check passed (a target not met is reported,
 # not an error), 1 otherwise, 2 when no CUDA device is usable.

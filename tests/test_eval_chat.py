@@ -16,7 +16,7 @@ from conkd_scale.data.schema import RECOMMENDER, SEEKER, item_token
 from conkd_scale.eval.catalog_io import load_item_catalog
 from conkd_scale.eval.chat import ChatSession, run_pipe
 from conkd_scale.eval.generation import Generated, GenerationSettings, build_generator
-from conkd_scale.eval.tiny import ensure_tiny_setup
+from tests.tiny_lm import ensure_tiny_setup
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAT = str(ROOT / "launch" / "chat.py")

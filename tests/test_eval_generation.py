@@ -21,8 +21,8 @@ from conkd_scale.eval.generation import (
     build_generator,
 )
 from conkd_scale.eval.scoring import TeacherForcedScorer
-from conkd_scale.eval.tiny import ensure_tiny_setup
 from conkd_scale.utils.errors import ConfigError
+from tests.tiny_lm import ensure_tiny_setup
 
 
 @pytest.fixture(scope="module")

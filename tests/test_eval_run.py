@@ -18,8 +18,8 @@ import pytest
 
 from conkd_scale.config import build_config
 from conkd_scale.eval.run import EvalConfig, evaluate
-from conkd_scale.eval.tiny import ensure_tiny_setup
 from conkd_scale.utils.errors import ConfigError
+from tests.tiny_lm import ensure_tiny_setup
 
 ROOT = Path(__file__).resolve().parents[1]
 RANK_KEYS = ["R@1", "R@10", "R@50", "MRR@10", "NDCG@10"]

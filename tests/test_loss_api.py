@@ -15,6 +15,8 @@ from conkd_scale.loss import (
     GateConfig,
     LossConfig,
     conkd_loss,
+    gate_counts,
+    gate_rates,
     gate_stats,
     resolve_impl,
 )
@@ -117,6 +119,26 @@ def test_gate_stats_without_positives_omits_ratios() -> None:
     s = gate_stats(torch.zeros(2), torch.zeros(2), torch.full((2,), IGNORE_INDEX),
                    torch.tensor([9]), eta=0.5)  # fmt: skip
     assert s == {"gate_n_tokens": 0, "gate_n_pred": 0, "gate_n_gold": 0, "gate_n_hit": 0}
+
+
+def test_gate_rates_of_pooled_counts_equal_the_whole() -> None:
+    """How the distillation job logs the gate: each micro batch's gate_counts, added up over
+    micro batches (and ranks), then gate_rates; the same figures as one batch of all rows."""
+    labels = torch.tensor([5, 9, 4, 2, 9, 1, 2])
+    items = torch.tensor([9, 2])
+    lam = torch.tensor([0.9, 0.8, 0.3, 0.1, 0.0, 0.6, 0.7])
+    m = torch.tensor([0.9, 0.7, 0.3, 0.2, 0.1, 0.6, 0.7])
+    whole = gate_stats(lam, m, labels, items, eta=0.5)
+    parts = [
+        gate_counts(lam[s], m[s], torch.isin(labels[s], items), 0.5)
+        for s in (slice(0, 3), slice(3, 7))
+    ]
+    pooled = {k: sum(c[k] for c in parts) for k in parts[0]}
+    rates = gate_rates(pooled)
+    assert set(rates) == set(whole) - {k for k in whole if k.startswith("gate_n_")}
+    for k, v in rates.items():
+        assert v == pytest.approx(whole[k]), k
+    assert gate_rates({}) == {} and gate_rates({**pooled, "gate_n_tokens": 0.0}) == {}
 
 
 def test_gate_stats_from_a_loss_output() -> None:

@@ -25,10 +25,12 @@ HELPER = textwrap.dedent(
     import torch
     import torch.distributed as dist
     from conkd_scale.config import build_config
-    from conkd_scale.rec.train import RecTeacherConfig, init_distributed, train_rec_teacher
+    from conkd_scale.distributed import init_distributed
+    from conkd_scale.rec.train import RecTeacherConfig, train_rec_teacher
 
     data, out, report = sys.argv[1:4]
-    rank, world, created = init_distributed(5)
+    info = init_distributed("gloo", timeout_minutes=5)
+    rank, world, created = info.rank, info.world_size, dist.is_initialized()
     res = {"rank": rank, "world": world, "created": created,
            "threads_before": torch.get_num_threads()}
     tiny = ["dataset=synthetic", "min_relation_count=0", "dim=16", "num_bases=2", "epochs=2",

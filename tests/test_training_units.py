@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conkd_scale import distributed as D
+from conkd_scale import distributed as dist_utils
 from conkd_scale.config import build_config
 from conkd_scale.data.sequences import IGNORE, EncodedSequence
 from conkd_scale.training.checkpoint import (
@@ -264,15 +264,20 @@ def test_optimizer_decays_matrices_only() -> None:
 
 # ----------------------------------------------------------------------------- launchers
 def test_detect_launcher_and_slurm_mapping(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert D.detect_launcher({"RANK": "1", "WORLD_SIZE": "2"}) == "env"
-    assert D.detect_launcher({"OMPI_COMM_WORLD_SIZE": "2", "SLURM_PROCID": "0"}) == "mpi"
-    assert D.detect_launcher({"PMIX_RANK": "0", "SLURM_STEPID": "0", "SLURM_PROCID": "0"}) == "mpi"
-    assert D.detect_launcher({"SLURM_PROCID": "1", "SLURM_STEPID": "0"}) == "slurm"
+    assert dist_utils.detect_launcher({"RANK": "1", "WORLD_SIZE": "2"}) == "env"
+    assert dist_utils.detect_launcher({"OMPI_COMM_WORLD_SIZE": "2", "SLURM_PROCID": "0"}) == "mpi"
+    assert (
+        dist_utils.detect_launcher({"PMIX_RANK": "0", "SLURM_STEPID": "0", "SLURM_PROCID": "0"})
+        == "mpi"
+    )
+    assert dist_utils.detect_launcher({"SLURM_PROCID": "1", "SLURM_STEPID": "0"}) == "slurm"
     # the batch script itself (no step) is a single process, not rank 0 of SLURM_NTASKS
-    assert D.detect_launcher({"SLURM_PROCID": "0", "SLURM_NTASKS": "4"}) == "single"
-    assert D.detect_launcher({}) == "single"
-    monkeypatch.setattr(D, "_first_slurm_host", lambda nl: D.expand_nodelist(nl)[0])
-    env = D.slurm_env(
+    assert dist_utils.detect_launcher({"SLURM_PROCID": "0", "SLURM_NTASKS": "4"}) == "single"
+    assert dist_utils.detect_launcher({}) == "single"
+    monkeypatch.setattr(
+        dist_utils, "_first_slurm_host", lambda nl: dist_utils.expand_nodelist(nl)[0]
+    )
+    env = dist_utils.slurm_env(
         {
             "SLURM_PROCID": "3",
             "SLURM_STEP_NUM_TASKS": "4",
@@ -291,16 +296,16 @@ def test_detect_launcher_and_slurm_mapping(monkeypatch: pytest.MonkeyPatch) -> N
         "MASTER_ADDR": "gpu07",
         "MASTER_PORT": "20123",
     }
-    assert D.expand_nodelist("a[1-3,10],b") == ["a1", "a2", "a3", "a10", "b"]
+    assert dist_utils.expand_nodelist("a[1-3,10],b") == ["a1", "a2", "a3", "a10", "b"]
 
 
 def test_rank0_helpers_without_process_group(capsys: pytest.CaptureFixture[str]) -> None:
-    D.print0("hello", 1)
+    dist_utils.print0("hello", 1)
     assert capsys.readouterr().out == "hello 1\n"
-    assert D.run_on_main(lambda x: x + 1, 1) == 2
+    assert dist_utils.run_on_main(lambda x: x + 1, 1) == 2
     with pytest.raises(ValueError, match="boom"):
-        D.run_on_main(lambda: (_ for _ in ()).throw(ValueError("boom")))
-    assert D.all_reduce_sum([1.0, 2.0]) == [1.0, 2.0]
+        dist_utils.run_on_main(lambda: (_ for _ in ()).throw(ValueError("boom")))
+    assert dist_utils.all_reduce_sum([1.0, 2.0]) == [1.0, 2.0]
 
 
 # ----------------------------------------------------------------------------- run config

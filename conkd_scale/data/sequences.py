@@ -99,6 +99,30 @@ def encode_conversation(
     return out
 
 
+def encode_split(
+    convs: Sequence[Conversation],
+    tok: Any,
+    *,
+    max_length: int,
+    use_mode_tokens: bool = True,
+    context_budget: int | None = None,
+) -> list[EncodedSequence]:
+    """Every conversation's sequences (:func:`encode_conversation`), without the windows that
+    carry no loss token."""
+    out = []
+    for c in convs:
+        for s in encode_conversation(
+            c,
+            tok,
+            max_length=max_length,
+            use_mode_tokens=use_mode_tokens,
+            context_budget=context_budget,
+        ):
+            if any(lab != IGNORE for lab in s.labels[1:]):
+                out.append(s)
+    return out
+
+
 def collate(batch: Sequence[EncodedSequence], pad_id: int) -> dict[str, Any]:
     """Right-pad a batch. ``rec_turn`` becomes an index into the flat list ``turns``."""
     T = max(len(s) for s in batch)

@@ -1,19 +1,26 @@
 """The ConKD distillation job: setup -> train -> export -> cleanup.
 
-Per micro batch, on every rank and in the same order (ZeRO-3 forwards are collective):
+One distillation step: for every micro batch, on every rank and in the same order (ZeRO-3
+forwards are collective), ``Trainer.micro_step`` (``training/trainer.py``) calls
 
-1. ``lockstep``: D's forward (sharded inference engine, ``no_grad``) -> its logits at the
-   loss rows only, ``[N, V]`` (the ``[B, T, V]`` tensor is freed at once); R's item
-   distribution for the batch's recommender turns, ``[S, |I|]`` (one row per turn);
-2. ``loss_step``: the student's forward -> logits at the loss rows -> the gated two-teacher
-   loss (``conkd_scale.loss.conkd_loss``; chunked on the CPU), whose parts are logged;
-   the teacher's rows are freed as soon as the loss has used them. With ``loss.impl``
-   resolving to ``fused_linear`` (``auto`` on CUDA) the engine's module is
-   ``ConKDFusedLinearLoss`` around the student: one engine call runs the student up to its
-   final hidden states and the loss through the lm_head chunk by chunk (no ``[N, V]``
-   student logits; ZeRO-3 gathers the partitioned lm_head for the loss's forward and
-   backward). Its checkpoints then name the student's parameters ``model.*``; evaluation
-   and the exported student are unchanged (the wrapper passes plain forwards through).
+1. :meth:`DistillRecipe.teacher_forward`: D's forward (sharded inference engine, ``no_grad``)
+   -> its logits at the loss rows only, ``[N, V]`` (the ``[B, T, V]`` tensor is freed at
+   once); R's item distribution for the batch's recommender turns, ``[S, |I|]`` (one row per
+   turn);
+2. the loss step chosen once in setup, which returns ``(loss, parts)``:
+   :meth:`DistillRecipe.kd_loss_step`: the student's forward -> logits at the loss rows ->
+   the gated two-teacher loss (``conkd_scale.loss.conkd_loss``; chunked on the CPU), whose
+   parts are logged; the teacher's rows are freed as soon as the loss has used them. With
+   ``loss.impl`` resolving to ``fused_linear`` (``auto`` on CUDA) it is
+   :meth:`DistillRecipe.fused_kd_loss_step`: the engine's module is ``ConKDFusedLinearLoss``
+   around the student, and one engine call runs the student up to its final hidden states
+   and the loss through the lm_head chunk by chunk (no ``[N, V]`` student logits; ZeRO-3
+   gathers the partitioned lm_head for the loss's forward and backward). Its checkpoints
+   then name the student's parameters ``model.*``; evaluation and the exported student are
+   unchanged (the wrapper passes plain forwards through). With ``loss.w_kd=0`` (no teacher
+   at all) it is :meth:`DistillRecipe.ce_loss_step`;
+
+then ``engine.backward(loss)`` and ``engine.step()``.
 
 Output directory (``output_dir``)::
 
@@ -30,15 +37,14 @@ Output directory (``output_dir``)::
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
-from conkd_scale import distributed as D
 from conkd_scale.config import config_to_dict
 from conkd_scale.data.corpus import load_dataset
 from conkd_scale.data.sequences import IGNORE
@@ -46,34 +52,19 @@ from conkd_scale.data.synthetic import ensure_synthetic
 from conkd_scale.data.tokenizer import item_token_ids, save_tokenizer
 from conkd_scale.distill import teachers as T
 from conkd_scale.distill.config import DistillConfig
+from conkd_scale.distributed import init_distributed, print0, run_on_main
 from conkd_scale.eval.catalog_io import save_item_catalog
 from conkd_scale.loss import LossOutput, conkd_loss, resolve_impl
 from conkd_scale.loss.fused_linear import ConKDFusedLinearLoss
-from conkd_scale.loss.gates import choose_eta, gate_detection, item_mass
+from conkd_scale.loss.gates import choose_eta, gate_counts, gate_detection, gate_rates, item_mass
 from conkd_scale.models.builder import build_model
 from conkd_scale.models.export import export_hf
 from conkd_scale.training.data import Batch, sequence_collate
-from conkd_scale.training.dialog_teacher import encode_split
-from conkd_scale.training.ds_config import resolve_ds_config
+from conkd_scale.training.ds_config import load_ds_config, resolve_ds_config, zero_stage
+from conkd_scale.training.lm_recipe import LMRecipe
 from conkd_scale.training.metrics import JsonlLogger
-from conkd_scale.training.trainer import (
-    Trainer,
-    lm_logits,
-    make_optimizer,
-    make_scheduler_factory,
-    plan_steps,
-)
+from conkd_scale.training.trainer import LossStep, lm_logits
 from conkd_scale.utils.errors import ConfigError
-from conkd_scale.utils.io import write_json
-
-GATE_COUNTS = (
-    "gate_lam_sum",
-    "item_mass_sum",
-    "gate_n_tokens",
-    "gate_n_pred",
-    "gate_n_gold",
-    "gate_n_hit",
-)
 
 
 class DistillLogger(JsonlLogger):
@@ -84,55 +75,43 @@ class DistillLogger(JsonlLogger):
     """
 
     def log(self, row: dict[str, Any]) -> None:
-        n = row.get("gate_n_tokens")
-        if n:
-            row["gate_mean"] = row["gate_lam_sum"] / n
-            row["item_mass_mean"] = row["item_mass_sum"] / n
-            row["gate_frac_above_eta"] = row["gate_n_pred"] / n
-            if row["gate_n_pred"] > 0:
-                row["gate_precision"] = row["gate_n_hit"] / row["gate_n_pred"]
-            if row["gate_n_gold"] > 0:
-                row["gate_recall"] = row["gate_n_hit"] / row["gate_n_gold"]
+        row.update(gate_rates(row))
         for k in ("gate_lam_sum", "item_mass_sum"):
             row.pop(k, None)
         super().log(row)
 
 
-def loss_rows(batch: Batch) -> torch.Tensor:
+def loss_rows(batch: Batch) -> Tensor:
     """``[B, T-1]`` mask of the positions whose next token carries loss."""
     return batch["labels"][:, 1:] != IGNORE
 
 
-class DistillRecipe:
+class DistillRecipe(LMRecipe):
     """ConKD distillation into a DeepSpeed (ZeRO-3 by default) student."""
+
+    cfg: DistillConfig
 
     def __init__(
         self,
         cfg: DistillConfig,
         ds_config: dict[str, Any],
         ds_config_path: str = "DeepSpeed config",
-        inference_ds_config: dict[str, Any] | None = None,
+        *,
+        inference_ds_config: dict[str, Any] | None = None,  # None: teachers.inference_ds_config
     ) -> None:
-        self.cfg = cfg
-        self.ds_raw = ds_config
-        self.ds_path = ds_config_path
+        super().__init__(cfg, ds_config, ds_config_path)
         self.ds_inf_raw = inference_ds_config
-        self.out = Path(cfg.output_dir)
-        self.summary: dict[str, Any] = {}
         self.teacher: Any = None
         self.rec: Any = None
         self.fused = False  # loss.impl resolved to fused_linear (set in setup)
-        self._dump_pending = False
 
     # ---------------------------------------------------------------------------- setup
     def setup(self) -> None:
-        import deepspeed
-
         cfg = self.cfg
         T.check_teachers_present(cfg)  # every rank, before any collective
-        self.dist = D.init_distributed()
+        self.dist = init_distributed()
         if cfg.dataset == "synthetic":
-            D.run_on_main(ensure_synthetic, cfg.resolved_data_dir, seed=cfg.synthetic_seed)
+            run_on_main(ensure_synthetic, cfg.resolved_data_dir, seed=cfg.synthetic_seed)
         if cfg.teachers.auto_train:
             T.train_missing_teachers(cfg)
         corpus = load_dataset(
@@ -147,27 +126,15 @@ class DistillRecipe:
         self.item_ids = T.check_alignment(tok, self.rec, corpus.catalog.ids)
         self.item_tok_I = torch.tensor(item_token_ids(tok, self.item_ids), dtype=torch.long)
         self.vocab = len(tok)
-        ds = resolve_ds_config(
-            self.ds_raw,
-            micro_batch=cfg.train.micro_batch,
-            grad_accum=cfg.train.grad_accum,
-            world_size=self.dist.world_size,
-            where=self.ds_path,
-        )
+        ds = self._resolve_ds_config()
 
         def prepare() -> None:
-            self.out.mkdir(parents=True, exist_ok=True)
-            write_json(self.out / "config.json", config_to_dict(cfg))
-            write_json(self.out / "ds_config.json", ds)
+            self._write_run_configs(ds)
             if not (self.out / "tokenizer").is_dir():
                 save_tokenizer(tok, self.out / "tokenizer")
 
-        D.run_on_main(prepare)
-        train_convs = corpus.splits["train"]
-        if cfg.max_train_conversations:
-            train_convs = train_convs[: cfg.max_train_conversations]
-        self.train_data = encode_split(train_convs, tok, cfg)  # type: ignore[arg-type]
-        self.eval_data = encode_split(corpus.splits["valid"], tok, cfg)  # type: ignore[arg-type]
+        run_on_main(prepare)
+        self._encode_splits(corpus, tok)
         if cfg.loss.gate.eta == "auto" and cfg.uses_teachers and not self.eval_data:
             raise ConfigError(
                 "loss.gate.eta=auto is chosen on the validation split, and "
@@ -177,85 +144,76 @@ class DistillRecipe:
         torch.manual_seed(cfg.train.seed)
         self.built = build_model(cfg.student, tok, ds_config=ds, catalog=corpus.catalog)
         if cfg.uses_teachers:
-            inf_raw = self.ds_inf_raw
-            if inf_raw is None:
-                from conkd_scale.training.ds_config import load_ds_config
-
-                inf_raw = load_ds_config(cfg.teachers.inference_ds_config)
-            ds_inf = resolve_ds_config(
-                inf_raw,
-                micro_batch=cfg.train.micro_batch,
-                world_size=self.dist.world_size,
-                client_optimizer=False,
-                where=cfg.teachers.inference_ds_config,
-            )
-            self.teacher = T.build_dialog_engine(
-                T.dialog_model_dir(cfg.dialog_dir), ds_inf, self.vocab
-            )
+            self.teacher = self._build_teacher()
         self.gate_calibration: dict[str, Any] | None = None
         if self.teacher is not None and cfg.loss.gate.eta == "auto":
             self.gate_calibration = self._resolve_eta(sequence_collate(tok.pad_token_id))
-            D.print0(
-                f"loss.gate.eta=auto: η = {cfg.loss.gate.eta} (validation F1 of the hard gate)"
-            )
-        total = plan_steps(cfg.train, len(self.train_data), self.dist.world_size)
+            print0(f"loss.gate.eta=auto: η = {cfg.loss.gate.eta} (validation F1 of the hard gate)")
         # the student's final hidden states are at hand: auto may pick fused_linear (CUDA)
         impl = None
         if self.teacher is not None:
             impl = resolve_impl(cfg.loss, self.dist.device, hidden_states=True)
         self.fused = impl == "fused_linear"
-        module = (
-            ConKDFusedLinearLoss(self.built.model, cfg.loss, vocab_size=self.vocab)
-            if self.fused
-            else self.built.model
-        )
-        self.engine, *_ = deepspeed.initialize(
-            model=module,
-            optimizer=make_optimizer(self.built.model, cfg.train),
-            lr_scheduler=make_scheduler_factory(cfg.train, total),
-            config=ds,
-        )
-        self.collate = sequence_collate(tok.pad_token_id)
-        logger = DistillLogger(self.out / "metrics.jsonl") if self.dist.is_main else None
-        self.trainer = Trainer(
-            self.engine,
-            train_data=self.train_data,
-            eval_data=self.eval_data,
-            collate_fn=self.collate,
-            cfg=cfg.train,
-            dist=self.dist,
-            out_dir=self.out,
-            total_steps=total,
-            loss_step=self.loss_step,
+        # the loss on logits: training (unless fused) and every validation step
+        self.logits_loss_cfg = cfg.loss
+        # the loss step, chosen once: the student's forward and the loss of one micro batch
+        loss_step: LossStep = self.ce_loss_step
+        module = self.built.model
+        if self.fused:
+            self.logits_loss_cfg = dataclasses.replace(cfg.loss, impl="auto")
+            loss_step = self.fused_kd_loss_step
+            module = ConKDFusedLinearLoss(self.built.model, cfg.loss, vocab_size=self.vocab)
+        elif self.teacher is not None:
+            loss_step = self.kd_loss_step
+        self._start_training(
+            module,
+            ds,
+            tok,
+            loss_step=loss_step,
             eval_step=self.eval_step,
             eval_metrics=self.eval_metrics,
-            lockstep=self.lockstep,
-            logger=logger,
+            teacher_forward=self.teacher_forward if self.teacher is not None else None,
+            logger=DistillLogger(self.out / "metrics.jsonl") if self.dist.is_main else None,
         )
-        info = {
-            "world_size": self.dist.world_size,
-            "launcher": self.dist.launcher,
-            "student_params": self.built.num_params,
-            "student": self.built.source,
-            "teacher": str(T.dialog_model_dir(cfg.dialog_dir)) if self.teacher else None,
-            "teacher_params": _count(self.teacher),
-            "teacher_params_this_rank": _count(self.teacher, local=True),
-            "rec_teacher": str(cfg.rec_dir) if self.rec else None,
-            "vocab": self.vocab,
-            "items": len(self.item_ids),
-            "train_sequences": len(self.train_data),
-            "total_steps": total,
-            "zero_stage": ds.get("zero_optimization", {}).get("stage", 0),
-            "loss_impl": impl,
-            "eta": cfg.loss.gate.eta if self.teacher is not None else None,
-            "gate_calibration": self.gate_calibration,
-        }
-        D.run_on_main(write_json, self.out / "run_info.json", info)
-        D.print0(json.dumps(info))
+        self._write_run_info(
+            {
+                "world_size": self.dist.world_size,
+                "launcher": self.dist.launcher,
+                "student_params": self.built.num_params,
+                "student": self.built.source,
+                "teacher": str(T.dialog_model_dir(cfg.dialog_dir)) if self.teacher else None,
+                "teacher_params": _count(self.teacher),
+                "teacher_params_this_rank": _count(self.teacher, local=True),
+                "rec_teacher": str(cfg.rec_dir) if self.rec else None,
+                "vocab": self.vocab,
+                "items": len(self.item_ids),
+                "train_sequences": len(self.train_data),
+                "total_steps": self.total_steps,
+                "zero_stage": zero_stage(ds),
+                "loss_impl": impl,
+                "eta": cfg.loss.gate.eta if self.teacher is not None else None,
+                "gate_calibration": self.gate_calibration,
+            }
+        )
         resumed = self.trainer.resume()
-        self._dump_pending = cfg.debug_dump_dir is not None and resumed is None
-        if self._dump_pending:
+        if cfg.debug_dump_dir is not None and resumed is None:
             export_hf(self._student(), tok, Path(str(cfg.debug_dump_dir)) / "student0")
+            self.trainer.loss_step = self._dump_first_batch(loss_step)
+
+    def _build_teacher(self) -> Any:
+        """D as a ZeRO-3 inference engine (no optimizer): sharded across the ranks."""
+        cfg = self.cfg
+        inf_raw = self.ds_inf_raw
+        if inf_raw is None:
+            inf_raw = load_ds_config(cfg.teachers.inference_ds_config)
+        ds_inf = resolve_ds_config(
+            inf_raw,
+            micro_batch=cfg.train.micro_batch,
+            world_size=self.dist.world_size,
+            client_optimizer=False,
+            where=cfg.teachers.inference_ds_config,
+        )
+        return T.build_dialog_engine(T.dialog_model_dir(cfg.dialog_dir), ds_inf, self.vocab)
 
     @torch.no_grad()
     def _resolve_eta(self, collate: Any) -> dict[str, Any]:
@@ -266,7 +224,7 @@ class DistillRecipe:
             batch = collate(self.eval_data[s : s + mb])
             logits_BTV = lm_logits(self.teacher, batch)  # [B, T, V]
             rows_BT = loss_rows(batch).to(logits_BTV.device)
-            t_NV = logits_BTV[:, :-1][rows_BT][:, : self.vocab]  # [N, V]
+            t_NV = self._at_rows(logits_BTV, rows_BT)  # [N, V]
             labels_N = batch["labels"][:, 1:].to(t_NV.device)[rows_BT]  # [N]
             items_I = self.item_tok_I.to(t_NV.device)
             ms.append(item_mass(t_NV, items_I).float().cpu())
@@ -284,16 +242,19 @@ class DistillRecipe:
             "at_0.5": gate_detection(m_N, gold_N, 0.5),
         }
 
-    # ---------------------------------------------------------------------------- hooks
+    # ------------------------------------------------------------ one distillation step
+    def _at_rows(self, logits_BTV: Tensor, rows_BT: Tensor) -> Tensor:
+        """``[N, V]``: the logits that predict the loss tokens, cut to D's vocabulary U."""
+        return logits_BTV[:, :-1][rows_BT][:, : self.vocab]
+
     @torch.no_grad()
-    def lockstep(self, batch: Batch, training: bool) -> Batch:
-        """Teacher outputs for this micro batch (every rank, every micro batch)."""
-        if self.teacher is None:
-            return batch
+    def teacher_forward(self, batch: Batch, training: bool) -> Batch:
+        """Both teachers on this micro batch (every rank, every micro batch): D's logits at
+        the loss rows (``teacher_NV``) and R's item distribution per turn (``rec_SI``)."""
         t0 = time.perf_counter()
-        logits_BTV = lm_logits(self.teacher, batch)
+        logits_BTV = lm_logits(self.teacher, batch)  # [B, T, V]
         rows_BT = loss_rows(batch).to(logits_BTV.device)
-        batch["teacher_NV"] = logits_BTV[:, :-1][rows_BT][:, : self.vocab]  # [N, V]
+        batch["teacher_NV"] = self._at_rows(logits_BTV, rows_BT)  # [N, V]
         del logits_BTV
         turns = batch["turns"]
         batch["rec_SI"] = (
@@ -304,56 +265,46 @@ class DistillRecipe:
         batch["time_teacher_s"] = time.perf_counter() - t0
         return batch
 
-    def _student(self) -> Any:
-        """What export reads: the engine, or under fused_linear the student LM it wraps."""
-        return self.engine.module.model if self.fused else self.engine
-
-    def _loss(
-        self, engine: Any, batch: Batch, student_gate: bool = False
-    ) -> tuple[torch.Tensor, dict[str, Any]]:
-        cfg = self.cfg
-        if self.fused and torch.is_grad_enabled():
-            return self._fused_loss(engine, batch)
-        logits_BTV = lm_logits(engine, batch)
+    def _student_rows(self, engine: Any, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+        """The student's logits at the loss rows ``[N, V]`` (its own copy; the ``[B, T, V]``
+        tensor is freed at once), their gold tokens ``[N]`` and R's turn index ``[N]``."""
+        logits_BTV = lm_logits(engine, batch)  # [B, T, V]
         dev = logits_BTV.device
         rows_BT = loss_rows(batch).to(dev)
         labels_N = batch["labels"][:, 1:].to(dev)[rows_BT]  # [N]
-        student_NV = logits_BTV[:, :-1][rows_BT][:, : self.vocab]  # [N, V]
-        del logits_BTV
-        sgate = self._student_gate_sums(student_NV, labels_N) if student_gate else {}
-        spred_N = sgate.pop("_pred_N", None)  # [N] the student's hard gate
-        t0 = time.perf_counter()
-        if self.teacher is None:  # one-hot baseline: L = w_ce * CE
-            ce = torch.nn.functional.cross_entropy(
-                student_NV.float(), labels_N, reduction="sum"
-            ) / max(len(labels_N), 1)
-            parts = {
-                "ce": ce.detach(),
-                "kd": 0.0,
-                "kd_dialog": 0.0,
-                "kd_rec": 0.0,
-                "time_loss_s": time.perf_counter() - t0,
-                **sgate,
-            }
-            return cfg.loss.w_ce * ce, parts
         rec_row_N = batch["rec_turn"][:, 1:].to(dev)[rows_BT]  # [N]
-        out = conkd_loss(
-            student_NV,
-            batch.pop("teacher_NV"),
-            batch["rec_SI"].to(dev),
-            rec_row_N,
-            self.item_tok_I.to(dev),
-            labels_N,
-            # evaluation of a fused_linear run: the same function on the logits
-            dataclasses.replace(cfg.loss, impl="auto") if self.fused else cfg.loss,
-            inplace=True,  # student_NV is this step's own copy: its buffer takes the gradient
-        )
-        return out.loss, self._kd_parts(out, labels_N, batch, t0, sgate, spred_N)
+        student_NV = self._at_rows(logits_BTV, rows_BT)  # [N, V]
+        del logits_BTV
+        return student_NV, labels_N, rec_row_N
 
-    def _fused_loss(self, engine: Any, batch: Batch) -> tuple[torch.Tensor, dict[str, Any]]:
-        """The training loss under ``loss.impl=fused_linear``: the student's forward and the
+    def _conkd(
+        self, student_NV: Tensor, labels_N: Tensor, rec_row_N: Tensor, batch: Batch
+    ) -> LossOutput:
+        """The gated two-teacher loss on the student's rows; D's rows leave the batch."""
+        dev = student_NV.device
+        return conkd_loss(
+            student_NV,  # [N, V] this step's own copy: its buffer takes the gradient
+            batch.pop("teacher_NV"),  # [N, V]
+            batch["rec_SI"].to(dev),  # [S, I]
+            rec_row_N,  # [N]
+            self.item_tok_I.to(dev),  # [I]
+            labels_N,  # [N]
+            self.logits_loss_cfg,
+            inplace=True,
+        )
+
+    def kd_loss_step(self, engine: Any, batch: Batch) -> tuple[Tensor, dict[str, Any]]:
+        """The ConKD loss of one micro batch: the student's logits at the loss rows, then the
+        gated two-teacher loss; its terms and the gate's counts are logged."""
+        student_NV, labels_N, rec_row_N = self._student_rows(engine, batch)
+        t0 = time.perf_counter()
+        out = self._conkd(student_NV, labels_N, rec_row_N, batch)
+        return out.loss, self._kd_parts(out, labels_N, batch, t0)
+
+    def fused_kd_loss_step(self, engine: Any, batch: Batch) -> tuple[Tensor, dict[str, Any]]:
+        """The ConKD loss under ``loss.impl=fused_linear``: the student's forward and the
         loss in one engine call (``ConKDFusedLinearLoss``, same rows and function as
-        :meth:`_loss`). Its ``time_loss_s`` includes the student's forward."""
+        :meth:`kd_loss_step`). Its ``time_loss_s`` includes the student's forward."""
         dev = self.dist.device
         t0 = time.perf_counter()
         res = engine(
@@ -370,88 +321,111 @@ class DistillRecipe:
             n_tokens=int(res["n_tokens"]),
         )
         labels_N = batch["labels"][:, 1:].to(dev)[loss_rows(batch).to(dev)]  # [N]
-        return out.loss, self._kd_parts(out, labels_N, batch, t0, {}, None)
+        return out.loss, self._kd_parts(out, labels_N, batch, t0)
+
+    def ce_loss_step(self, engine: Any, batch: Batch) -> tuple[Tensor, dict[str, Any]]:
+        """The one-hot baseline (``loss.w_kd=0``, no teacher): ``L = w_ce · CE``."""
+        student_NV, labels_N, _ = self._student_rows(engine, batch)
+        t0 = time.perf_counter()
+        ce = _mean_ce(student_NV, labels_N)
+        parts = {
+            "ce": ce.detach(),
+            "kd": 0.0,
+            "kd_dialog": 0.0,
+            "kd_rec": 0.0,
+            "time_loss_s": time.perf_counter() - t0,
+        }
+        return self.cfg.loss.w_ce * ce, parts
 
     def _kd_parts(
         self,
         out: LossOutput,
-        labels_N: torch.Tensor,  # [N] gold tokens of the loss rows
+        labels_N: Tensor,  # [N] gold tokens of the loss rows
         batch: Batch,
         t0: float,
-        sgate: dict[str, Any],
-        spred_N: torch.Tensor | None,  # [N] the student's own hard gate (validation) or None
     ) -> dict[str, Any]:
-        """The logged parts of a ConKD loss (gate counts pooled exactly by DistillLogger)."""
-        cfg = self.cfg
-        dev = labels_N.device
-        lam = out.lam_N.detach().float()
-        gold = torch.isin(labels_N, self.item_tok_I.to(dev))
-        pred = lam > cfg.loss.gate.threshold
-        parts = {
+        """The logged parts of a ConKD loss: its terms and the gate's counts (pooled exactly,
+        then turned into ratios by :class:`DistillLogger`)."""
+        gold_N = torch.isin(labels_N, self.item_tok_I.to(labels_N.device))  # [N]
+        return {
             "ce": out.ce,
             "kd": out.kd,
             "kd_dialog": out.kd_dialog,
             "kd_rec": out.kd_rec,
-            "gate_lam_sum": lam.sum(),
-            "item_mass_sum": out.m_N.detach().float().sum(),
-            "gate_n_tokens": float(len(labels_N)),
-            "gate_n_pred": float(pred.sum()),
-            "gate_n_gold": float(gold.sum()),
-            "gate_n_hit": float((pred & gold).sum()),
+            **gate_counts(out.lam_N, out.m_N, gold_N, self.cfg.loss.gate.threshold),
             "time_teacher_s": batch.get("time_teacher_s", 0.0),
             "time_loss_s": time.perf_counter() - t0,
-            **sgate,
         }
-        if spred_N is not None:  # the student's hard gate against the teacher's (both at η)
-            parts["sgate_n_agree"] = float((spred_N == pred).sum())
-        return parts
 
+    def _dump_first_batch(self, loss_step: LossStep) -> LossStep:
+        """``loss_step`` that also saves this rank's first micro batch, R's distribution and
+        the loss to ``debug_dump_dir`` (checked against the reference loss by the tests)."""
+        dumped = False
+
+        def step(engine: Any, batch: Batch) -> tuple[Tensor, dict[str, Any]]:
+            nonlocal dumped
+            rec_SI = batch.get("rec_SI")
+            loss, parts = loss_step(engine, batch)
+            if not dumped:
+                dumped = True
+                keys = ("input_ids", "attention_mask", "labels", "rec_turn")
+                dump = {k: batch[k] for k in keys}
+                dump.update(
+                    rec_SI=rec_SI,
+                    loss=float(loss),
+                    parts={k: float(v) for k, v in parts.items()},
+                    item_tok_I=self.item_tok_I,
+                )
+                torch.save(dump, Path(str(self.cfg.debug_dump_dir)) / f"rank{self.dist.rank}.pt")
+            return loss, parts
+
+        return step
+
+    # ---------------------------------------------------------------------- validation
     @torch.no_grad()
-    def _student_gate_sums(
-        self, student_NV: torch.Tensor, labels_N: torch.Tensor
-    ) -> dict[str, Any]:
+    def _student_gate(
+        self, student_NV: Tensor, labels_N: Tensor
+    ) -> tuple[dict[str, float], Tensor]:
         """The gate the student itself would compute (its item mass m^S, METHOD.md "The
-        gate"), as sums over the rows: m^S at gold item tokens and elsewhere, and its hard
-        gate's hits against the gold item positions (for precision and recall)."""
+        gate"), as sums over the rows: m^S at gold item positions and elsewhere, and its hard
+        gate's counts against the gold item positions; with that hard gate, ``[N]``."""
+        thr = self.cfg.loss.gate.threshold
         m_N = item_mass(student_NV.detach(), self.item_tok_I.to(student_NV.device)).float()
-        gold_N = torch.isin(labels_N, self.item_tok_I.to(labels_N.device))
-        pred_N = m_N > self.cfg.loss.gate.threshold
-        return {
+        gold_N = torch.isin(labels_N, self.item_tok_I.to(labels_N.device))  # [N]
+        c = gate_counts(m_N, m_N, gold_N, thr)
+        sums = {
             "sgate_m_gold_sum": float(m_N[gold_N].sum()),
             "sgate_m_other_sum": float(m_N[~gold_N].sum()),
-            "sgate_n_gold": float(gold_N.sum()),
-            "sgate_n_other": float((~gold_N).sum()),
-            "sgate_n_pred": float(pred_N.sum()),
-            "sgate_n_hit": float((pred_N & gold_N).sum()),
-            "_pred_N": pred_N,
+            "sgate_n_gold": c["gate_n_gold"],
+            "sgate_n_other": c["gate_n_tokens"] - c["gate_n_gold"],
+            "sgate_n_pred": c["gate_n_pred"],
+            "sgate_n_hit": c["gate_n_hit"],
         }
-
-    def loss_step(self, engine: Any, batch: Batch) -> tuple[torch.Tensor, dict[str, Any]]:
-        rec_SI = batch.get("rec_SI")
-        loss, parts = self._loss(engine, batch)
-        if self._dump_pending:
-            self._dump_pending = False
-            dump = {k: batch[k] for k in ("input_ids", "attention_mask", "labels", "rec_turn")}
-            dump.update(
-                rec_SI=rec_SI,
-                loss=float(loss),
-                parts={k: float(v) for k, v in parts.items()},
-                item_tok_I=self.item_tok_I,
-            )
-            path = Path(str(self.cfg.debug_dump_dir)) / f"rank{self.dist.rank}.pt"
-            torch.save(dump, path)
-        return loss, parts
+        return sums, m_N > thr
 
     @torch.no_grad()
     def eval_step(self, engine: Any, batch: Batch) -> dict[str, float]:
-        loss, parts = self._loss(engine, batch, student_gate=True)
+        """Validation sums of one micro batch, on the student's logits (in a fused_linear
+        run too): the loss terms times the rows, and the student's own gate."""
+        student_NV, labels_N, rec_row_N = self._student_rows(engine, batch)
+        sums, spred_N = self._student_gate(student_NV, labels_N)  # before the loss reuses
+        # student_NV's buffer for its gradient
+        if self.teacher is None:
+            ce = _mean_ce(student_NV, labels_N)
+            loss, kd = self.cfg.loss.w_ce * ce, 0.0
+        else:
+            out = self._conkd(student_NV, labels_N, rec_row_N, batch)
+            loss, ce, kd = out.loss, out.ce, out.kd
+            # the student's hard gate against the teacher's (both at η)
+            pred_N = out.lam_N.detach().float() > self.cfg.loss.gate.threshold
+            sums["sgate_n_agree"] = float((spred_N == pred_N).sum())
         n = float(loss_rows(batch).sum())
         return {
-            "ce_sum": float(parts["ce"]) * n,
-            "kd_sum": float(parts["kd"]) * n,
+            "ce_sum": float(ce) * n,
+            "kd_sum": float(kd) * n,
             "loss_sum": float(loss) * n,
             "tokens": n,
-            **{k: float(v) for k, v in parts.items() if k.startswith("sgate_")},
+            **sums,
         }
 
     @staticmethod
@@ -480,39 +454,29 @@ class DistillRecipe:
         return out
 
     # ---------------------------------------------------------------------------- run
-    def train(self) -> dict[str, Any]:
-        self.summary = self.trainer.train()
-        return self.summary
-
-    def save_checkpoint(self) -> Path:
-        return self.trainer.save_checkpoint()
+    def _student(self) -> Any:
+        """What export reads: the engine, or under fused_linear the student LM it wraps."""
+        return self.engine.module.model if self.fused else self.engine
 
     def export(self) -> Path | None:
-        """OUT/hf: the student as a Hugging Face directory (completed runs). Collective."""
-        if self.trainer.stopped_early or not self.cfg.export:
-            return None
-        path = export_hf(
-            self._student(),
-            self.built.tokenizer,
-            self.out / "hf",
-            meta={
-                "step": self.trainer.step,
-                "source": self.built.source,
-                "use_mode_tokens": self.cfg.use_mode_tokens,
-                "loss": config_to_dict(self.cfg.loss),
-                **self.trainer.last_eval,
-            },
+        """OUT/hf: the student as a Hugging Face directory with its item catalog (completed
+        runs). Collective."""
+        path = self._export_hf(
+            use_mode_tokens=self.cfg.use_mode_tokens, loss=config_to_dict(self.cfg.loss)
         )
-        D.run_on_main(save_item_catalog, path, self.catalog)
-        D.print0(f"exported the student to {path}")
+        if path is not None:
+            run_on_main(save_item_catalog, path, self.catalog)
+            print0(f"exported the student to {path}")
         return path
 
-    def cleanup(self, success: bool = True) -> None:
-        """Release the engines and the process group (barrier first after a success)."""
-        for engine in (getattr(self, "engine", None), self.teacher):
-            if engine is not None and success and hasattr(engine, "destroy"):
-                engine.destroy()
-        D.teardown(barrier=success)
+    def _engines(self) -> list[Any]:
+        return [*super()._engines(), self.teacher]
+
+
+def _mean_ce(student_NV: Tensor, labels_N: Tensor) -> Tensor:
+    """Cross-entropy of the rows, averaged over them (0 without rows)."""
+    ce_sum = torch.nn.functional.cross_entropy(student_NV.float(), labels_N, reduction="sum")
+    return ce_sum / max(len(labels_N), 1)
 
 
 def _count(engine: Any, local: bool = False) -> int | None:

@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
-from conkd_scale import distributed as D
 from conkd_scale.config import build_config
 from conkd_scale.data.tokenizer import load_tokenizer, tokenizer_item_ids
 from conkd_scale.distill.config import DistillConfig
+from conkd_scale.distributed import barrier, print0
 from conkd_scale.utils.errors import ConfigError
 
 
@@ -94,7 +94,7 @@ def train_missing_teachers(cfg: DistillConfig) -> None:
     if not rec_ready(cfg) and cfg.uses_teachers:
         from conkd_scale.rec.train import RecTeacherConfig, train_rec_teacher
 
-        D.print0(f"training the recommendation teacher into {cfg.rec_dir}")
+        print0(f"training the recommendation teacher into {cfg.rec_dir}")
         kg = "default" if cfg.kg is None else cfg.kg
         rcfg = build_config(
             RecTeacherConfig,
@@ -113,7 +113,7 @@ def train_missing_teachers(cfg: DistillConfig) -> None:
         from conkd_scale.training.dialog_teacher import DialogTeacherConfig, DialogTeacherRecipe
         from conkd_scale.training.ds_config import load_ds_config
 
-        D.print0(f"training the dialogue teacher into {cfg.dialog_dir}")
+        print0(f"training the dialogue teacher into {cfg.dialog_dir}")
         dcfg = build_config(DialogTeacherConfig, None, dialog_teacher_overrides(cfg))
         ds_path = cfg.teachers.dialog_train_ds_config
         recipe = DialogTeacherRecipe(dcfg, load_ds_config(ds_path), ds_path)
@@ -124,7 +124,7 @@ def train_missing_teachers(cfg: DistillConfig) -> None:
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
         unset_hf_deepspeed_config()  # D's ZeRO-3 config must not shape the student
-        D.barrier()
+        barrier()
 
 
 def load_teacher_tokenizer(cfg: DistillConfig) -> Any:

@@ -416,12 +416,12 @@ def run_evaluation(cfg: EvalConfig) -> dict[str, Any] | None:
     cfg.check()
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return evaluate(cfg)
-    from conkd_scale import distributed as D
+    from conkd_scale.distributed import init_distributed, teardown
 
-    info = D.init_distributed()
+    info = init_distributed()
     try:
         if cfg.device == "auto":
             cfg = dataclasses.replace(cfg, device=str(info.device))
         return evaluate(cfg, rank=info.rank, world_size=info.world_size)
     finally:
-        D.teardown()
+        teardown()

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from conkd_scale import distributed as D
+from conkd_scale.distributed import is_main, run_on_main
 from conkd_scale.utils.io import atomic_dir, write_json
 
 EXPORT_META = "conkd_export.json"
@@ -47,7 +47,7 @@ def gather_state_dict(
     from deepspeed.utils import safe_get_full_fp32_param
 
     module = _unwrap(model_or_engine)
-    main = D.is_main()
+    main = is_main()
     sd: dict[str, torch.Tensor] = OrderedDict()
     for name, p in module.named_parameters():
         full = None
@@ -106,5 +106,5 @@ def export_hf(
                 },
             )
 
-    D.run_on_main(write)
+    run_on_main(write)
     return out_dir

@@ -18,10 +18,11 @@ Output directory::
                       rec_teacher.json (human-readable metadata); loaded by
                       :meth:`conkd_scale.rec.api.RecTeacher.load`
 
-Distributed launch (torchrun / the DeepSpeed launcher, ``WORLD_SIZE > 1``): R is small, so
-**rank 0 trains alone** and the other ranks wait in a gloo collective until it finishes; a
-failure on rank 0 is reported on every rank. Rank 0 then uses every CPU the process may run
-on (launchers set ``OMP_NUM_THREADS=1``), unless ``threads`` says otherwise.
+Distributed launch (torchrun / the DeepSpeed launcher, ``WORLD_SIZE > 1``; :func:`run_rec_teacher`):
+R is small, so **rank 0 trains alone** and the other ranks wait in a gloo collective until it
+finishes (``dist_timeout_minutes``); a failure on rank 0 is reported on every rank. Rank 0
+then uses every CPU the process may run on (launchers set ``OMP_NUM_THREADS=1``), unless
+``threads`` says otherwise.
 """
 
 from __future__ import annotations
@@ -31,18 +32,23 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from conkd_scale.config import config_to_dict
 from conkd_scale.data.corpus import DATASETS, Corpus, load_dataset
 from conkd_scale.data.schema import TurnSample
+from conkd_scale.distributed import (
+    get_rank,
+    get_world_size,
+    init_distributed,
+    run_on_main,
+    teardown,
+)
 from conkd_scale.metrics.ranking import RankingAccumulator, mask_items
 from conkd_scale.rec.graph import ContextIndex, RecGraph, build_rec_graph
 from conkd_scale.rec.model import COPY_MODES, RecTeacherModel, pad_contexts, pad_recent
@@ -485,48 +491,42 @@ class RankZeroError(ConkdError, RuntimeError):
     """Raised on ranks > 0 when rank 0 failed to train the teacher."""
 
 
-def init_distributed(timeout_minutes: int = 120) -> tuple[int, int, bool]:
-    """``(rank, world_size, created)``: joins a gloo group when ``WORLD_SIZE > 1``.
-
-    ``created`` says whether this call created the process group (the caller destroys it).
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), False
-    if world <= 1:
-        return 0, 1, False
-    dist.init_process_group("gloo", timeout=timedelta(minutes=timeout_minutes))
-    return dist.get_rank(), dist.get_world_size(), True
-
-
 def train_rec_teacher(cfg: RecTeacherConfig) -> dict[str, Any]:
     """Train R on rank 0 (the only rank when not distributed); every rank returns the metrics.
 
-    With several ranks the others wait in a gloo collective until rank 0 is done; if rank 0
-    fails, every rank raises.
+    With several ranks the others wait in a collective until rank 0 is done (for the process
+    group's timeout); if rank 0 fails, every rank raises (:class:`RankZeroError` on the
+    others).
     """
     cfg.check_paths()
-    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    rank = dist.get_rank() if distributed else 0
-    result: dict[str, Any] | None = None
-    error: BaseException | None = None
-    if rank == 0:
-        threads = cfg.threads or (len(os.sched_getaffinity(0)) if distributed else 0)
-        if threads:
-            torch.set_num_threads(threads)
-        try:
-            result = RecTeacherTrainer(cfg, rank=rank).run()
-        except BaseException as e:  # reported to the other ranks below, then re-raised
-            error = e
-    if distributed:
-        status = [None if error is None else f"{type(error).__name__}: {error}"]
-        dist.broadcast_object_list(status, src=0)  # ranks > 0 wait here while rank 0 trains
-        if status[0] is not None and rank != 0:
-            raise RankZeroError(f"rank 0 failed to train the recommendation teacher: {status[0]}")
-    if error is not None:
-        raise error
-    if result is None:
-        import json
+    if get_world_size() == 1:
+        return _train_here(cfg)
+    try:
+        return run_on_main(_train_here, cfg)
+    except BaseException as e:
+        if get_rank() == 0:
+            raise
+        raise RankZeroError(
+            f"rank 0 failed to train the recommendation teacher: {type(e).__name__}: {e}"
+        ) from e
 
-        result = json.loads((Path(cfg.output_dir) / "metrics.json").read_text(encoding="utf-8"))
-    return result
+
+def _train_here(cfg: RecTeacherConfig) -> dict[str, Any]:
+    """Train and evaluate R in this process (with ``cfg.threads``, or as rank 0 of several
+    ranks every CPU this process may run on)."""
+    threads = cfg.threads or (len(os.sched_getaffinity(0)) if get_world_size() > 1 else 0)
+    if threads:
+        torch.set_num_threads(threads)
+    return RecTeacherTrainer(cfg, rank=0).run()
+
+
+def run_rec_teacher(cfg: RecTeacherConfig) -> dict[str, Any]:
+    """The CLI's entry: under a multi-rank launch (``WORLD_SIZE > 1``) joins a gloo group
+    whose timeout, ``dist_timeout_minutes``, bounds how long ranks > 0 wait for rank 0; then
+    :func:`train_rec_teacher`, and leaves the group."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        init_distributed("gloo", timeout_minutes=cfg.dist_timeout_minutes)
+    try:
+        return train_rec_teacher(cfg)
+    finally:
+        teardown()

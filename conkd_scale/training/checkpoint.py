@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from conkd_scale import distributed as D
+from conkd_scale.distributed import barrier, get_world_size, run_on_main
 from conkd_scale.training.data import DataPosition
 from conkd_scale.utils.errors import ConfigError
 from conkd_scale.utils.io import write_json
@@ -81,13 +81,13 @@ def save_checkpoint(
     root = Path(root)
     tag = checkpoint_tag(step)
     engine.save_checkpoint(str(root), tag=tag, client_state={"conkd_step": step}, save_latest=True)
-    D.barrier()
+    barrier()
     meta = {
         "step": step,
         "epoch": position.epoch,
         "batch_offset": position.batch_offset,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "world_size": D.get_world_size(),
+        "world_size": get_world_size(),
         **(extra or {}),
     }
 
@@ -95,7 +95,7 @@ def save_checkpoint(
         write_json(root / tag / META, meta)
         prune_checkpoints(root, keep_last)
 
-    D.run_on_main(finish)
+    run_on_main(finish)
     return root / tag
 
 
@@ -112,10 +112,10 @@ def load_checkpoint(engine: Any, path: str | Path) -> dict[str, Any]:
     """Load model, optimizer and LR-scheduler state from a checkpoint dir (collective)."""
     path = Path(path)
     meta = read_meta(path)
-    if meta.get("world_size") not in (None, D.get_world_size()):
+    if meta.get("world_size") not in (None, get_world_size()):
         raise ConfigError(
             f"{path} was written by {meta['world_size']} ranks; ZeRO checkpoints resume on the "
-            f"same number of ranks (this job has {D.get_world_size()}). Start a new run from "
+            f"same number of ranks (this job has {get_world_size()}). Start a new run from "
             "its weights instead (zero_to_fp32.py in the checkpoints folder, or the export)"
         )
     load_path, _ = engine.load_checkpoint(

@@ -132,9 +132,5 @@ def resolve_ds_config(
 
 
 def zero_stage(cfg: dict[str, Any]) -> int:
+    """The ZeRO stage of a DeepSpeed config (0 without ``zero_optimization``)."""
     return int(cfg.get("zero_optimization", {}).get("stage", 0))
-
-
-def offloads_optimizer(cfg: dict[str, Any]) -> bool:
-    off = cfg.get("zero_optimization", {}).get("offload_optimizer") or {}
-    return off.get("device", "none") in ("cpu", "nvme")

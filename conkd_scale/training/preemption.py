@@ -90,17 +90,12 @@ def install() -> bool:
     return True
 
 
-def local_flag() -> bool:
-    """Whether this process has received a pre-emption signal (no communication)."""
-    return bool(_state["flag"])
-
-
 def requested() -> bool:
     """Whether any rank has received a pre-emption signal. Collective: every rank calls it
     at the same point (one all-reduce of one scalar; local only without a process group)."""
-    from conkd_scale import distributed as D
+    from conkd_scale.distributed import all_reduce_max
 
-    (flag,) = D.all_reduce_max([1.0 if _state["flag"] else 0.0])
+    (flag,) = all_reduce_max([1.0 if _state["flag"] else 0.0])
     return flag > 0
 
 
@@ -115,10 +110,6 @@ def stop(step: int) -> NoReturn:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise Preempted(step, _state["signum"])
-
-
-def signal_number() -> int | None:
-    return _state["signum"]
 
 
 def reset() -> None:

@@ -10,16 +10,20 @@ Hooks (every rank calls every hook the same number of times, in the same order):
   ``loss`` is a scalar tensor that the trainer passes to ``engine.backward``; ``parts`` are
   logged quantities (floats or 0-d tensors, averaged over micro batches and ranks), e.g.
   ``{"ce": ..., "kd": ..., "gate_mean": ...}``. Same keys on every rank and call.
-- ``lockstep(batch, training) -> batch``: runs *before* each loss/eval step, on every rank,
-  for every micro batch (padded evaluation batches included). This is where a job runs other
-  engines' forwards, e.g. a ZeRO-3 teacher under ``torch.no_grad()`` whose outputs it puts
-  into the batch: ZeRO-3 forwards are collective, so they must happen the same number of
-  times on every rank, which the trainer guarantees by giving every rank the same number of
-  micro batches in training (sampler padding) and evaluation (``is_pad`` rows).
+- ``teacher_forward(batch, training) -> batch``: runs *before* each loss/eval step, on every
+  rank, for every micro batch (padded evaluation batches included): the teachers' forwards
+  (e.g. a ZeRO-3 teacher under ``torch.no_grad()``), whose outputs it puts into the batch.
+  ZeRO-3 forwards are collective, so they must happen the same number of times on every
+  rank, which the trainer guarantees by giving every rank the same number of micro batches
+  in training (sampler padding) and evaluation (``is_pad`` rows).
 - ``eval_step(engine, batch) -> sums``: per-batch *sums* (``{"nll": ..., "tokens": ...}``)
   that are added over batches and all-reduced over ranks; padded rows (``batch["is_pad"]``)
   must contribute nothing (their labels are already ``-100``).
 - ``eval_metrics(sums) -> metrics``: turns the global sums into metrics (``val_ppl`` ...).
+
+One optimizer step (:meth:`Trainer.train`): ``grad_accum`` times :meth:`Trainer.micro_step`
+(teacher forward, loss, backward), then :meth:`Trainer.after_step` (the log row of the window
+of steps since the last one, evaluation, checkpoint, pre-emption).
 
 A pre-emption signal (SIGUSR1, any rank) makes every rank save a checkpoint at the next step
 boundary and exit with code 75, for the job script to requeue it (``preemption.py``).
@@ -40,8 +44,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from conkd_scale import distributed as D
 from conkd_scale.data.sequences import IGNORE
+from conkd_scale.distributed import (
+    DistInfo,
+    all_reduce_max,
+    all_reduce_sum,
+    barrier,
+    print0,
+    run_on_main,
+)
 from conkd_scale.training import preemption
 from conkd_scale.training.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from conkd_scale.training.config import TrainConfig
@@ -51,7 +62,7 @@ from conkd_scale.training.metrics import JsonlLogger, MetricLogger, NullLogger
 LossStep = Callable[[Any, Batch], tuple[torch.Tensor, dict[str, Any]]]
 EvalStep = Callable[[Any, Batch], dict[str, float]]
 EvalMetrics = Callable[[dict[str, float]], dict[str, float]]
-Lockstep = Callable[[Batch, bool], Batch]
+TeacherForward = Callable[[Batch, bool], Batch]
 
 
 # ----------------------------------------------------------------------------- default steps
@@ -174,13 +185,13 @@ class Trainer:
         eval_data: Sequence[Any] | None,
         collate_fn: Callable[[list[Any]], Batch],
         cfg: TrainConfig,
-        dist: D.DistInfo,
+        dist: DistInfo,
         out_dir: str | Path,
         total_steps: int,
         loss_step: LossStep = nll_loss_step,
         eval_step: EvalStep = nll_eval_step,
         eval_metrics: EvalMetrics = ppl_metrics,
-        lockstep: Lockstep | None = None,
+        teacher_forward: TeacherForward | None = None,
         logger: MetricLogger | None = None,
     ) -> None:
         self.engine = engine
@@ -190,7 +201,7 @@ class Trainer:
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.total_steps = total_steps
         self.loss_step, self.eval_step, self.eval_metrics = loss_step, eval_step, eval_metrics
-        self.lockstep = lockstep
+        self.teacher_forward = teacher_forward
         self.collate_fn = collate_fn
         self.eval_data = eval_data
         self.grad_accum = int(engine.gradient_accumulation_steps())
@@ -219,7 +230,7 @@ class Trainer:
     # -- resume / save -------------------------------------------------------------------
     def resume(self) -> Path | None:
         """Load the checkpoint chosen by ``train.resume`` (rank 0 decides). Collective."""
-        path = D.run_on_main(resolve_resume, self.cfg.resume, self.ckpt_dir)
+        path = run_on_main(resolve_resume, self.cfg.resume, self.ckpt_dir)
         if path is None:
             return None
         meta = load_checkpoint(self.engine, path)
@@ -230,14 +241,14 @@ class Trainer:
         self.tokens_seen = float(meta.get("tokens_seen", 0))
         if isinstance(self.logger, JsonlLogger):
             self.logger.truncate_after(self.step)
-        D.print0(
+        print0(
             f"resumed from {path} at step {self.step} "
             f"(epoch {meta['epoch']}, batch {meta['batch_offset']})"
         )
         return path
 
     def _flush_counts(self) -> None:
-        samples, tokens = D.all_reduce_sum(self._pending)
+        samples, tokens = all_reduce_sum(self._pending)
         self.samples_seen += samples
         self.tokens_seen += tokens
         self._pending = [0.0, 0.0]
@@ -266,8 +277,8 @@ class Trainer:
         if self.last_saved != self.step:
             self.save_checkpoint()
         self.logger.log({"kind": "preempted", "step": self.step, "total_steps": self.total_steps})
-        D.print0(f"pre-empted: checkpoint saved at step {self.step}/{self.total_steps}; exiting")
-        D.barrier()
+        print0(f"pre-empted: checkpoint saved at step {self.step}/{self.total_steps}; exiting")
+        barrier()
         preemption.stop(self.step)  # raises SystemExit(75) on every rank
 
     # -- evaluation ----------------------------------------------------------------------
@@ -287,13 +298,13 @@ class Trainer:
                 world_size=self.dist.world_size,
                 max_batches=self.cfg.eval_max_batches,
             ):
-                if self.lockstep is not None:
-                    batch = self.lockstep(batch, False)
+                if self.teacher_forward is not None:
+                    batch = self.teacher_forward(batch, False)
                 for k, v in self.eval_step(self.engine, batch).items():
                     sums[k] = sums.get(k, 0.0) + _value(v)
         self.engine.train()
         keys = sorted(sums)
-        total = dict(zip(keys, D.all_reduce_sum([sums[k] for k in keys]), strict=True))
+        total = dict(zip(keys, all_reduce_sum([sums[k] for k in keys]), strict=True))
         metrics = self.eval_metrics(total)
         self.last_eval = metrics
         self.logger.log(
@@ -304,7 +315,7 @@ class Trainer:
                 "eval_s": round(time.perf_counter() - t0, 3),
             }
         )
-        D.print0(f"step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        print0(f"step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         return metrics
 
     # -- training ------------------------------------------------------------------------
@@ -315,8 +326,8 @@ class Trainer:
         """Train from ``self.step`` to ``total_steps`` (or ``stop_at_step``). Collective."""
         from tqdm.auto import tqdm
 
-        cfg, engine = self.cfg, self.engine
-        engine.train()
+        cfg = self.cfg
+        self.engine.train()
         bar = tqdm(
             total=self.total_steps,
             initial=self.step,
@@ -326,75 +337,14 @@ class Trainer:
             mininterval=2.0,
         )
         it = iter(self.stream)
-        dev = _device_of(engine)
-        win_loss = torch.zeros((), dtype=torch.float64, device=dev)
-        win_parts: dict[str, torch.Tensor] = {}
-        win_micro, win_tokens, win_samples = 0, 0.0, 0.0
-        t_win = t_start = time.perf_counter()
+        window = LogWindow(_device_of(self.engine))
         just_evaluated = False
         while self.step < self.total_steps:
             for i in range(self.grad_accum):
-                batch = next(it)
-                self._seed_micro(self.step * self.grad_accum + i)
-                if self.lockstep is not None:
-                    batch = self.lockstep(batch, True)
-                loss, parts = self.loss_step(engine, batch)
-                engine.backward(loss)
-                engine.step()
-                win_loss += loss.detach().double()
-                for k, v in parts.items():
-                    v = v.detach().double() if isinstance(v, torch.Tensor) else float(v)
-                    win_parts[k] = win_parts.get(k, 0.0) + v
-                win_micro += 1
-                n_tok, n_smp = float(batch["attention_mask"].sum()), batch["input_ids"].shape[0]
-                win_tokens += n_tok
-                win_samples += n_smp
-                self._pending[0] += n_smp
-                self._pending[1] += n_tok
-                del loss, parts, batch
+                self.micro_step(next(it), self.step * self.grad_accum + i, window)
             self.step += 1
             bar.update(1)
-            just_evaluated = False
-            if self.step % cfg.log_every == 0 or self.step == self.total_steps:
-                keys = sorted(win_parts)
-                sums = D.all_reduce_sum(
-                    [
-                        _value(win_loss),
-                        win_micro,
-                        win_tokens,
-                        win_samples,
-                        *[_value(win_parts[k]) for k in keys],
-                    ]
-                )
-                (peak,) = D.all_reduce_max([peak_memory_mb(dev)])
-                dt = max(time.perf_counter() - t_win, 1e-9)
-                self._flush_counts()
-                row = {
-                    "kind": "train",
-                    "step": self.step,
-                    "epoch": self.stream.position.epoch,
-                    "loss": sums[0] / sums[1],
-                    **{k: v / sums[1] for k, v in zip(keys, sums[4:], strict=True)},
-                    "lr": float(engine.get_lr()[0]),
-                    "tokens_seen": self.tokens_seen,
-                    "tokens_per_s": sums[2] / dt,
-                    "samples_per_s": sums[3] / dt,
-                    "peak_mem_mb": peak,
-                    "elapsed_s": time.perf_counter() - t_start,
-                }
-                self.logger.log(row)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
-                win_loss.zero_()
-                win_parts, win_micro, win_tokens, win_samples = {}, 0, 0.0, 0.0
-                t_win = time.perf_counter()
-            if cfg.eval_every and self.step % cfg.eval_every == 0:
-                self.evaluate()
-                just_evaluated = True
-            if cfg.save_every and self.step % cfg.save_every == 0:
-                self.save_checkpoint()
-            if preemption.requested():  # one scalar all-reduce: every rank stops at this step
-                bar.close()
-                self._stop_preempted()
+            just_evaluated = self.after_step(window, bar)
             if cfg.stop_at_step and self.step >= cfg.stop_at_step:
                 self.stopped_early = self.step < self.total_steps
                 break
@@ -403,13 +353,102 @@ class Trainer:
             self.evaluate()
         if self.last_saved != self.step:
             self.save_checkpoint()
-        wall = time.perf_counter() - t_start
         summary = {
             "kind": "final",
             "step": self.step,
             "stopped_early": self.stopped_early,
-            "train_wall_s": wall,
+            "train_wall_s": time.perf_counter() - window.t_start,
             **self.last_eval,
         }
         self.logger.log(summary)
         return summary
+
+    def micro_step(self, batch: Batch, micro_index: int, window: LogWindow) -> None:
+        """One micro batch: teacher forward, loss, backward; the engine's ``step`` applies the
+        update at the gradient-accumulation boundary."""
+        self._seed_micro(micro_index)
+        if self.teacher_forward is not None:
+            batch = self.teacher_forward(batch, True)
+        loss, parts = self.loss_step(self.engine, batch)
+        self.engine.backward(loss)
+        self.engine.step()
+        n_tok, n_smp = float(batch["attention_mask"].sum()), batch["input_ids"].shape[0]
+        window.add(loss, parts, n_tok, n_smp)
+        self._pending[0] += n_smp
+        self._pending[1] += n_tok
+
+    def after_step(self, window: LogWindow, bar: Any) -> bool:
+        """At an optimizer-step boundary: log the window, evaluate, checkpoint and stop on
+        pre-emption, each when due. Collective; returns whether it evaluated."""
+        cfg = self.cfg
+        if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+            row = self.log_window(window)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
+        evaluated = bool(cfg.eval_every and self.step % cfg.eval_every == 0)
+        if evaluated:
+            self.evaluate()
+        if cfg.save_every and self.step % cfg.save_every == 0:
+            self.save_checkpoint()
+        if preemption.requested():  # one scalar all-reduce: every rank stops at this step
+            bar.close()
+            self._stop_preempted()
+        return evaluated
+
+    def log_window(self, window: LogWindow) -> dict[str, Any]:
+        """The train row of the steps since the last one: every part averaged over micro
+        batches and ranks, throughput over the window's wall time. Collective; resets it."""
+        keys = sorted(window.parts)
+        sums = all_reduce_sum(
+            [
+                _value(window.loss),
+                window.micro,
+                window.tokens,
+                window.samples,
+                *[_value(window.parts[k]) for k in keys],
+            ]
+        )
+        (peak,) = all_reduce_max([peak_memory_mb(window.device)])
+        dt = max(time.perf_counter() - window.t_window, 1e-9)
+        self._flush_counts()
+        row = {
+            "kind": "train",
+            "step": self.step,
+            "epoch": self.stream.position.epoch,
+            "loss": sums[0] / sums[1],
+            **{k: v / sums[1] for k, v in zip(keys, sums[4:], strict=True)},
+            "lr": float(self.engine.get_lr()[0]),
+            "tokens_seen": self.tokens_seen,
+            "tokens_per_s": sums[2] / dt,
+            "samples_per_s": sums[3] / dt,
+            "peak_mem_mb": peak,
+            "elapsed_s": time.perf_counter() - window.t_start,
+        }
+        self.logger.log(row)
+        window.reset()
+        return row
+
+
+class LogWindow:
+    """This rank's sums over the micro batches since the last train row."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.t_start = time.perf_counter()  # when training started (elapsed_s)
+        self.t_window = self.t_start  # when this window started (throughput)
+        self.loss = torch.zeros((), dtype=torch.float64, device=device)  # no sync per batch
+        self.parts: dict[str, Any] = {}
+        self.micro, self.tokens, self.samples = 0, 0.0, 0.0
+
+    def reset(self) -> None:
+        self.loss.zero_()
+        self.parts, self.micro, self.tokens, self.samples = {}, 0, 0.0, 0.0
+        self.t_window = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, parts: dict[str, Any], tokens: float, samples: int) -> None:
+        self.loss += loss.detach().double()
+        for k, v in parts.items():
+            v = v.detach().double() if isinstance(v, torch.Tensor) else float(v)
+            self.parts[k] = self.parts.get(k, 0.0) + v
+        self.micro += 1
+        self.tokens += tokens
+        self.samples += samples

@@ -1,4 +1,4 @@
-"""A tiny untrained causal LM directory for plumbing tests and smoke runs of evaluate/chat.
+"""A tiny causal LM directory for the evaluation, generation and chat tests.
 
 ``write_tiny_lm(corpus, out_dir)`` trains a SentencePiece tokenizer on the corpus's training
 turns, builds a 1-layer GPT-2 (``n_embd=32``) over it and saves model, tokenizer and
