@@ -1,6 +1,8 @@
 """Typed run configs: dataclasses filled from a JSON/YAML file and ``key=value`` overrides.
 
-Nested dataclasses are addressed with dotted keys (``loss.tau=2``). Unknown keys and values
+Nested dataclasses are addressed with dotted keys (``loss.tau=2``). A list on the command line
+is comma-separated (``sizes=tiny,mini``) or a JSON list, whose items may hold commas
+(``teachers.dialog_overrides=["train.adam_betas=0.9,0.95"]``). Unknown keys and values
 of the wrong type are errors that name the key and the accepted type; each config dataclass
 checks conflicting fields in its own ``__post_init__``.
 """
@@ -48,7 +50,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return value
     if origin in (list, tuple):
         (inner, *_) = typing.get_args(tp) or (Any,)
-        if isinstance(value, str):
+        if isinstance(value, str) and value.lstrip().startswith("["):
+            try:  # a JSON list: its items may hold commas (key=value overrides for a child job)
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{key}: {value!r} is not a JSON list ({e})") from None
+        elif isinstance(value, str):
             value = [v for v in value.split(",") if v != ""]
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{key}: expected a list, got {value!r}")

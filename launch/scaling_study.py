@@ -9,27 +9,25 @@ then analyse the gate and write a report with figures.
     python launch/scaling_study.py ... --ablations oracle,no_kg     # ablation runs by name
 
 Finished runs are skipped, so the same command resumes a study (and, after a SLURM sweep,
-analyses it). Writes report.md, summary.json and figures/*.png into OUT (or report_dir=DIR).
-Options:
-conkd_scale/scaling/config.py (StudyConfig); per-student settings go in
-distill=key=value,... (launch/distill.py's).
+analyses it). Writes report.md, summary.json and figures/*.png into OUT (or report_dir=DIR);
+relative paths are taken from the project root. Options: conkd_scale/scaling/config.py
+(StudyConfig) and conkd_scale/jobs.py (JobOptions); per-student settings go in
+distill=key=value,... (launch/distill.py's), or distill='["k=v,w", ...]' when one holds a comma.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from conkd_scale.config import build_config
+from conkd_scale.jobs import cli_overrides, cli_parser, run_cli
 from conkd_scale.scaling.config import StudyConfig
 from conkd_scale.scaling.sweep import Study
-from conkd_scale.utils.errors import ConkdError
+
+FLAGS = ("sizes", "gates", "ablations", "dataset", "data_dir", "launcher", "output_dir")
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = cli_parser(__doc__, StudyConfig)
     p.add_argument("--sizes", help="student presets, comma-separated (e.g. tiny,mini,small)")
     p.add_argument("--gates", help="gate modes, comma-separated: hard,soft,static,oracle")
     p.add_argument("--ablations", help="extra runs by name, e.g. static,oracle,no_kg,onehot")
@@ -37,20 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir")
     p.add_argument("--launcher", choices=["local", "slurm"])
     p.add_argument("--output-dir")
-    p.add_argument("--config", help="JSON/YAML file of StudyConfig fields")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_intermixed_args(argv)  # key=value overrides before and after flags
-    over = list(args.overrides)
-    for key in ("sizes", "gates", "ablations", "dataset", "data_dir", "launcher", "output_dir"):
-        value = getattr(args, key)
-        if value is not None:
-            over.append(f"{key}={value}")
-    try:
-        cfg = build_config(StudyConfig, args.config, over)
-        summary = Study(cfg).run()
-    except (ConkdError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+    done = run_cli(StudyConfig, args.config, cli_overrides(args, FLAGS), lambda c: Study(c).run())
+    if done is None:
         return 2
+    cfg, summary = done
     if summary is not None:
         print(f"report: {cfg.report / 'report.md'}")
         print((cfg.report / "report.md").read_text(encoding="utf-8").split("## Metrics")[0])

@@ -18,7 +18,9 @@
 # CONKD_SWEEP_MANIFEST=FILE (JSON lines, one job each: its launch/distill.py and
 # launch/evaluate.py arguments), array task i runs line i: the distillation on every rank of
 # the allocation (skipped when the line has none), then the evaluation as one process.
-# Arguments given to sweep.sh itself are ignored in this mode.
+# Arguments given to sweep.sh itself are ignored in this mode. The study submits the runs that
+# train a missing teacher first and the rest with --dependency=afterok:<that job>
+# --kill-on-invalid-dep=yes, so that the rest is cancelled, not left pending, if it fails.
 #
 # ------------------------------------------------------------------ resources per array task
 # (see slurm/distill.sh for each line; the sbatch command line wins). %A: array job id, %a:

@@ -68,8 +68,14 @@ fi
 out=${CONKD_TEACHERS_DIR:-runs/teachers/$dataset}
 echo "teachers of $dataset ($data_dir) -> $out/rec, $out/dialog"
 
+# trained rec|dialog DIR: the check launch/distill.py makes (conkd_scale/distill/teachers.py)
+trained() {
+    "$CONKD_PYTHON" -c 'import sys; from conkd_scale.distill import teachers as t
+sys.exit(0 if getattr(t, sys.argv[1] + "_trained")(sys.argv[2]) else 1)' "$1" "$2"
+}
+
 rc=0
-if [[ -f $out/rec/checkpoint/rec_teacher.pt || -f $out/rec/rec_teacher.pt ]]; then
+if trained rec "$out/rec"; then
     echo "R: already trained in $out/rec (skipped)"
 else
     cpus=$((CPUS_PER_TASK * TASKS_PER_NODE))
@@ -80,7 +86,7 @@ else
     ((rc == 0)) || conkd_finish "$rc"
 fi
 
-if [[ -f $out/dialog/hf/config.json ]]; then
+if trained dialog "$out/dialog"; then
     echo "D: already trained in $out/dialog (skipped)"
 else
     conkd_step -- "$CONKD_PYTHON" -u launch/train_dialog_teacher.py "${dialog[@]}" \

@@ -1,4 +1,5 @@
-"""Gate analysis and the report's reading on hand-made gate traces (no models)."""
+"""Gate analysis and the report's reading on hand-made gate traces (no models); the study's
+options and its manifest."""
 
 from __future__ import annotations
 
@@ -21,8 +22,9 @@ from conkd_scale.scaling.analysis import (
     training_curves,
 )
 from conkd_scale.scaling.config import StudyConfig
-from conkd_scale.scaling.report import compare, reading
+from conkd_scale.scaling.reading import compare, reading
 from conkd_scale.utils.errors import ConfigError, DataError
+from conkd_scale.utils.procs import ROOT
 
 
 def turn(conv: str, idx: int, rec: bool, m: list[float], gold: list[int]) -> TurnTrace:
@@ -208,17 +210,38 @@ def test_reading_states_whether_the_papers_pattern_appears() -> None:
     assert "the two gates tie at the smallest size and the two gates tie at the largest" in text
 
 
-def test_study_config_errors() -> None:
-    with pytest.raises(ConfigError, match="unknown preset 'huge'"):
-        build_config(StudyConfig, None, ["sizes=tiny,huge"])
-    with pytest.raises(ConfigError, match="unknown gate 'no_kg'.*ablations"):
-        build_config(StudyConfig, None, ["gates=hard,no_kg"])
-    with pytest.raises(ConfigError, match="unknown run 'bogus'"):
-        build_config(StudyConfig, None, ["ablations=bogus"])
-    with pytest.raises(ConfigError, match="data_dir is required"):
-        build_config(StudyConfig, None, ["dataset=redial"])
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("sizes=tiny,huge", "unknown preset 'huge'"),
+        ("gates=hard,no_kg", "unknown gate 'no_kg'.*ablations"),
+        ("ablations=bogus", "unknown run 'bogus'"),
+        ("dataset=redial", "data_dir is required"),
+        ("nproc=0", "nproc: expected >= 1"),
+    ],
+)
+def test_study_config_errors(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        build_config(StudyConfig, None, [override])
+
+
+def test_study_runs_smallest_size_first() -> None:
     cfg = build_config(StudyConfig, None, ["sizes=small,tiny", "gates=soft", "ablations=no_kg"])
     assert [r.name for r in cfg.runs()] == ["tiny-soft", "tiny-no_kg", "small-soft", "small-no_kg"]
+
+
+def test_study_paths_do_not_depend_on_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    cfg = build_config(StudyConfig, None, ["teachers_dir=t", "report_dir=results/x"])
+    assert cfg.out == ROOT / "runs" / "scaling" / "synthetic"
+    assert cfg.teachers == ROOT / "t" and cfg.report == ROOT / "results" / "x"
+    assert cfg.data == str(ROOT / "runs" / "data" / "synthetic")
+    run = cfg.runs()[0]
+    assert cfg.run_dir(run) == ROOT / "runs" / "scaling" / "synthetic" / "runs" / "tiny-hard"
+    given = build_config(StudyConfig, None, [f"output_dir={tmp_path / 'o'}"])
+    assert given.out == tmp_path / "o" and given.teachers == tmp_path / "o" / "teachers"
 
 
 def test_manifest_cli_prints_one_argument_per_line_and_names_a_bad_index(

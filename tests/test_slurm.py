@@ -350,26 +350,20 @@ def test_sweep_array_task_distils_its_preset(teachers, synthetic_dir, jobs):
     assert sorted(p.name for p in sweep.iterdir()) == ["student_tiny"]
 
 
-@cluster_test
-def test_scaling_study_on_slurm(teachers, synthetic_dir):
-    """launch/scaling_study.py --launcher slurm: the manifest array (a student distilled on
-    2 ranks then evaluated, and D's gate trace) runs through slurm/sweep.sh, and the study
-    analyses it once the queue is empty."""
+def study_config(out: Path, teachers_dir: Path, data: Path, *extra: str):
+    """A one-size study on the cluster, in the CPU form of the scripts."""
     from conkd_scale.config import build_config
     from conkd_scale.scaling.config import StudyConfig
-    from conkd_scale.scaling.sweep import Study
 
-    out = teachers / "study"
-    cfg = build_config(
+    return build_config(
         StudyConfig,
         None,
         [
             "sizes=tiny",
-            "gates=hard",
             "dataset=synthetic",
-            f"data_dir={synthetic_dir}",
+            f"data_dir={data}",
             f"output_dir={out}",
-            f"teachers_dir={teachers}/teachers",
+            f"teachers_dir={teachers_dir}",
             "launcher=slurm",
             "max_turns=12",
             "poll_s=2",
@@ -377,8 +371,22 @@ def test_scaling_study_on_slurm(teachers, synthetic_dir):
             "distill=max_length=128,max_train_conversations=60,train.micro_batch=4,"
             "train.max_steps=2,train.eval_every=2,train.eval_max_batches=1",
             "evaluate=generation.max_new_tokens=8",
+            *extra,
         ],
     )
+
+
+@cluster_test
+def test_scaling_study_on_slurm(teachers, synthetic_dir):
+    """launch/scaling_study.py --launcher slurm: the manifest array (a student distilled on
+    2 ranks then evaluated, and D's gate trace) runs through slurm/sweep.sh, and the study
+    analyses it once the queue is empty. A teacher override holding a comma reaches the
+    distillation job whole."""
+    from conkd_scale.scaling.sweep import Study
+
+    out = teachers / "study"
+    nested = 'dialog=["train.adam_betas=0.9,0.95"]'
+    cfg = study_config(out, teachers / "teachers", synthetic_dir, "gates=hard", nested)
     study = Study(cfg)
     assert [j.name for j in study.pending()] == ["tiny-hard", "teacher-dialog"]
     assert not any(j.trains_teachers for j in study.pending())  # teachers exist: one array
@@ -390,8 +398,40 @@ def test_scaling_study_on_slurm(teachers, synthetic_dir):
     assert "sweep task 0 of" in text and "sweep task 1 of" in text
     cfg_run = json.loads((out / "runs" / "tiny-hard" / "config.json").read_text())
     assert cfg_run["student"]["preset"] == "tiny" and cfg_run["loss"]["gate"]["mode"] == "hard"
+    assert cfg_run["teachers"]["dialog_overrides"] == ["train.adam_betas=0.9,0.95", "train.seed=0"]
     assert (out / "report.md").is_file() and (out / "figures" / "lambda_hist.png").is_file()
     assert Study(cfg).pending() == []  # a second invocation would only analyse
+
+
+@cluster_test
+def test_scaling_study_on_slurm_ends_when_a_teacher_job_fails(teachers, synthetic_dir):
+    """The first run trains the missing teachers and fails (a bad R setting): the array that
+    depends on it is cancelled instead of pending forever, and the study stops with an
+    error that names the unfinished runs."""
+    from conkd_scale.scaling.sweep import Study
+
+    out = teachers / "study_failed"
+    cfg = study_config(out, out / "no_teachers", synthetic_dir, "gates=hard,soft", "rec=epochs=x")
+    study = Study(cfg)
+    assert [j.trains_teachers for j in study.pending()] == [True, True, False]
+    submitted: list[str] = []
+    submit = study.submit_slurm
+
+    def recording_submit() -> list[str]:
+        submitted.extend(submit())
+        return submitted
+
+    study.submit_slurm = recording_submit
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"runs not finished: \['tiny-hard', 'tiny-soft'"):
+        study.run()
+    took = time.monotonic() - t0
+    assert len(submitted) == 2, submitted  # the teacher-training run, then the rest
+    seed, rest = (job_info(j) for j in submitted)
+    assert seed.get("JobState") == "FAILED", seed
+    assert rest.get("JobState") == "CANCELLED", rest
+    assert "DependencyNeverSatisfied" in rest.get("Reason", ""), rest
+    print(f"teacher job failed -> dependent array cancelled, study ended after {took:.0f} s")
 
 
 def _rank_pid(job_id: str, rank: int) -> int | None:
@@ -469,8 +509,8 @@ class _FakeEngine(torch.nn.Module):
 def test_preemption_signal_saves_exits_75_and_resumes(tmp_path, monkeypatch):
     """SIGUSR1 during step 3 -> checkpoint at step 3, SystemExit(75); a new Trainer resumes
     at step 4 and the logged steps join (the in-process half of the cluster test above)."""
-    from conkd_scale import distributed as D
     from conkd_scale.data.sequences import IGNORE, EncodedSequence
+    from conkd_scale.distributed import DistInfo
     from conkd_scale.training import preemption
     from conkd_scale.training.config import TrainConfig
     from conkd_scale.training.data import sequence_collate
@@ -483,7 +523,7 @@ def test_preemption_signal_saves_exits_75_and_resumes(tmp_path, monkeypatch):
         EncodedSequence(str(i), [i + 3] * 4, [IGNORE] + [i + 3] * 3, [-1] * 4, []) for i in range(8)
     ]
     cfg = TrainConfig(micro_batch=2, log_every=1, progress=False, warmup_steps=1)
-    dist = D.DistInfo(0, 1, 0, 1, "gloo", torch.device("cpu"), "single")
+    dist = DistInfo(0, 1, 0, 1, "gloo", torch.device("cpu"), "single")
     calls = []
 
     def loss_step(engine, batch):
@@ -538,3 +578,57 @@ def test_preemption_signals_from_env():
     ]
     with pytest.raises(ValueError, match="CONKD_PREEMPT_SIGNALS"):
         signals_from_env({"CONKD_PREEMPT_SIGNALS": "NOPE"})
+
+
+class _FakeSlurm:
+    """``subprocess.run`` for sbatch/squeue/scancel: records the commands; squeue answers
+    with the given outputs in turn (then an empty queue)."""
+
+    def __init__(self, squeue: list[str]) -> None:
+        self.squeue = list(squeue)
+        self.calls: list[list[str]] = []
+
+    def __call__(self, cmd: list[str], **_: object) -> subprocess.CompletedProcess:
+        self.calls.append(list(cmd))
+        out = {"sbatch": str(100 + len(self.calls)), "squeue": ""}.get(cmd[0], "")
+        if cmd[0] == "squeue" and self.squeue:
+            out = self.squeue.pop(0)
+        return subprocess.CompletedProcess(cmd, 0, stdout=out, stderr="")
+
+
+def test_study_submits_teacher_runs_first_and_kills_dependents_of_a_failure(
+    tmp_path, synthetic_dir, monkeypatch
+):
+    """No teachers yet: the first run (which trains them) goes alone; the rest follow as one
+    array that depends on it and is cancelled if it fails (no cluster needed)."""
+    from conkd_scale.scaling import sweep
+    from conkd_scale.scaling.manifest import manifest_args
+
+    cfg = study_config(tmp_path / "s", tmp_path / "t", synthetic_dir, "gates=hard,soft")
+    fake = _FakeSlurm([])
+    monkeypatch.setattr(sweep.subprocess, "run", fake)
+    assert sweep.Study(cfg).submit_slurm() == ["101", "102"]
+    first, rest = fake.calls
+    assert "--array=0" in first and not any(a.startswith("--dependency") for a in first)
+    assert "--array=1,2" in rest and "--dependency=afterok:101" in rest
+    assert "--kill-on-invalid-dep=yes" in rest
+    dargs = manifest_args(tmp_path / "s" / "logs" / "manifest.jsonl", 0, "distill")
+    assert 'teachers.dialog_overrides=["train.seed=0"]' in dargs
+
+
+def test_wait_slurm_cancels_jobs_whose_dependency_failed(tmp_path, synthetic_dir, monkeypatch):
+    """A chain 101 -> 102 -> 103 where 101 failed: 102 is cancelled, then 103 (now waiting on
+    a cancelled job), and the wait ends when the queue is empty (no cluster needed)."""
+    from conkd_scale.scaling import sweep
+
+    cfg = study_config(tmp_path / "s", tmp_path / "t", synthetic_dir, "gates=hard", "poll_s=0")
+    fake = _FakeSlurm(
+        [
+            "102 PENDING DependencyNeverSatisfied\n103 PENDING Dependency",
+            "103 PENDING DependencyNeverSatisfied",
+        ]
+    )
+    monkeypatch.setattr(sweep.subprocess, "run", fake)
+    sweep.Study(cfg).wait_slurm(["101", "102", "103"])
+    assert [c for c in fake.calls if c[0] == "scancel"] == [["scancel", "102"], ["scancel", "103"]]
+    assert sum(c[0] == "squeue" for c in fake.calls) == 3

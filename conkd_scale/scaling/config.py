@@ -1,4 +1,18 @@
-"""Options of ``launch/scaling_study.py`` and the runs a study consists of."""
+"""Options of ``launch/scaling_study.py``, the runs a study consists of, and where they live.
+
+Layout of ``OUT`` (``StudyConfig.output_dir``)::
+
+    teachers/{rec,dialog,...}      R and D (trained by the first student that needs them)
+    runs/<size>-<variant>/         each student's distillation (config, metrics.jsonl, hf/)
+    eval/<size>-<variant>/         its evaluation: metrics.json, generations.jsonl,
+                                   gate_trace.jsonl (the student's own item mass per token)
+    eval/teacher-dialog/           D's evaluation and gate trace (the gate λ the students saw)
+    logs/                          one log per job; manifest.jsonl (SLURM); study.json
+    report.md, summary.json,       the analysis (conkd_scale/scaling/report.py); in
+    figures/*.png                  report_dir instead when it is set
+
+A run is finished when its ``eval/<name>/metrics.json`` and ``gate_trace.jsonl`` exist.
+"""
 
 from __future__ import annotations
 
@@ -6,45 +20,35 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from conkd_scale.data.synthetic import DEFAULT_DIR as DEFAULT_SYNTHETIC_DIR
+from conkd_scale.jobs import ROW, ROWS, JobOptions, Row, project_path
 from conkd_scale.models.presets import PRESETS
-from conkd_scale.results.table import ROWS, Row
 from conkd_scale.utils.errors import ConfigError
 
 GATES = ("hard", "soft", "static", "oracle")  # --gates: the gate modes of the student loss
 # --ablations: any student row of the results table (METHOD.md item 7, and w_kd = 0)
 STUDENT_ROWS = {r.key: r for r in ROWS if r.distill is not None}
-TEACHER_ROW = next(r for r in ROWS if r.key == "dialog")  # D alone: the teacher's gate trace
+TEACHER_ROW = ROW["dialog"]  # D alone: the teacher's gate trace
+TEACHER_EVAL = "teacher-dialog"  # the name of D's evaluation
 
 
 @dataclass
-class StudyConfig:
-    """``launch/scaling_study.py`` options (``key=value`` overrides too)."""
+class StudyConfig(JobOptions):
+    """``launch/scaling_study.py`` options (``key=value`` overrides too); relative paths are
+    taken from the project root."""
 
-    dataset: Literal["redial", "inspired", "synthetic"] = "synthetic"
-    data_dir: str | None = None  # None: runs/data/synthetic (generated) for synthetic
     output_dir: str | None = None  # None: runs/scaling/<dataset>
     report_dir: str | None = None  # report.md, summary.json, figures/; None: output_dir
     sizes: list[str] = field(default_factory=lambda: ["tiny", "mini", "small"])  # presets
     gates: list[str] = field(default_factory=lambda: ["hard", "soft"])
     ablations: list[str] = field(default_factory=list)  # e.g. static,oracle,no_kg,onehot
     launcher: Literal["local", "slurm"] = "local"
-    nproc: int = 2  # local: ranks per distillation job
-    ds_config: str = "ds_configs/zero3.json"
     teachers_dir: str | None = None  # None: <output_dir>/teachers (trained by the first run)
-    seed: int = 0
-    max_turns: int = 0  # evaluation: first N recommender turns of the test split (0: all)
-    distill: list[str] = field(default_factory=list)  # overrides for every student
-    rec: list[str] = field(default_factory=list)  # R's training overrides
-    dialog: list[str] = field(default_factory=list)  # D's training overrides
-    evaluate: list[str] = field(default_factory=list)  # evaluate.py overrides
     sbatch: list[str] = field(default_factory=list)  # slurm: extra sbatch options
     submit_only: bool = False  # slurm: submit and return (run again later to analyse)
     poll_s: float = 30.0  # slurm: how often to look at the queue
 
     def __post_init__(self) -> None:
-        if self.dataset != "synthetic" and self.data_dir is None:
-            raise ConfigError(f"data_dir is required for dataset={self.dataset!r}")
+        super().__post_init__()
         if not self.sizes:
             raise ConfigError("sizes: give at least one student preset (e.g. tiny,mini,small)")
         for s in self.sizes:
@@ -63,25 +67,40 @@ class StudyConfig:
             raise ConfigError("gates and ablations are both empty: nothing to run")
         if len(set(self.sizes)) != len(self.sizes):
             raise ConfigError(f"sizes: repeated preset in {self.sizes}")
-        if self.nproc < 1:
-            raise ConfigError(f"nproc: expected >= 1, got {self.nproc}")
 
+    # ------------------------------------------------------------------ paths
     @property
     def out(self) -> Path:
-        return Path(self.output_dir or f"runs/scaling/{self.dataset}")
+        return project_path(self.output_dir or f"runs/scaling/{self.dataset}")
 
     @property
     def report(self) -> Path:
-        return Path(self.report_dir) if self.report_dir else self.out
+        return project_path(self.report_dir) if self.report_dir else self.out
 
     @property
-    def data(self) -> str:
-        return self.data_dir or DEFAULT_SYNTHETIC_DIR
+    def logs(self) -> Path:
+        return self.out / "logs"
 
     @property
     def teachers(self) -> Path:
-        return Path(self.teachers_dir) if self.teachers_dir else self.out / "teachers"
+        return project_path(self.teachers_dir) if self.teachers_dir else self.out / "teachers"
 
+    def teacher_dirs(self, row: Row) -> tuple[Path, Path]:
+        """(R dir, D dir) of a row."""
+        return self.teachers / row.rec, self.teachers / row.dialog
+
+    def run_dir(self, run: StudyRun) -> Path:
+        return self.out / "runs" / run.name
+
+    def eval_dir(self, name: str) -> Path:
+        return self.out / "eval" / name
+
+    def finished(self, name: str) -> bool:
+        """The evaluation ``name`` (a run's, or :data:`TEACHER_EVAL`) has its outputs."""
+        d = self.eval_dir(name)
+        return (d / "metrics.json").is_file() and (d / "gate_trace.jsonl").is_file()
+
+    # ------------------------------------------------------------------ runs
     def variants(self) -> list[Row]:
         """The student rows of the sweep, gates first, without repeats."""
         keys = list(dict.fromkeys([*self.gates, *self.ablations]))

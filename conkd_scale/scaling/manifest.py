@@ -1,19 +1,41 @@
-"""Print one job's arguments from a study manifest, one per line (for slurm/sweep.sh).
+"""A SLURM study's manifest (``OUT/logs/manifest.jsonl``): one job per line, its
+``launch/distill.py`` and ``launch/evaluate.py`` arguments. Printed for slurm/sweep.sh:
 
-python -m conkd_scale.scaling.manifest MANIFEST INDEX distill|evaluate
+    python -m conkd_scale.scaling.manifest MANIFEST INDEX distill|evaluate
+
+prints line INDEX's arguments of that part, one per line (nothing: no such part).
 """
 
 from __future__ import annotations
 
+import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
-from conkd_scale.scaling.sweep import manifest_args
+from conkd_scale.utils.io import write_jsonl
+
+PARTS = ("distill", "evaluate")
+
+
+def write_manifest(path: Path, jobs: Sequence[tuple[str, list[str] | None, list[str]]]) -> Path:
+    """Write ``(name, distill args or None, evaluate args)`` per job, in array order."""
+    write_jsonl(path, [{"name": n, "distill": d, "evaluate": e} for n, d, e in jobs])
+    return path
+
+
+def manifest_args(path: Path, index: int, part: str) -> list[str]:
+    """The ``distill`` or ``evaluate`` arguments of manifest line ``index``."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if not 0 <= index < len(lines):
+        raise IndexError(f"{path}: no line {index} (it has {len(lines)} jobs)")
+    entry = json.loads(lines[index])
+    return list(entry.get(part) or [])
 
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 3 or args[2] not in ("distill", "evaluate"):
+    if len(args) != 3 or args[2] not in PARTS:
         print(__doc__, file=sys.stderr)
         return 2
     try:

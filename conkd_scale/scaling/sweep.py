@@ -1,24 +1,14 @@
 """Run a scaling study's students: locally one after another, or as a SLURM job array.
 
-Layout of ``OUT`` (``StudyConfig.output_dir``)::
+Each run distils one (size, variant) student and evaluates it; one more job evaluates D for
+its gate trace (layout of ``OUT``: conkd_scale/scaling/config.py; arguments:
+conkd_scale/jobs.py). A study started again skips finished runs, and a distillation whose
+``hf/`` exists is not trained again (an interrupted one resumes from its newest checkpoint).
 
-    teachers/{rec,dialog,...}      R and D (trained by the first student that needs them)
-    runs/<size>-<variant>/         each student's distillation (config, metrics.jsonl, hf/)
-    eval/<size>-<variant>/         its evaluation: metrics.json, generations.jsonl,
-                                   gate_trace.jsonl (the student's own item mass per token)
-    eval/teacher-dialog/           D's evaluation and gate trace (the gate λ the students saw)
-    logs/                          one log per job; manifest.jsonl (SLURM); study.json
-    report.md, summary.json,       the analysis (conkd_scale/scaling/report.py); in
-    figures/*.png                  report_dir instead when it is set
-
-A run is finished when its ``eval/<name>/metrics.json`` and ``gate_trace.jsonl`` exist; a
-study started again skips finished runs, and a distillation whose ``hf/`` exists is not
-trained again (an interrupted one resumes from its newest checkpoint).
-
-SLURM: the unfinished runs go into ``logs/manifest.jsonl`` (one line per job: its
-``launch/distill.py`` and ``launch/evaluate.py`` arguments), and ``slurm/sweep.sh`` runs line
+SLURM: the unfinished runs go into ``logs/manifest.jsonl`` and ``slurm/sweep.sh`` runs line
 ``$SLURM_ARRAY_TASK_ID``. Runs that would train a missing teacher are submitted first, one
-after another; the rest follow as one array that depends on them.
+after another; the rest follow as one array that depends on them. Jobs whose dependency
+failed are cancelled, so waiting for the queue always ends.
 """
 
 from __future__ import annotations
@@ -32,12 +22,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from conkd_scale.results.table import Row, deepspeed_command, distill_args, evaluate_args
-from conkd_scale.scaling.config import TEACHER_ROW, StudyConfig, StudyRun
-from conkd_scale.utils.io import write_json, write_jsonl
+from conkd_scale.jobs import (
+    deepspeed_command,
+    distill_args,
+    evaluate_args,
+    python_command,
+    student_trained,
+    teachers_ready,
+)
+from conkd_scale.scaling.config import TEACHER_EVAL, TEACHER_ROW, StudyConfig, StudyRun
+from conkd_scale.scaling.manifest import write_manifest
+from conkd_scale.scaling.report import write_report
+from conkd_scale.utils.io import write_json
 from conkd_scale.utils.procs import ROOT, run_logged
 
-TEACHER_EVAL = "teacher-dialog"
+TRACE = ("gate_trace=true", "generation.progress=false")  # evaluate.py: every study evaluation
+NEVER_SATISFIED = "DependencyNeverSatisfied"  # squeue's reason for a job whose dependency failed
 
 
 @dataclass(frozen=True)
@@ -56,115 +56,68 @@ class Study:
 
     def __init__(self, cfg: StudyConfig) -> None:
         self.cfg = cfg
-        self.out = cfg.out
         self.walls: dict[str, float] = {}
 
-    # ------------------------------------------------------------------ paths
-    def run_dir(self, run: StudyRun) -> Path:
-        return self.out / "runs" / run.name
-
-    def eval_dir(self, name: str) -> Path:
-        return self.out / "eval" / name
-
-    def teacher_dirs(self, row: Row) -> tuple[Path, Path]:
-        return self.cfg.teachers / row.rec, self.cfg.teachers / row.dialog
-
-    def finished(self, name: str) -> bool:
-        d = self.eval_dir(name)
-        return (d / "metrics.json").is_file() and (d / "gate_trace.jsonl").is_file()
-
     # ------------------------------------------------------------------ jobs
+    def _student_job(self, run: StudyRun) -> Job:
+        cfg = self.cfg
+        teachers = cfg.teacher_dirs(run.row)
+        out = cfg.run_dir(run)
+        trained = student_trained(out)
+        extra = [f"student.preset={run.size}", "train.progress=false"]
+        dargs = distill_args(
+            cfg, run.row, out=out, rec_dir=teachers[0], dialog_dir=teachers[1], extra=extra
+        )
+        eval_out = cfg.eval_dir(run.name)
+        eargs = evaluate_args(
+            cfg, run.row, out=eval_out, model=out / "hf", rec_dir=teachers[0], extra=TRACE
+        )
+        trains = not trained and not teachers_ready(*teachers)
+        return Job(run.name, None if trained else dargs, eargs, teachers, trains)
+
     def jobs(self) -> list[Job]:
         """Every job of the study, in order: students (smallest first), then D's trace."""
         cfg = self.cfg
-        jobs = []
-        for run in cfg.runs():
-            rec_dir, dialog_dir = self.teacher_dirs(run.row)
-            out = self.run_dir(run)
-            dargs = distill_args(
-                run.row,
-                dataset=cfg.dataset,
-                data_dir=cfg.data,
-                out=out,
-                rec_dir=rec_dir,
-                dialog_dir=dialog_dir,
-                seed=cfg.seed,
-                ds_config=cfg.ds_config,
-                rec=cfg.rec,
-                dialog=[f"model.preset={_dialog_preset()}", *cfg.dialog],
-                distill=[*cfg.distill, f"student.preset={run.size}", "train.progress=false"],
-            )
-            eargs = evaluate_args(
-                run.row,
-                dataset=cfg.dataset,
-                data_dir=cfg.data,
-                out=self.eval_dir(run.name),
-                model=out / "hf",
-                rec_dir=rec_dir,
-                max_turns=cfg.max_turns,
-                extra=["gate_trace=true", "generation.progress=false", *cfg.evaluate],
-            )
-            trained = (out / "hf" / "config.json").is_file()
-            jobs.append(
-                Job(
-                    run.name,
-                    None if trained else dargs,
-                    eargs,
-                    (rec_dir, dialog_dir),
-                    not trained and not _teachers_ready(rec_dir, dialog_dir),
-                )
-            )
-        rec_dir, dialog_dir = self.teacher_dirs(TEACHER_ROW)
+        jobs = [self._student_job(run) for run in cfg.runs()]
+        rec_dir, dialog_dir = cfg.teacher_dirs(TEACHER_ROW)
+        eval_out = cfg.eval_dir(TEACHER_EVAL)
         eargs = evaluate_args(
-            TEACHER_ROW,
-            dataset=cfg.dataset,
-            data_dir=cfg.data,
-            out=self.eval_dir(TEACHER_EVAL),
-            model=dialog_dir / "hf",
-            rec_dir=rec_dir,
-            max_turns=cfg.max_turns,
-            extra=["gate_trace=true", "generation.progress=false", *cfg.evaluate],
+            cfg, TEACHER_ROW, out=eval_out, model=dialog_dir / "hf", rec_dir=rec_dir, extra=TRACE
         )
         jobs.append(Job(TEACHER_EVAL, None, eargs, (rec_dir, dialog_dir), False))
         return jobs
 
     def pending(self) -> list[Job]:
-        return [j for j in self.jobs() if not self.finished(j.name)]
+        return [j for j in self.jobs() if not self.cfg.finished(j.name)]
 
     # ------------------------------------------------------------------ local
     def run_local(self) -> None:
         """Each unfinished job in turn: ``deepspeed`` distillation, then evaluation."""
         from tqdm.auto import tqdm
 
-        jobs = self.jobs()
-        logs = self.out / "logs"
-        bar = tqdm(jobs, desc="scaling study", unit="run")
+        logs = self.cfg.logs
+        bar = tqdm(self.jobs(), desc="scaling study", unit="run")
         for job in bar:
             bar.set_postfix_str(job.name)
-            if self.finished(job.name):
+            if self.cfg.finished(job.name):
                 tqdm.write(f"{job.name}: finished before, skipped")
                 continue
             if job.distill is not None:
                 cmd = deepspeed_command(self.cfg.nproc, "launch/distill.py", job.distill)
                 self.walls[f"{job.name}/train"] = run_logged(cmd, logs / f"{job.name}.log")
-            cmd = [sys.executable, "launch/evaluate.py", *job.evaluate]
+            cmd = python_command("launch/evaluate.py", job.evaluate)
             self.walls[f"{job.name}/eval"] = run_logged(cmd, logs / f"{job.name}.eval.log")
             tqdm.write(f"{job.name}: done")
 
     # ------------------------------------------------------------------ slurm
-    def write_manifest(self, jobs: list[Job]) -> Path:
-        path = self.out / "logs" / "manifest.jsonl"
-        write_jsonl(
-            path, [{"name": j.name, "distill": j.distill, "evaluate": j.evaluate} for j in jobs]
-        )
-        return path
-
     def submit_slurm(self) -> list[str]:
         """Submit the unfinished jobs (teacher-training ones first, chained); job ids."""
         jobs = self.pending()
         if not jobs:
             return []
-        manifest = self.write_manifest(jobs)
+        manifest = write_manifest(
+            self.cfg.logs / "manifest.jsonl", [(j.name, j.distill, j.evaluate) for j in jobs]
+        )
         seeds: list[int] = []
         covered: set[tuple[Path, Path]] = set()
         for n, j in enumerate(jobs):
@@ -174,24 +127,24 @@ class Study:
         rest = [n for n in range(len(jobs)) if n not in seeds]
         env = {
             **os.environ,
-            "CONKD_SWEEP_MANIFEST": str(manifest.resolve()),
+            "CONKD_SWEEP_MANIFEST": str(manifest),
             "CONKD_PYTHON": os.environ.get("CONKD_PYTHON", sys.executable),
         }
         ids: list[str] = []
         for group in [[n] for n in seeds] + ([rest] if rest else []):
-            dep = [f"--dependency=afterok:{ids[-1]}"] if ids else []
+            # a job whose dependency failed is cancelled instead of pending forever
+            dep = [f"--dependency=afterok:{ids[-1]}", "--kill-on-invalid-dep=yes"] if ids else []
             ids.append(self._sbatch(group, dep, env))
         print(f"submitted {len(jobs)} job(s) as SLURM job(s) {', '.join(ids)}", flush=True)
         return ids
 
     def _sbatch(self, indices: list[int], dep: list[str], env: dict[str, str]) -> str:
-        logs = (self.out / "logs").resolve()
         cmd = [
             "sbatch",
             "--parsable",
             "--job-name=conkd-study",
             f"--array={','.join(map(str, indices))}",
-            f"--output={logs}/%x-%A_%a.out",
+            f"--output={self.cfg.logs}/%x-%A_%a.out",
             *dep,
             *self.cfg.sbatch,
             "slurm/sweep.sh",
@@ -202,23 +155,22 @@ class Study:
         return proc.stdout.strip().split(";")[0]
 
     def wait_slurm(self, ids: list[str]) -> None:
-        """Poll the queue until none of ``ids`` (array tasks included) is left in it."""
+        """Poll the queue until none of ``ids`` (array tasks included) is left in it. Jobs
+        that wait on a failed dependency are cancelled (``--kill-on-invalid-dep`` does the
+        same unless an ``sbatch=`` option turned it off)."""
         from tqdm.auto import tqdm
 
-        total = len(self.jobs())
-        with tqdm(total=total, desc="scaling study (SLURM)", unit="run") as bar:
+        with tqdm(total=len(self.jobs()), desc="scaling study (SLURM)", unit="run") as bar:
             while True:
-                proc = subprocess.run(
-                    ["squeue", "-h", "-j", ",".join(ids), "-o", "%i %T"],
-                    capture_output=True,
-                    text=True,
-                    timeout=60,
-                )
-                done = sum(self.finished(j.name) for j in self.jobs())
-                bar.update(done - bar.n)
-                # squeue fails for ids that left the queue long ago: treat as empty
-                if proc.returncode != 0 or not proc.stdout.strip():
+                queued = _queue(ids)
+                bar.update(sum(self.cfg.finished(j.name) for j in self.jobs()) - bar.n)
+                if not queued:
                     return
+                stuck = sorted({job for job, _, reason in queued if reason == NEVER_SATISFIED})
+                if stuck:
+                    names = ", ".join(stuck)
+                    tqdm.write(f"cancelling SLURM job(s) {names}: a job they depend on failed")
+                    subprocess.run(["scancel", *stuck], capture_output=True, timeout=60)
                 time.sleep(self.cfg.poll_s)
 
     # ------------------------------------------------------------------ entry
@@ -240,44 +192,35 @@ class Study:
                 "wall_s_this_invocation": round(time.perf_counter() - t0, 1),
                 "run_walls_s": self.walls,
             }
-            write_json(self.out / "logs" / "study.json", _merge_walls(self.out, info))
-        missing = [j.name for j in self.jobs() if not self.finished(j.name)]
+            path = self.cfg.logs / "study.json"
+            write_json(path, _merge_walls(path, info))
+        missing = [j.name for j in self.jobs() if not self.cfg.finished(j.name)]
         if missing:
-            raise RuntimeError(
-                f"runs not finished: {missing}; their logs are in {self.out / 'logs'}"
-            )
-        from conkd_scale.scaling.report import write_report
-
-        return write_report(self)
+            raise RuntimeError(f"runs not finished: {missing}; their logs are in {self.cfg.logs}")
+        return write_report(self.cfg)
 
 
-def _dialog_preset() -> str:
-    """D's size when auto-trained: the distillation default (``teachers.dialog_preset``)."""
-    from conkd_scale.distill.config import TeacherConfig
+def _queue(ids: list[str]) -> list[tuple[str, str, str]]:
+    """``(array job id, state, reason)`` of each of ``ids``' entries still in the queue."""
+    proc = subprocess.run(
+        ["squeue", "-h", "-j", ",".join(ids), "-o", "%A %T %r"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if proc.returncode != 0:  # squeue fails for ids that left the queue long ago
+        return []
+    queued = []
+    for line in proc.stdout.splitlines():
+        job, state, reason = [*line.split(None, 2), "", ""][:3]
+        if job:
+            queued.append((job, state, reason.strip()))
+    return queued
 
-    return TeacherConfig().dialog_preset
 
-
-def _teachers_ready(rec_dir: Path, dialog_dir: Path) -> bool:
-    """Both teachers trained (the checks launch/distill.py makes before auto-training)."""
-    from conkd_scale.distill.teachers import dialog_trained, rec_trained
-
-    return rec_trained(rec_dir) and dialog_trained(dialog_dir)
-
-
-def _merge_walls(out: Path, info: dict[str, Any]) -> dict[str, Any]:
+def _merge_walls(path: Path, info: dict[str, Any]) -> dict[str, Any]:
     """study.json keeps every run's wall time across invocations (a resumed study)."""
-    path = out / "logs" / "study.json"
     old = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     walls = {**old.get("run_walls_s", {}), **info["run_walls_s"]}
     total = old.get("wall_s_total", 0.0) + info["wall_s_this_invocation"]
     return {**info, "run_walls_s": walls, "wall_s_total": round(total, 1)}
-
-
-def manifest_args(path: Path, index: int, part: str) -> list[str]:
-    """The ``distill`` or ``evaluate`` arguments of manifest line ``index`` (sweep.sh)."""
-    lines = path.read_text(encoding="utf-8").splitlines()
-    if not 0 <= index < len(lines):
-        raise IndexError(f"{path}: no line {index} (it has {len(lines)} jobs)")
-    entry = json.loads(lines[index])
-    return list(entry.get(part) or [])
