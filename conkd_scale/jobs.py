@@ -216,21 +216,19 @@ def teacher_commands(nproc: int, distill: Sequence[str]) -> list[tuple[str, list
     ``launch/train_rec_teacher.py``, D by ``launch/train_dialog_teacher.py`` on ``nproc``
     ranks. Empty when both are trained."""
     from conkd_scale.distill.config import DistillConfig
-    from conkd_scale.distill.teachers import dialog_teacher_overrides, dialog_trained, rec_trained
+    from conkd_scale.distill.teachers import (
+        dialog_teacher_overrides,
+        dialog_trained,
+        rec_teacher_overrides,
+        rec_trained,
+    )
     from conkd_scale.launching import parse_launch_args
 
     parsed = parse_launch_args(None, list(distill))
     cfg = build_config(DistillConfig, parsed.config, parsed.overrides)
     commands = []
     if cfg.uses_teachers and not rec_trained(cfg.rec_dir):
-        rec = [
-            f"dataset={cfg.dataset}",
-            f"data_dir={cfg.resolved_data_dir}",
-            f"kg={'default' if cfg.kg is None else cfg.kg}",
-            f"output_dir={cfg.rec_dir}",
-            f"progress={cfg.train.progress}",
-            *cfg.teachers.rec_overrides,
-        ]
+        rec = rec_teacher_overrides(cfg)
         commands.append(("rec", python_command("launch/train_rec_teacher.py", rec)))
     if not dialog_trained(cfg.dialog_dir):
         dialog = [

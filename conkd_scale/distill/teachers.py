@@ -73,6 +73,19 @@ def check_teachers_present(cfg: DistillConfig) -> None:
             )
 
 
+def rec_teacher_overrides(cfg: DistillConfig) -> list[str]:
+    """``key=value`` settings of an auto-trained R: the run's data and KG, then
+    ``teachers.rec_overrides`` (which win)."""
+    return [
+        f"dataset={cfg.dataset}",
+        f"data_dir={cfg.resolved_data_dir}",
+        f"kg={'default' if cfg.kg is None else cfg.kg}",
+        f"output_dir={cfg.rec_dir}",
+        f"progress={cfg.train.progress}",
+        *cfg.teachers.rec_overrides,
+    ]
+
+
 def dialog_teacher_overrides(cfg: DistillConfig) -> list[str]:
     """``key=value`` settings of an auto-trained D: the run's data and sequence layout, the
     size ``teachers.dialog_preset``, then ``teachers.dialog_overrides`` (which win)."""
@@ -95,20 +108,7 @@ def train_missing_teachers(cfg: DistillConfig) -> None:
         from conkd_scale.rec.train import RecTeacherConfig, train_rec_teacher
 
         print0(f"training the recommendation teacher into {cfg.rec_dir}")
-        kg = "default" if cfg.kg is None else cfg.kg
-        rcfg = build_config(
-            RecTeacherConfig,
-            None,
-            [
-                f"dataset={cfg.dataset}",
-                f"data_dir={cfg.resolved_data_dir}",
-                f"kg={kg}",
-                f"output_dir={cfg.rec_dir}",
-                f"progress={cfg.train.progress}",
-                *cfg.teachers.rec_overrides,
-            ],
-        )
-        train_rec_teacher(rcfg)
+        train_rec_teacher(build_config(RecTeacherConfig, None, rec_teacher_overrides(cfg)))
     if not dialog_ready(cfg):
         from conkd_scale.training.dialog_teacher import DialogTeacherConfig, DialogTeacherRecipe
         from conkd_scale.training.ds_config import load_ds_config

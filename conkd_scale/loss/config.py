@@ -35,16 +35,13 @@ class GateConfig:
     ``m_t`` is the dialogue teacher's untempered probability mass on item tokens.
     """
 
-    mode: GateMode = "hard"
-    """hard: λ=1[m>η]; soft: λ=m; static: λ=c; oracle: λ=1[y_t ∈ I] (gold token, an upper
-    bound); dialog: λ=0 (dialogue-only KD); rec: λ=1 (recommendation-only KD)."""
-    eta: float | Literal["auto"] = 0.5
-    """[decision] threshold η of the hard gate (strict: λ=1 only when m > η); in [0, 1], or
-    ``auto``: the η that maximises the F1 of the hard gate as a detector of the positions
-    whose gold next token is an item, on the **validation** split (the distillation job
-    resolves it before training; :func:`conkd_scale.loss.gates.choose_eta`)."""
-    c: float = 0.5
-    """[decision] constant λ of the static-gate ablation; in [0, 1]."""
+    mode: GateMode = "hard"  # hard: λ=1[m>η]; soft: λ=m; static: λ=c; oracle: λ=1[y_t ∈ I]
+    # (gold token, an upper bound); dialog: λ=0 (dialogue-only KD); rec: λ=1 (rec-only KD)
+    eta: float | Literal["auto"] = 0.5  # [decision] threshold η of the hard gate (strict:
+    # λ=1 only when m > η), in [0, 1]; or auto: the η whose hard gate best detects (F1) the
+    # positions whose gold next token is an item, on the validation split (the distillation
+    # job resolves it before training: loss/gates.py::choose_eta)
+    c: float = 0.5  # [decision] constant λ of the static-gate ablation; in [0, 1]
 
     def __post_init__(self) -> None:
         _check_literal(self.mode, GateMode, "loss.gate.mode")
@@ -68,24 +65,17 @@ class GateConfig:
 class LossConfig:
     """The student loss ``L = Σ_t (w_ce·ce_t + w_kd·kd_t) / N_response_tokens``."""
 
-    gate: GateConfig = field(default_factory=GateConfig)
-    """The gate λ_t between the dialogue teacher (1−λ) and the recommendation teacher (λ)."""
-    tau: float = 1.0
-    """[decision] KD temperature τ (> 0): student and D logits are divided by τ, R's item
-    distribution is tempered as q^(1/τ) renormalised over items, and kd_t is scaled by τ²."""
-    w_ce: float = 0.5
-    """[decision] weight of the (untempered) cross-entropy on the gold token; ≥ 0."""
-    w_kd: float = 0.5
-    """[decision] weight of the gated KD term; ≥ 0 (0 gives the one-hot multi-task baseline)."""
-    impl: LossImpl = "auto"
-    """Implementation of the same function: auto (chunked on the CPU; on CUDA the Triton
-    kernel, fused with the student's lm_head where the caller has hidden states, as the
-    distillation job does), reference (pure PyTorch, [N, V] temporaries), chunked (CPU path),
-    triton (CUDA: conkd_scale/loss/triton_kernel.py), fused_linear (lm_head + loss one chunk
-    of rows at a time, no [N, V] student logits: conkd_scale/loss/fused_linear.py; Triton per
-    chunk on CUDA, the chunked math on the CPU)."""
-    chunk_size: int = 1024
-    """Rows (response tokens) per chunk of the chunked implementation; ≥ 1."""
+    gate: GateConfig = field(default_factory=GateConfig)  # λ_t between D (1−λ) and R (λ)
+    tau: float = 1.0  # [decision] KD temperature τ (> 0): student and D logits are divided by
+    # τ, R's item distribution is tempered as q^(1/τ) renormalised over items, kd_t scaled by τ²
+    w_ce: float = 0.5  # [decision] weight of the (untempered) cross-entropy on the gold token
+    w_kd: float = 0.5  # [decision] weight of the gated KD term (0: the one-hot multi-task row)
+    impl: LossImpl = "auto"  # the same function by: auto (chunked on the CPU; on CUDA the
+    # Triton kernel, fused with the student's lm_head where the caller has hidden states),
+    # reference (pure PyTorch, [N, V] temporaries), chunked (CPU path), triton (CUDA:
+    # loss/triton_kernel.py), fused_linear (lm_head + loss a chunk of rows at a time, no
+    # [N, V] student logits: loss/fused_linear.py; Triton per chunk on CUDA, else chunked)
+    chunk_size: int = 1024  # rows (response tokens) per chunk of the chunked path; >= 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.gate, GateConfig):
