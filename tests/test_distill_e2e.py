@@ -7,6 +7,7 @@ sharded ZeRO-3 dialogue teacher; the other tests reuse its teachers.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -200,6 +201,16 @@ def test_bad_inputs_fail_fast_on_every_rank(run_a, tmp_path):
     common = [*base_args(root), f"output_dir={tmp_path}/out"]
     zero3 = ["--deepspeed", "ds_configs/zero3.json"]
     _fails(tmp_path, "eta", [*zero3, *common, "loss.gate.eta=1.5"], "loss.gate.eta")
+    # η = auto is chosen on the validation split: a corpus without one is refused
+    shutil.copytree(root / "data", tmp_path / "novalid")
+    (tmp_path / "novalid" / "valid_data.jsonl").write_text("")
+    no_valid = [a for a in common if not a.startswith("data_dir=")]
+    _fails(
+        tmp_path,
+        "eta_auto",
+        [*zero3, *no_valid, f"data_dir={tmp_path}/novalid", "loss.gate.eta=auto"],
+        "has no validation conversations",
+    )
     bad = tmp_path / "bad.json"
     bad.write_text('{"zero_optimization": {"stage": 3,}')
     _fails(tmp_path, "json", ["--deepspeed", str(bad), *common], "not valid JSON")
