@@ -373,3 +373,22 @@ def test_forced_mode_and_sampling_in_process(setup: dict[str, Path], tmp_path: P
     assert metrics is not None and metrics["counts"]["generated_mode_gen"] == 5
     _, rows = _read(tmp_path)
     assert [r["mode"] for r in rows] == ["gen"] * 5
+
+
+def test_repeat_system_through_the_cli(setup: dict[str, Path], tmp_path: Path) -> None:
+    """``--system repeat``: no model; its ranking is the repeat baseline's, counted on train."""
+    from conkd_scale.data.corpus import load_dataset
+    from conkd_scale.eval.run import rec_ranking
+    from conkd_scale.rec.repeat import RepeatBaseline
+
+    out = tmp_path / "repeat"
+    args = ["--system", "repeat", "--dataset", "synthetic", "--data-dir", str(setup["data"])]
+    assert _run([*args, "--output-dir", str(out)]) == 0
+    m, rows = _read(out)
+    assert sorted(m) == sorted(RANK_KEYS + [f"{k}/new" for k in RANK_KEYS] + EXTRA)
+    assert m["meta"]["system"] == "repeat" and all(len(r["r_top_items"]) == 10 for r in rows)
+    corpus = load_dataset("synthetic", setup["data"], kg="none")
+    baseline = RepeatBaseline.from_samples(corpus.samples("train"), corpus.catalog.ids)
+    want, want_new = rec_ranking(baseline, corpus.samples("test"), corpus.catalog.ids, 64)
+    assert m["R@10"] == pytest.approx(want["R@10"]) and m["counts"]["ranked_gold_items"] > 0
+    assert m["R@50/new"] == pytest.approx(want_new["R@50"])

@@ -21,11 +21,10 @@ Every metric with gold items is also reported with the ``/new`` suffix: gold ite
 mentioned in the context removed, and for the module-level ranking metrics the context's
 items removed from the candidates too (``R@k/new``). ``metrics.json`` holds the metric
 values at the top level (``null`` when undefined), ``definitions`` (what each name means
-here), ``counts`` and
-``meta``. With ``gate_trace=true``, LM systems also write ``gate_trace.jsonl``: per turn,
-the LM's item mass at each scored reply token and which of those tokens are gold items
-(read by the scaling study's gate analysis). Evaluated turns: every recommender turn of the
-split (the first ``max_turns`` when set), in corpus order.
+here), ``counts`` and ``meta``. With ``gate_trace=true``, LM systems also write
+``gate_trace.jsonl``: per turn, the LM's item mass at each scored reply token and which of
+those tokens are gold items (read by the scaling study's gate analysis). Evaluated turns:
+every recommender turn of the split (the first ``max_turns`` when set), in corpus order.
 
 Under a launcher with ``WORLD_SIZE > 1`` (torchrun, the DeepSpeed launcher, srun) the turns
 are sharded round-robin across ranks; rank 0 gathers every shard (``gather_object``),
@@ -355,7 +354,8 @@ def evaluate(
     shard = ShardResult()
     try:
         assert cfg.data_dir is not None
-        splits = (cfg.split,) if cfg.system != "repeat" else tuple({cfg.split, "train"})
+        repeat = cfg.system == "repeat"  # counts popularity on the training split
+        splits = (cfg.split, "train") if repeat and cfg.split != "train" else (cfg.split,)
         corpus = load_dataset(cfg.dataset, cfg.data_dir, kg=cfg.kg, splits=splits)
         turns = corpus.samples(cfg.split)
         if cfg.max_turns:

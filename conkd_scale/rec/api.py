@@ -127,14 +127,14 @@ class RecTeacher:
         self.model.eval()
         ctx = [self._index.encode(t)[0] for t in turns]
         ctx_BC, mask_BC = pad_contexts(ctx)
-        pairs = [self._index.recent(t) for t in turns]
-        recent = pad_recent([i for i, _ in pairs], [a for _, a in pairs])
         device = self.model.item_bias.device
+        recent = None
+        if self.model.copy != "none":  # only the copy component reads the recent items
+            pairs = [self._index.recent(t) for t in turns]
+            padded = pad_recent([i for i, _ in pairs], [a for _, a in pairs])
+            recent = RecentItems(*(x.to(device) for x in padded))
         scores_SI = self.model.scores_from_nodes(
-            self._node_embeddings(),
-            ctx_BC.to(device),
-            mask_BC.to(device),
-            RecentItems(*(x.to(device) for x in recent)),
+            self._node_embeddings(), ctx_BC.to(device), mask_BC.to(device), recent
         )  # [S, I_R]
         if item_ids is not None:
             scores_SI = scores_SI[:, self.aligned_index(item_ids).to(device)]

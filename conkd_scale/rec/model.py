@@ -25,9 +25,9 @@ the user vector and how recent the newest mention is (``g = 0`` for a context wi
 items). The scores are ``log p`` (``q_R = softmax(log p / τ_R)``). ``p_gen`` is
 ``softmax(s / T)``, with ``T`` (1 while training) fitted afterwards on the validation
 split's NLL (temperature scaling): an overfitted ``p_gen`` is overconfident, and the
-mixture's ranking of a repeat against a new item depends on its calibration. Trained with the same
-cross-entropy, the copy part learns how often and which of a conversation's items come back,
-and the graph part learns to rank only the items not named yet (what ``R@k/new`` measures).
+mixture's ranking of a repeat against a new item depends on its calibration. Trained with
+the same cross-entropy, the copy part learns how often and which of a conversation's items
+come back, and the graph part learns to rank only the items not named yet (``R@k/new``).
 """
 
 from __future__ import annotations
@@ -155,7 +155,8 @@ class RecTeacherModel(nn.Module):
     ) -> torch.Tensor:
         """Log-probabilities of the copy mixture ``(1 − g) p_gen + g p_copy``: ``[B, I]``.
 
-        ``p_gen = softmax(scores_BI)``; ``p_copy`` and ``g`` as in the module docstring.
+        ``p_gen = softmax(scores_BI / T)`` over the items not in the context; ``p_copy`` and
+        ``g`` as in the module docstring.
         """
         K = self.recency_buckets
         rank_BK = torch.arange(recent.items_BK.shape[1], device=scores_BI.device)

@@ -31,7 +31,7 @@ import copy
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -184,21 +184,16 @@ class EncodedTurns:
     def __len__(self) -> int:
         return len(self.gold)
 
+    def _lists(self) -> list[list]:
+        return [getattr(self, f.name) for f in fields(self)]
+
     def __getitem__(self, sl: slice) -> EncodedTurns:
-        return EncodedTurns(
-            self.ctx[sl], self.ctx_items[sl], self.gold[sl], self.recent[sl], self.recent_ago[sl]
-        )
+        return EncodedTurns(*(xs[sl] for xs in self._lists()))
 
     def rows(self, rows: list[int]) -> EncodedTurns:
-        """The turns at ``rows`` (repeats allowed), in that order."""
-        pick = lambda xs: [xs[r] for r in rows] if xs else []  # noqa: E731
-        return EncodedTurns(
-            pick(self.ctx),
-            pick(self.ctx_items),
-            pick(self.gold),
-            pick(self.recent),
-            pick(self.recent_ago),
-        )
+        """The turns at ``rows`` (repeats allowed), in that order (an unfilled list stays
+        empty)."""
+        return EncodedTurns(*([xs[r] for r in rows] if xs else [] for xs in self._lists()))
 
 
 def encode_turns(turns: list[TurnSample], index: ContextIndex) -> EncodedTurns:
