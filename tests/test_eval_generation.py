@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -62,7 +61,8 @@ def test_prompt_and_gold_reply_match_training_sequences(gen: LMGenerator, corpus
             assert all(seq.labels[p] != IGNORE for p in loss_pos)
             assert row.ids[-1] == gen.eos_id and row.start == len(prompt)
             mode = gen.special["rec" if s.gold_items else "gen"]
-            assert row.ids[row.start] == mode and row.nll_from == row.start + 1
+            # the mode token is a response token: PPL scores it (METHOD.md)
+            assert row.ids[row.start] == mode and row.nll_from == row.start
             for pos, idx, _ in row.items:
                 assert row.ids[pos] == gen.tok.convert_tokens_to_ids(
                     item_token(corpus.catalog.ids[idx])
@@ -158,8 +158,10 @@ def test_teacher_forced_nll_matches_hf_loss(gen: LMGenerator, corpus: Corpus) ->
     assert out.nll_sum == pytest.approx(nll, rel=1e-5)
     assert out.ranking[0]["n"] == sum(len(set(t.gold_items)) for t in turns)
     assert 0.0 <= out.ranking[0]["R@10"] <= 1.0 and out.items_not_found == 0
-    with_mode = TeacherForcedScorer(gen, corpus.catalog.ids, include_mode=True).score(turns)
-    assert with_mode.n_tokens == n + len(turns)
+    assert out.turn_tokens == [len(scorer.row(t).ids) - scorer.row(t).start for t in turns]
+    assert sum(out.turn_nll) == pytest.approx(out.nll_sum, rel=1e-6)
+    no_mode = TeacherForcedScorer(gen, corpus.catalog.ids, include_mode=False).score(turns)
+    assert no_mode.n_tokens == n - len(turns)  # the mode token dropped, one per turn
 
 
 def test_teacher_forced_item_ranks(gen: LMGenerator, corpus: Corpus) -> None:
@@ -174,8 +176,9 @@ def test_teacher_forced_item_ranks(gen: LMGenerator, corpus: Corpus) -> None:
     rank = int((item_logits_I >= item_logits_I[idx]).sum())  # pessimistic
     res = scorer.score([t]).ranking[0]
     assert res["n"] == 1
-    assert res["R@10"] == float(rank <= 10) and res["R@50"] == 1.0  # 30 items
+    assert res["R@1"] == float(rank <= 1) and res["R@10"] == float(rank <= 10)
     assert res["MRR@50"] == pytest.approx(1 / rank)
+    assert res["MRR@10"] == pytest.approx(1 / rank if rank <= 10 else 0.0)
 
 
 class _FixedRec:
@@ -230,7 +233,9 @@ def test_real_generator_output_fields(gen: LMGenerator, corpus: Corpus) -> None:
         assert len(g.token_ids) <= 12 and not any(i in gen.stop_ids for i in g.token_ids)
         assert g.items == list(dict.fromkeys(g.items))
         assert all(item_token(i) in g.reply for i in g.items)
-    assert math.isfinite(sum(len(g.reply) for g in out))
+        # the reply is the decoded text of its token ids (mode/role/EOS removed)
+        assert g.reply == gen.parse(g.token_ids, "gen").reply
+    assert any(g.reply for g in out)
 
 
 def test_model_without_mode_tokens(gen: LMGenerator, corpus: Corpus) -> None:

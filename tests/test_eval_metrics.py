@@ -23,6 +23,7 @@ from conkd_scale.eval.metrics_lm import (
     lm_tokens,
     merge_ranking_results,
     perplexity,
+    r_agree,
 )
 from conkd_scale.metrics.ranking import RankingAccumulator
 from conkd_scale.utils.errors import DataError
@@ -186,3 +187,10 @@ def test_display_text_for_people() -> None:
         "like Alien (1979), or Heat and more"
     )
     assert display_text("unknown <item_9> .", cat) == "unknown <item_9>."
+
+
+def test_r_agree() -> None:
+    """Over turns with a written item: the share whose first item is R's top item."""
+    assert r_agree([("a", "a"), ("b", "c"), (None, "a"), ("d", "d")]) == (2 / 3, 2, 3)
+    rate, hits, n = r_agree([(None, "a")])
+    assert math.isnan(rate) and (hits, n) == (0, 0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import shutil
 import signal
@@ -24,16 +25,19 @@ from tests.tiny_lm import ensure_tiny_setup
 ROOT = Path(__file__).resolve().parents[1]
 RANK_KEYS = ["R@1", "R@10", "R@50", "MRR@10", "NDCG@10"]
 IN_RESPONSE = [f"{m}@{k}" for k in (1, 3, 5) for m in ("ReR", "PrR", "F1")]
+PER_DECODING = [*IN_RESPONSE, *[f"{k}/new" for k in IN_RESPONSE], "rec_turn_item_rate", "R-agree@1"]
 LM_KEYS = [
     "PPL",
     *IN_RESPONSE,
     "rec_turn_item_rate",
-    "discrepancy",
+    "R-agree@1",
     "Dist-2",
     "Dist-3",
     "Dist-4",
     *[f"BLEU-{n}" for n in (1, 2, 3, 4)],
+    *[f"{k}[{d}]" for k in PER_DECODING for d in ("class", "token")],
 ]
+PIPE_KEYS = [*LM_KEYS, "discrepancy", "discrepancy[class]", "discrepancy[token]"]
 NEW_KEYS = [f"{k}/new" for k in RANK_KEYS + IN_RESPONSE]
 EXTRA = ["counts", "definitions", "meta"]
 QUICK = ["generation.max_new_tokens=10", "generation.progress=false"]
@@ -85,9 +89,10 @@ def test_dialog_end_to_end(setup: dict[str, Path], tmp_path: Path) -> None:
     assert rc == 0
     metrics, rows = _read(out)
     assert sorted(metrics) == sorted(RANK_KEYS + LM_KEYS + NEW_KEYS + EXTRA)
-    # greedy decoding: the item a model writes is its own top item there (no discrepancy)
-    assert metrics["discrepancy"] in (0.0, None)
-    assert all(r["own_top_item"] == (r["items"][0] if r["items"] else None) for r in rows)
+    # a single model has no discrepancy (its greedy item vs its own argmax is 0 by
+    # construction): the key is absent, not 0; without R, R-agree@1 is undefined
+    assert "discrepancy" not in metrics and "discrepancy" not in metrics["definitions"]
+    assert metrics["R-agree@1"] is None and metrics["counts"]["r_agree_turns"] == 0
     assert metrics["PPL"] > 1 and 0 <= metrics["Dist-2"] <= 1
     assert metrics["counts"]["turns"] == len(rows) == 12
     assert "Dist-n" in metrics["definitions"] and "BLEU-n" in metrics["definitions"]
@@ -143,7 +148,7 @@ def test_rec_and_pipeline_with_a_trained_r(setup: dict[str, Path], tmp_path: Pat
     )
     assert rc == 0
     pipe_m, rows = _read(out)
-    assert sorted(pipe_m) == sorted(RANK_KEYS + LM_KEYS + NEW_KEYS + EXTRA)
+    assert sorted(pipe_m) == sorted(RANK_KEYS + PIPE_KEYS + NEW_KEYS + EXTRA)
     assert pipe_m["R@10"] == rec_m["R@10"]  # the pipeline's recommender is R
     assert pipe_m["meta"]["decoding"] == "beam"
     for r in rows:
@@ -248,13 +253,106 @@ def test_two_ranks_match_one(setup: dict[str, Path], tmp_path: Path) -> None:
     two, rows_two = _read(tmp_path / "two")
     _, rows_one = _read(tmp_path / "one")
     assert two["meta"]["shards"] == 2
+    # per-turn NLL: other batch companions, the same value up to float rounding
+    nll_two, nll_one = [r.pop("nll") for r in rows_two], [r.pop("nll") for r in rows_one]
+    assert nll_two == pytest.approx(nll_one, rel=1e-5)
     assert rows_two == rows_one
     trace_one = _trace(tmp_path / "one")
     assert _trace(tmp_path / "two") == trace_one
     assert len(trace_one) == 9 and "_gate" not in rows_one[0]
     for k, v in one.items():
-        if not isinstance(v, dict):
-            assert two[k] == pytest.approx(v, rel=1e-5, nan_ok=True), k
+        if v is None:
+            assert two[k] is None, k
+        elif not isinstance(v, dict):
+            assert two[k] == pytest.approx(v, rel=1e-5), k
+
+
+def _student_config(setup: dict[str, Path], out: Path, *extra: str) -> EvalConfig:
+    return build_config(
+        EvalConfig,
+        None,
+        [
+            "system=student",
+            f"model={setup['lm']}",
+            f"rec_teacher={setup['rec']}",
+            f"data_dir={setup['data']}",
+            "max_turns=20",
+            f"output_dir={out}",
+            *QUICK,
+            *extra,
+        ],
+    )
+
+
+def test_ppl_scores_the_gold_mode_token_and_records_it(
+    setup: dict[str, Path], tmp_path: Path
+) -> None:
+    """PPL counts the gold [REC]/[GEN] token by default (METHOD.md: fed without being scored
+    it leaks whether the reply has an item); ppl_include_mode=false drops exactly one token
+    per turn, and metrics.json records which was used."""
+    m = evaluate(_student_config(setup, tmp_path / "with", "both_item_decodings=false"))
+    m_no = evaluate(
+        _student_config(
+            setup, tmp_path / "without", "both_item_decodings=false", "ppl_include_mode=false"
+        )
+    )
+    assert m is not None and m_no is not None
+    assert m["meta"]["ppl_include_mode"] is True and m_no["meta"]["ppl_include_mode"] is False
+    turns = m["counts"]["turns"]
+    assert m["counts"]["ppl_tokens"] == m_no["counts"]["ppl_tokens"] + turns
+    _, rows = _read(tmp_path / "with")
+    nll, n = sum(r["nll"] for r in rows), sum(r["ppl_tokens"] for r in rows)
+    assert n == m["counts"]["ppl_tokens"]
+    assert m["PPL"] == pytest.approx(math.exp(nll / n), rel=1e-6)
+    assert m["PPL"] != pytest.approx(m_no["PPL"], rel=1e-9)
+
+
+def test_r_agree_and_both_item_decodings(setup: dict[str, Path], tmp_path: Path) -> None:
+    """R-agree@1 = share of recommendation turns with a written item whose first item is R's
+    top-1 (recomputed from generations.jsonl and R's own evaluation); the in-response metrics
+    are reported under item_decoding=class (unsuffixed, recorded in meta) and token."""
+    from conkd_scale.eval.metrics_lm import in_response_scores
+
+    m = evaluate(_student_config(setup, tmp_path / "s"))
+    assert m is not None
+    _, rows = _read(tmp_path / "s")
+    rec_m = evaluate(
+        build_config(
+            EvalConfig,
+            None,
+            [
+                "system=rec",
+                f"rec_teacher={setup['rec']}",
+                f"data_dir={setup['data']}",
+                "max_turns=20",
+                f"output_dir={tmp_path / 'r'}",
+            ],
+        )
+    )
+    assert rec_m is not None
+    _, rec_rows = _read(tmp_path / "r")
+    assert [r["r_top1"] for r in rows] == [r["r_top_items"][0] for r in rec_rows]
+    meta = m["meta"]
+    assert meta["item_decoding"] == "class" and meta["item_decodings"] == ["class", "token"]
+    assert meta["generation"]["item_decoding"] == "class" and meta["ppl_include_mode"] is True
+    for dec in ("class", "token"):
+        items = [
+            r["items"] if dec == "class" else r["by_item_decoding"]["token"]["items"] for r in rows
+        ]
+        rec_turns = [(r, it) for r, it in zip(rows, items, strict=True) if r["is_recommendation"]]
+        wrote = [(r, it) for r, it in rec_turns if it]
+        hits = sum(it[0] == r["r_top1"] for r, it in wrote)
+        assert m["counts"][f"r_agree_turns[{dec}]"] == len(wrote)
+        assert m["counts"][f"r_agree_hits[{dec}]"] == hits
+        expect = hits / len(wrote) if wrote else None
+        assert m[f"R-agree@1[{dec}]"] == pytest.approx(expect)
+        f1 = [in_response_scores(it, r["gold_items"], 1)[2] for r, it in rec_turns]
+        assert m[f"F1@1[{dec}]"] == pytest.approx(sum(f1) / len(f1))
+    for k in PER_DECODING:
+        assert m[k] == m[f"{k}[class]"], k
+    # the token decoding really is a second generation: plain argmax writes no more items
+    rate = m["rec_turn_item_rate[class]"]
+    assert m["rec_turn_item_rate[token]"] <= rate and m["counts"]["r_agree_turns[class]"] > 0
 
 
 def _dialog_trace_config(setup: dict[str, Path], out: Path, turns: int) -> EvalConfig:

@@ -30,8 +30,10 @@ import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from conkd_scale.data.schema import ITEM_TOKEN_RE
+from conkd_scale.utils.io import finite_or_none
 
 IN_RESPONSE_KS = (1, 3, 5)
 DIST_NS = (2, 3, 4)
@@ -56,13 +58,22 @@ DEFINITIONS: dict[str, str] = {
     "F1@k": "mean over recommendation turns of the harmonic mean of that turn's ReR@k and "
     "PrR@k (0 when both are 0)",
     "rec_turn_item_rate": "share of recommendation turns whose generated reply has an item",
-    "discrepancy": "over recommender turns whose reply has an item token, the share where "
-    "the reply's first item differs from the recommender's top item: for the pipeline, D's "
-    "item vs R's top item; for one model (student, D alone), its item vs its own top item "
-    "(argmax of its logits over the item tokens) at the position where it wrote it",
+    "discrepancy": "pipeline only: over recommender turns whose reply from D has an item "
+    "token, the share where D's first item differs from R's top item (the two-module "
+    "disagreement). Not defined (absent) for a single model: its greedy item compared with "
+    "its own argmax is 0 by construction",
+    "R-agree@1": "over recommendation turns whose generated reply has an item, the share "
+    "whose first written item is R's top-1 item for that context (R = the row's "
+    "recommendation teacher; null without one). For the pipeline 1 by construction "
+    "(pipeline_exclude_context=false)",
+    "item_decoding": "class: greedy/beam decoding sees the item tokens as one class (its "
+    "probability the item mass m_t) standing for its argmax item; token: plain per-token "
+    "argmax. Unsuffixed in-response metrics use meta.item_decoding; KEY[class] and "
+    "KEY[token] are the same metric under each item decoding",
     "PPL": "exp(total NLL / number of tokens) of the gold replies of all recommender turns, "
-    "teacher-forced; tokens = reply text tokens and the final EOS (mode token excluded "
-    "unless ppl_include_mode=true); context truncated as for generation",
+    "teacher-forced; tokens = the mode token ([REC]/[GEN], when the model uses them; "
+    "excluded only with ppl_include_mode=false, recorded in meta), the reply text tokens "
+    "and the final EOS; context truncated as for generation",
     "Dist-n": "corpus level: distinct n-grams / all n-grams over all generated replies; "
     "words = whitespace split after separating item tokens; each item token is one word",
     "BLEU-n": "sacrebleu corpus BLEU (max_ngram_order=n, equal weights, brevity penalty, "
@@ -192,6 +203,19 @@ def discrepancy_rate(pairs: Iterable[tuple[str | None, str | None]]) -> tuple[fl
     return (diff / n if n else float("nan")), n
 
 
+def r_agree(pairs: Iterable[tuple[str | None, str | None]]) -> tuple[float, int, int]:
+    """``R-agree@1`` over ``(first written item, R's top item)`` pairs of recommendation
+    turns: the share of pairs with a written item (first is not None) whose item is R's top
+    item; and (hits, turns with an item). ``nan`` when no turn has an item."""
+    n = hits = 0
+    for item, r_top in pairs:
+        if item is None:
+            continue
+        n += 1
+        hits += item == r_top
+    return (hits / n if n else float("nan")), hits, n
+
+
 def perplexity(nll_sum: float, n_tokens: int) -> float:
     """``exp(nll_sum / n_tokens)`` (``nan`` without tokens)."""
     return math.exp(nll_sum / n_tokens) if n_tokens else float("nan")
@@ -224,11 +248,10 @@ def merge_ranking_results(results: Sequence[Mapping[str, float]]) -> dict[str, f
     return out
 
 
-def json_safe(value: float | None) -> float | None:
-    """``nan``/``inf`` become ``None`` (``null`` in JSON)."""
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return None
-    return float(value)
+def json_safe(value: Any) -> Any:
+    """The project's one NaN/inf policy (:func:`conkd_scale.utils.io.finite_or_none`): a
+    non-finite float becomes ``None`` (JSON ``null``); other values pass unchanged."""
+    return finite_or_none(value)
 
 
 _WS = re.compile(r"\s+")

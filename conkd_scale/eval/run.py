@@ -14,8 +14,19 @@ Systems (METHOD.md "Systems in the results table") and the metrics each gets:
   metrics of "context items by recency, then training popularity" (no model needed).
 - ``pipeline`` (D writes, R chooses the items): R's module metrics, D's ``PPL``, the
   in-response and generation metrics of the replaced replies, and ``discrepancy`` (D's
-  first item vs R's top item; for ``student``/``dialog``: the reply's first item vs the same
-  model's top item where it wrote it).
+  first item vs R's top item; defined for the pipeline only: a single model's greedy item
+  against its own argmax is 0 by construction).
+
+``R-agree@1`` (every LM system given ``--rec-teacher``): over recommendation turns with a
+written item, the share whose first item is R's top-1 item. The in-response metrics
+(``ReR/PrR/F1@k``, ``rec_turn_item_rate``, ``R-agree@1``, ``discrepancy``) are computed under
+the configured ``generation.item_decoding`` (unsuffixed keys) and, with
+``both_item_decodings=true`` (default; greedy/beam only), under each item decoding as
+``KEY[class]`` / ``KEY[token]``. ``PPL`` counts the gold mode token (``ppl_include_mode``,
+default true). ``meta`` records every decision (decoding, item decoding, PPL's mode token,
+generation settings); ``counts`` the denominators behind each number; ``generations.jsonl``
+each turn's values (items per item decoding, R's top item, NLL and tokens), from which any
+metric and a paired bootstrap can be recomputed.
 
 Every metric with gold items is also reported with the ``/new`` suffix: gold items already
 mentioned in the context removed, and for the module-level ranking metrics the context's
@@ -67,6 +78,7 @@ from conkd_scale.eval.metrics_lm import (
     json_safe,
     merge_ranking_results,
     perplexity,
+    r_agree,
 )
 from conkd_scale.eval.scoring import RANK_KS, ScoredTurns, TeacherForcedScorer
 from conkd_scale.metrics.ranking import RankingAccumulator, mask_items
@@ -79,7 +91,18 @@ RANKERS = ("rec", "pipeline", "repeat")  # systems whose module-level ranking is
 LM_SYSTEMS = ("student", "dialog", "pipeline")
 RANK_KEYS = ("R@1", "R@10", "R@50", "MRR@10", "NDCG@10")
 COMMON_DEFINITIONS = ("recommendation_turn", "gold_items", "/new", "R@k,MRR@k,NDCG@k", "null")
-LM_DEFINITIONS = ("ReR@k", "PrR@k", "F1@k", "rec_turn_item_rate", "PPL", "Dist-n", "BLEU-n")
+LM_DEFINITIONS = (
+    "ReR@k",
+    "PrR@k",
+    "F1@k",
+    "rec_turn_item_rate",
+    "R-agree@1",
+    "item_decoding",
+    "PPL",
+    "Dist-n",
+    "BLEU-n",
+)
+ITEM_DECODINGS = ("class", "token")
 
 
 @dataclass
@@ -88,7 +111,8 @@ class EvalConfig:
 
     system: Literal["student", "dialog", "rec", "pipeline", "repeat"] = "student"
     model: str | None = None  # exported HF dir: the LM (student/dialog) or D (pipeline)
-    rec_teacher: str | None = None  # R's training output dir or its checkpoint/ (rec/pipeline)
+    rec_teacher: str | None = None  # R's training output dir or its checkpoint/ (rec/pipeline
+    # need it; student/dialog use it for R-agree@1, null without it)
     dataset: Literal["redial", "inspired", "synthetic"] = "synthetic"
     data_dir: str | None = None
     kg: Literal["kbrd", "dbpedia", "none"] = "none"  # turns need no KG (R carries its own)
@@ -96,7 +120,8 @@ class EvalConfig:
     output_dir: str = "runs/eval"
     max_turns: int = 0  # 0: every recommender turn of the split; N: the first N
     mode: Literal["auto", "rec", "gen"] = "auto"  # auto: the model writes the mode token
-    ppl_include_mode: bool = False  # count the gold mode token in PPL
+    ppl_include_mode: bool = True  # [decision] PPL counts the gold mode token (METHOD.md)
+    both_item_decodings: bool = True  # in-response metrics under class and token decoding
     pipeline_exclude_context: bool = False  # R skips items already mentioned in the context
     device: str = "auto"  # auto: cuda (this rank's GPU) if available, else cpu
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # LM weights
@@ -203,38 +228,23 @@ def evaluate_shard(
             ):
                 row["_gate"] = {"item_mass": m, "gold_item_pos": gold}
             res.scored.item_mass, res.scored.gold_item_pos = [], []  # now in the records
-    if cfg.system in ("student", "dialog"):
-        assert generator is not None
-        contexts = [t.context for t in turns]
-        replies = generator.generate(contexts, mode)
-        own_top = generator.own_top_items(contexts, replies, mode)
-        for row, g, top in zip(records, replies, own_top, strict=True):
-            row.update(
-                generated=g.reply,
-                mode=g.mode,
-                items=g.items,
-                rendered=display_text(g.reply, catalog),
-                own_top_item=top,
-            )
-    elif cfg.system == "pipeline":
-        assert generator is not None and rec is not None
-        pipe = Pipeline(
-            generator,
-            rec,
-            ids,
-            exclude_context=cfg.pipeline_exclude_context,
-            rec_batch_size=cfg.rec_batch_size,
-        )
-        for row, p in zip(records, pipe.generate(turns, mode), strict=True):
-            row.update(
-                generated=p.reply,
-                mode=p.mode,
-                items=p.items,
-                rendered=display_text(p.reply, catalog),
-                d_generated=p.d_reply,
-                d_items=p.d_items,
-                r_top_item=p.r_top_item,
-            )
+        for row, nll, n in zip(records, res.scored.turn_nll, res.scored.turn_tokens, strict=True):
+            row.update(nll=nll, ppl_tokens=n)
+        res.scored.turn_nll, res.scored.turn_tokens = [], []  # now in the records
+        if rec is not None:  # R's top-1 item per turn (R-agree@1)
+            for row, top in zip(records, rec_top_items(rec, turns, ids, 1, cfg.rec_batch_size)):
+                row["r_top1"] = top[0] if top else None
+        by_decoding: dict[str, list[dict[str, Any]]] = {}
+        for dec in item_decodings(cfg):
+            gen_d = generator
+            if dec != generator.settings.item_decoding:
+                settings = dataclasses.replace(generator.settings, item_decoding=dec)
+                gen_d = LMGenerator(generator.model, generator.tok, settings)
+            by_decoding[dec] = _generate(cfg, gen_d, turns, catalog, rec, mode)
+        primary = cfg.generation.item_decoding
+        for n, row in enumerate(records):
+            row.update(by_decoding[primary][n])
+            row["by_item_decoding"] = {d: v[n] for d, v in by_decoding.items() if d != primary}
     elif cfg.system in ("rec", "repeat"):
         assert rec is not None
         for s in range(0, len(turns), cfg.rec_batch_size):
@@ -246,6 +256,98 @@ def evaluate_shard(
     res.records = records
     res.seconds = time.perf_counter() - t0
     return res
+
+
+def item_decodings(cfg: EvalConfig) -> list[str]:
+    """The item decodings an LM system is evaluated under: the configured one first, then
+    the other with ``both_item_decodings`` (sampling draws from the full distribution, so
+    item decoding does not apply to it)."""
+    primary = cfg.generation.item_decoding
+    if not cfg.both_item_decodings or cfg.generation.decoding == "sample":
+        return [primary]
+    return [primary, *(d for d in ITEM_DECODINGS if d != primary)]
+
+
+def rec_top_items(
+    rec: ItemScorer, turns: Sequence[TurnSample], ids: Sequence[str], k: int, batch_size: int
+) -> list[list[str]]:
+    """R's ``k`` best items per turn (over the whole catalog; ties to the lower index)."""
+    out: list[list[str]] = []
+    for s in range(0, len(turns), batch_size):
+        scores_SI = rec_item_scores(rec, turns[s : s + batch_size], ids)  # [S, I]
+        out += [[ids[i] for i in top] for top in top_indices(scores_SI, k)]
+    return out
+
+
+def _generate(
+    cfg: EvalConfig,
+    generator: LMGenerator,
+    turns: Sequence[TurnSample],
+    catalog: ItemCatalog,
+    rec: ItemScorer | None,
+    mode: Mode,
+) -> list[dict[str, Any]]:
+    """Per turn, the generated reply's fields under ``generator``'s item decoding."""
+    if cfg.system == "pipeline":
+        assert rec is not None
+        pipe = Pipeline(
+            generator,
+            rec,
+            catalog.ids,
+            exclude_context=cfg.pipeline_exclude_context,
+            rec_batch_size=cfg.rec_batch_size,
+        )
+        return [
+            {
+                "generated": p.reply,
+                "mode": p.mode,
+                "items": p.items,
+                "rendered": display_text(p.reply, catalog),
+                "d_generated": p.d_reply,
+                "d_items": p.d_items,
+                "r_top_item": p.r_top_item,
+            }
+            for p in pipe.generate(turns, mode)
+        ]
+    replies = generator.generate([t.context for t in turns], mode)
+    return [
+        {
+            "generated": g.reply,
+            "mode": g.mode,
+            "items": g.items,
+            "rendered": display_text(g.reply, catalog),
+        }
+        for g in replies
+    ]
+
+
+def _in_response(
+    cfg: EvalConfig, records: Sequence[dict[str, Any]], has_rec: bool
+) -> tuple[dict[str, Any], dict[str, int]]:
+    """In-response metrics of ``records`` (each with ``items`` etc. of one item decoding)
+    and the counts behind them."""
+    acc = InResponseAccumulator()
+    for r in records:
+        acc.add(r["items"], r["gold_items"], r["context_items"])
+    metrics: dict[str, Any] = {k: json_safe(v) for k, v in acc.result().items()}
+    counts = {
+        "recommendation_turns": acc.turns,
+        "recommendation_turns/new": acc.turns_new,
+        "recommendation_turns_with_item": acc.turns_with_item,
+    }
+    rate, hits, n = r_agree(
+        (r["items"][0] if r["items"] else None, r.get("r_top1"))
+        for r in records
+        if r["is_recommendation"]
+    )
+    metrics["R-agree@1"] = json_safe(rate) if has_rec else None
+    counts["r_agree_turns"], counts["r_agree_hits"] = (n, hits) if has_rec else (0, 0)
+    if cfg.system == "pipeline":  # D's item vs R's top item
+        pairs = ((r["d_items"][0] if r["d_items"] else None, r["r_top_item"]) for r in records)
+        d_rate, d_n = discrepancy_rate(pairs)
+        metrics["discrepancy"] = json_safe(d_rate)
+        counts["discrepancy_turns"] = d_n
+    return metrics, counts
 
 
 def compute_metrics(cfg: EvalConfig, shards: Sequence[ShardResult]) -> dict[str, Any]:
@@ -272,29 +374,42 @@ def compute_metrics(cfg: EvalConfig, shards: Sequence[ShardResult]) -> dict[str,
     counts["ranked_gold_items"] = int(ranking.get("n", 0))
     counts["ranked_gold_items/new"] = int(ranking_new.get("n", 0))
     names = [*COMMON_DEFINITIONS]
+    meta_lm: dict[str, Any] = {}
     if cfg.system in LM_SYSTEMS:
         names += LM_DEFINITIONS
         metrics["PPL"] = json_safe(perplexity(scored.nll_sum, scored.n_tokens))
         counts["ppl_tokens"] = scored.n_tokens
         counts["gold_item_tokens_not_found"] = scored.items_not_found
-        acc = InResponseAccumulator()
-        for r in records:
-            acc.add(r["items"], r["gold_items"], r["context_items"])
-        metrics.update({k: json_safe(v) for k, v in acc.result().items()})
-        counts["recommendation_turns/new"] = acc.turns_new
+        has_rec = bool(records) and all("r_top1" in r for r in records)
+        decodings = [cfg.generation.item_decoding]
+        if records:
+            decodings += list(records[0].get("by_item_decoding", {}))
+        for dec in decodings:
+            recs = records
+            if dec != cfg.generation.item_decoding:
+                recs = [{**r, **r["by_item_decoding"][dec]} for r in records]
+            m, c = _in_response(cfg, recs, has_rec)
+            if dec == cfg.generation.item_decoding:  # unsuffixed: the configured decoding
+                metrics.update(m)
+                counts.update(c)
+            if len(decodings) > 1:
+                metrics.update({f"{k}[{dec}]": v for k, v in m.items()})
+                counts.update({f"{k}[{dec}]": v for k, v in c.items()})
         gen = generation_metrics([r["generated"] for r in records], [r["gold"] for r in records])
         metrics.update({k: json_safe(v) for k, v in gen.items()})
         counts["generated_mode_rec"] = sum(r["mode"] == "rec" for r in records)
         counts["generated_mode_gen"] = sum(r["mode"] == "gen" for r in records)
-    if cfg.system in LM_SYSTEMS:
-        names.append("discrepancy")
-        if cfg.system == "pipeline":  # D's item vs R's top item
-            pairs = ((r["d_items"][0] if r["d_items"] else None, r["r_top_item"]) for r in records)
-        else:  # the reply's item vs the same model's top item at that position
-            pairs = ((r["items"][0] if r["items"] else None, r["own_top_item"]) for r in records)
-        rate, n = discrepancy_rate(pairs)
-        metrics["discrepancy"] = json_safe(rate)
-        counts["discrepancy_turns"] = n
+        meta_lm = {
+            "item_decoding": cfg.generation.item_decoding,
+            "item_decodings": decodings,
+            "ppl_include_mode": cfg.ppl_include_mode,
+            "generation": {
+                k: v for k, v in config_to_dict(cfg.generation).items() if k != "progress"
+            },
+        }
+        if cfg.system == "pipeline":
+            names.append("discrepancy")
+            meta_lm["pipeline_exclude_context"] = cfg.pipeline_exclude_context
     definitions = {k: DEFINITIONS[k] for k in names}
     return {
         **metrics,
@@ -309,6 +424,8 @@ def compute_metrics(cfg: EvalConfig, shards: Sequence[ShardResult]) -> dict[str,
             "split": cfg.split,
             "decoding": cfg.generation.decoding,
             "mode": cfg.mode,
+            "max_turns": cfg.max_turns,
+            **meta_lm,
             "shards": len(shards),
             "shard_seconds": [round(s.seconds, 3) for s in shards],
         },
@@ -368,11 +485,15 @@ def evaluate(
                 cfg.generation, progress=cfg.generation.progress and rank == 0
             )
             generator = build_generator(cfg.model, settings, device=device, dtype=cfg.dtype)
+        if generator is not None:  # use_mode_tokens=None: resolved from the export (meta)
+            used = dataclasses.replace(
+                cfg.generation, use_mode_tokens=generator.settings.use_mode_tokens
+            )
+            cfg = dataclasses.replace(cfg, generation=used)
         if rec is None and cfg.system == "repeat":
             rec = RepeatBaseline.from_samples(corpus.samples("train"), corpus.catalog.ids)
-        elif rec is None and cfg.system in ("rec", "pipeline"):
-            assert cfg.rec_teacher is not None
-            rec = load_rec_teacher(cfg.rec_teacher, device)
+        elif rec is None and cfg.system != "repeat" and cfg.rec_teacher is not None:
+            rec = load_rec_teacher(cfg.rec_teacher, device)  # student/dialog: R-agree@1
         shard = evaluate_shard(
             cfg, [turns[n] for n in mine], corpus.catalog, generator=generator, rec=rec
         )

@@ -5,8 +5,11 @@ Each turn is scored on its own: the context (cut at turn boundaries to
 ``max_context_tokens`` and to the model's position limit, as for generation), then the gold
 reply in the training layout ``[RECOMMENDER] [REC|GEN] text </s>``.
 
-- NLL: every reply token after the mode token, EOS included (the mode token too with
-  ``include_mode=True``); ``PPL = exp(sum NLL / tokens)`` over all turns.
+- NLL: every reply token, the mode token and EOS included (METHOD.md: a model fed the gold
+  ``[REC]``/``[GEN]`` without paying for it gets a free bit of the answer;
+  ``include_mode=False`` leaves the mode token out, for comparison only);
+  ``PPL = exp(sum NLL / tokens)`` over all turns. Each turn's own NLL sum and token count
+  are kept too (``turn_nll``/``turn_tokens``), for paired bootstrap intervals.
 - Ranking: for each distinct gold item of a recommendation turn, at the first position of its
   item token in the reply, the LM's next-token logits restricted to the item tokens (catalog
   order) and renormalised (``log_softmax`` over items) rank the items; the gold item is the
@@ -40,6 +43,8 @@ class ScoredTurns:
     ranking: list[dict[str, float]] = field(default_factory=list)  # per shard, all gold
     ranking_new: list[dict[str, float]] = field(default_factory=list)  # per shard, /new
     items_not_found: int = 0  # gold items whose token is not in the (truncated) reply
+    turn_nll: list[float] = field(default_factory=list)  # per turn (order of the turns)
+    turn_tokens: list[int] = field(default_factory=list)
     # with ``gate_trace``: per turn, the LM's item mass m_t at each NLL position and the
     # indices of the positions whose gold token is an item (the gate's targets)
     item_mass: list[list[float]] = field(default_factory=list)
@@ -51,6 +56,8 @@ class ScoredTurns:
         self.ranking += other.ranking
         self.ranking_new += other.ranking_new
         self.items_not_found += other.items_not_found
+        self.turn_nll += other.turn_nll
+        self.turn_tokens += other.turn_tokens
         self.item_mass += other.item_mass
         self.gold_item_pos += other.gold_item_pos
 
@@ -72,7 +79,7 @@ class TeacherForcedScorer:
         generator: LMGenerator,
         catalog_ids: Sequence[str],
         *,
-        include_mode: bool = False,
+        include_mode: bool = True,
         batch_size: int = 8,
     ) -> None:
         self.gen = generator
@@ -132,8 +139,11 @@ class TeacherForcedScorer:
                     L = len(r.ids)
                     target_R = torch.tensor(r.ids[r.nll_from : L], device=device)  # [R]
                     logp_RV = logits_BTV[b, r.nll_from - 1 : L - 1].float().log_softmax(-1)
-                    out.nll_sum -= float(logp_RV.gather(1, target_R[:, None]).sum())
+                    nll = -float(logp_RV.gather(1, target_R[:, None]).sum())
+                    out.nll_sum += nll
                     out.n_tokens += len(target_R)
+                    out.turn_nll.append(nll)
+                    out.turn_tokens.append(len(target_R))
                     if gate_trace:
                         m_R = logp_RV[:, item_tok_I].logsumexp(-1).exp()  # [R] item mass
                         gold_R = torch.isin(target_R, item_tok_I)  # [R]

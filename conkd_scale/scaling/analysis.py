@@ -182,7 +182,8 @@ def training_curves(rows: Iterable[dict[str, Any]]) -> dict[str, dict[str, list[
         elif r.get("kind") == "train" and "gate_mean" in r:
             train["step"].append(r["step"])
             for k in ("gate_mean", "gate_precision", "gate_recall"):
-                train[k].append(float(r.get(k, math.nan)))
+                v = r.get(k)  # null (logged NaN) or absent: nan here
+                train[k].append(math.nan if v is None else float(v))
     return {"val": dict(val), "train": dict(train)}
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -24,20 +23,15 @@ class NullLogger:
         pass
 
 
-def _clean(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)  # JSON has no NaN/inf
-    return v
-
-
 class JsonlLogger:
-    """One JSON object per line in ``path``; each line written in one call."""
+    """One JSON object per line in ``path``; each line written in one call. A NaN/inf value
+    (a diverged loss) is logged as ``null``, the project's one policy (``utils/io.py``)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
 
     def log(self, row: dict[str, Any]) -> None:
-        append_jsonl(self.path, {k: _clean(v) for k, v in row.items()})
+        append_jsonl(self.path, row)  # a non-finite value is written as null (utils/io.py)
 
     def truncate_after(self, step: int) -> None:
         """On resume from ``step``: drop rows logged after it, and earlier "final" rows."""

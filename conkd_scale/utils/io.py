@@ -1,9 +1,16 @@
-"""Atomic writes (temp file + rename) so nothing half-written is ever left behind."""
+"""Atomic writes (temp file + rename) so nothing half-written is ever left behind.
+
+NaN/inf policy (one for every JSON file the project writes): a non-finite float is written as
+``null`` (:func:`finite_or_none`), never as ``NaN``/``Infinity`` (not JSON) nor as a string;
+the writers below apply it recursively and refuse anything else non-standard
+(``allow_nan=False``).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -36,10 +43,27 @@ def atomic_open(path: str | Path, mode: str = "w", **kwargs: Any) -> Iterator[IO
         raise
 
 
+def finite_or_none(obj: Any) -> Any:
+    """``obj`` with every non-finite float (nan, ±inf), at any depth of dicts, lists and
+    tuples, replaced by ``None`` (JSON ``null``)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite_or_none(v) for v in obj]
+    return obj
+
+
+def dumps(obj: Any, **kwargs: Any) -> str:
+    """``json.dumps`` under the NaN/inf policy (non-finite floats as ``null``)."""
+    return json.dumps(finite_or_none(obj), allow_nan=False, ensure_ascii=False, **kwargs)
+
+
 def write_json(path: str | Path, obj: Any, *, indent: int | None = 2) -> None:
     """Write ``obj`` as JSON atomically (sorted keys for stable diffs)."""
     with atomic_open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=indent, sort_keys=True, ensure_ascii=False)
+        f.write(dumps(obj, indent=indent, sort_keys=True))
         f.write("\n")
 
 
@@ -47,7 +71,7 @@ def write_jsonl(path: str | Path, rows: Iterable[Any]) -> None:
     """Write one JSON object per line, atomically."""
     with atomic_open(path, "w", encoding="utf-8") as f:
         for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.write(dumps(row) + "\n")
 
 
 def append_jsonl(path: str | Path, row: Any) -> None:
@@ -55,7 +79,7 @@ def append_jsonl(path: str | Path, row: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.write(dumps(row) + "\n")
 
 
 @contextlib.contextmanager
