@@ -7,6 +7,7 @@ sharded ZeRO-3 dialogue teacher; the other tests reuse its teachers.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from tests.helpers_ds import run_deepspeed
 
 pytestmark = pytest.mark.slow
 SCRIPT = "launch/distill.py"
+FINITE = ("loss", "ce", "kd", "kd_dialog", "kd_rec", "gate_mean")
 
 
 def base_args(root: Path) -> list[str]:
@@ -32,6 +34,7 @@ def base_args(root: Path) -> list[str]:
         "train.progress=false",
         "train.log_every=1",
         "train.micro_batch=4",
+        "train.grad_accum=2",  # every run accumulates: checked against a reference below
         "student.preset=tiny",
         "student.dropout=0",
         "train.eval_every=0",
@@ -85,7 +88,11 @@ def test_zero3_run_with_sharded_teacher(run_a):
         "peak_mem_mb",
     ):
         assert key in rows[-1], key
-    assert all(r["loss"] == r["loss"] for r in rows)  # no NaN
+    # finite numbers (a NaN/inf is logged as null, which fails here)
+    assert all(isinstance(r[k], float) and math.isfinite(r[k]) for r in rows for k in FINITE)
+    # R's term is exercised: the hard gate opened and KL(q_R || p_S) entered the loss
+    assert any(r["gate_frac_above_eta"] > 0 for r in rows)
+    assert all(r["kd_rec"] > 0 for r in rows if r["gate_frac_above_eta"] > 0)
     ckpts = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
     assert ckpts == ["step_00000003", "step_00000006"]
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -136,6 +143,56 @@ def test_distributed_loss_equals_reference(run_a):
         assert float(ref.ce) == pytest.approx(d["parts"]["ce"], rel=1e-5)
 
 
+def test_accumulated_gradient_equals_reference(run_a):
+    """The first optimizer step accumulates 2 micro batches on each of 2 ranks (ZeRO-3): the
+    student's gradient before the update equals that of the plain-PyTorch reference loss
+    averaged over the 4 micro batches, ∇ (1/4) Σ_{rank, micro} L_ref (DeepSpeed averages over
+    ranks and divides by grad_accum)."""
+    from transformers import AutoModelForCausalLM
+
+    from conkd_scale.config import build_config
+    from conkd_scale.distill.config import DistillConfig
+    from conkd_scale.loss import conkd_loss_reference
+
+    root, out = run_a
+    cfg = build_config(DistillConfig, out / "config.json")
+    assert cfg.train.grad_accum == 2
+    student = AutoModelForCausalLM.from_pretrained(root / "dump" / "student0").train()
+    teacher = AutoModelForCausalLM.from_pretrained(root / "dialog" / "hf").eval()
+    dumps = [
+        torch.load(root / "dump" / f"rank{r}_micro{m}.pt", weights_only=False)
+        for r in (0, 1)
+        for m in (0, 1)
+    ]
+    assert all(d["grad_accum"] == 2 for d in dumps)
+    assert not torch.equal(dumps[0]["input_ids"], dumps[1]["input_ids"])  # two micro batches
+    total = torch.zeros(())
+    for d in dumps:
+        s = student(input_ids=d["input_ids"], attention_mask=d["attention_mask"]).logits
+        with torch.no_grad():
+            t = teacher(input_ids=d["input_ids"], attention_mask=d["attention_mask"]).logits
+        rows = d["labels"][:, 1:] != -100
+        V = int(d["item_tok_I"].max()) + 1
+        ref = conkd_loss_reference(
+            s[:, :-1][rows][:, :V],
+            t[:, :-1][rows][:, :V],
+            d["rec_SI"],
+            d["rec_turn"][:, 1:][rows],
+            d["item_tok_I"],
+            d["labels"][:, 1:][rows],
+            cfg.loss,
+        )
+        assert float(ref.loss) == pytest.approx(d["loss"], rel=1e-5)
+        total = total + ref.loss
+    (total / len(dumps)).backward()
+    grads = torch.load(root / "dump" / "grads_step1.pt", weights_only=False)
+    params = dict(student.named_parameters())
+    assert set(grads) == set(params)
+    for name, p in params.items():
+        assert p.grad is not None, name
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_resume_gives_identical_losses(run_a):
     root, out_a = run_a
     out = root / "b"
@@ -182,6 +239,8 @@ def test_zero2_student(run_a):
     assert cal["split"] == "valid" and info["eta"] == cal["eta"] and 0.0 <= info["eta"] < 1.0
     assert cal["at_eta"]["f1"] >= cal["at_0.5"]["f1"] and cal["at_eta"]["n_gold"] > 0
     assert (out / "hf" / "config.json").is_file() and len(read_rows(out)) == 2
+    # the soft gate λ = m_t > 0 always lets R's term in
+    assert all(r["kd_rec"] > 0 and r["gate_mean"] > 0 for r in read_rows(out))
     # validation rows carry the student's own gate (followed by the scaling study)
     ev = read_rows(out, "eval")[-1]
     for key in ("val_sgate_m_gold", "val_sgate_m_other", "val_sgate_recall", "val_sgate_agree"):

@@ -59,8 +59,9 @@ class DistillConfig:
     context_budget: int | None = None  # context tokens carried into a later window (max/4)
     max_train_conversations: int = 0  # 0: all
     export: bool = True  # write OUT/hf (Hugging Face directory) at the end
-    debug_dump_dir: str | None = None  # write the initial student (gathered) and each rank's
-    # first training micro batch with its loss there, to check against the reference loss
+    debug_dump_dir: str | None = None  # write the initial student (gathered), each rank's
+    # micro batches of the first optimizer step with their losses, and the accumulated
+    # gradient before that step there, to check against the reference loss and gradient
     student: ModelConfig = field(default_factory=ModelConfig)  # tokenizer always D's
     teachers: TeacherConfig = field(default_factory=TeacherConfig)
     loss: LossConfig = field(default_factory=LossConfig)

@@ -198,7 +198,7 @@ class DistillRecipe(LMRecipe):
         resumed = self.trainer.resume()
         if cfg.debug_dump_dir is not None and resumed is None:
             export_hf(self._student(), tok, Path(str(cfg.debug_dump_dir)) / "student0")
-            self.trainer.loss_step = self._dump_first_batch(loss_step)
+            self.trainer.loss_step = self._dump_first_step(loss_step)
 
     def _build_teacher(self) -> Any:
         """D as a ZeRO-3 inference engine (no optimizer): sharded across the ranks."""
@@ -357,17 +357,21 @@ class DistillRecipe(LMRecipe):
             "time_loss_s": time.perf_counter() - t0,
         }
 
-    def _dump_first_batch(self, loss_step: LossStep) -> LossStep:
-        """``loss_step`` that also saves this rank's first micro batch, R's distribution and
-        the loss to ``debug_dump_dir`` (checked against the reference loss by the tests)."""
-        dumped = False
+    def _dump_first_step(self, loss_step: LossStep) -> LossStep:
+        """``loss_step`` that also saves, for every micro batch of the first optimizer step,
+        the batch, R's distribution and the loss to ``debug_dump_dir`` (``rank{r}_micro{i}.pt``;
+        ``rank{r}.pt`` is micro batch 0), and the student's full accumulated gradient just
+        before that step's update (``grads_step1.pt``, rank 0; gathered on every rank under
+        ZeRO-3). The tests check them against the reference loss and its gradient."""
+        out = Path(str(self.cfg.debug_dump_dir))
+        grad_accum = self.trainer.grad_accum
+        micro = 0
 
         def step(engine: Any, batch: Batch) -> tuple[Tensor, dict[str, Any]]:
-            nonlocal dumped
+            nonlocal micro
             rec_SI = batch.get("rec_SI")
             loss, parts = loss_step(engine, batch)
-            if not dumped:
-                dumped = True
+            if micro < grad_accum:
                 keys = ("input_ids", "attention_mask", "labels", "rec_turn")
                 dump = {k: batch[k] for k in keys}
                 dump.update(
@@ -375,10 +379,34 @@ class DistillRecipe(LMRecipe):
                     loss=float(loss),
                     parts={k: float(v) for k, v in parts.items()},
                     item_tok_I=self.item_tok_I,
+                    grad_accum=grad_accum,
                 )
-                torch.save(dump, Path(str(self.cfg.debug_dump_dir)) / f"rank{self.dist.rank}.pt")
+                torch.save(dump, out / f"rank{self.dist.rank}_micro{micro}.pt")
+                if micro == 0:
+                    torch.save(dump, out / f"rank{self.dist.rank}.pt")
+            micro += 1
             return loss, parts
 
+        engine = self.engine
+        engine_step = engine.step
+        saved = False
+
+        def step_with_dump(*args: Any, **kwargs: Any) -> Any:
+            nonlocal saved
+            if not saved and engine.is_gradient_accumulation_boundary():
+                saved = True
+                from deepspeed.utils import safe_get_full_grad
+
+                grads = {}
+                for name, p in engine.module.named_parameters():
+                    g = safe_get_full_grad(p)  # collective under ZeRO-3
+                    if g is not None:
+                        grads[name] = g.detach().float().cpu().clone()
+                if self.dist.is_main:
+                    torch.save(grads, out / "grads_step1.pt")
+            return engine_step(*args, **kwargs)
+
+        engine.step = step_with_dump
         return step
 
     # ---------------------------------------------------------------------- validation
