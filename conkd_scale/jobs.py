@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -53,6 +54,14 @@ ROWS: tuple[Row, ...] = (
     Row("rec", "3. Recommendation teacher R alone", "rec"),
     Row("onehot", "4. Multi-task student, w_kd = 0", "student", ("loss.w_kd=0",)),
     Row("hard", "5. ConKD, hard gate", "student", ("loss.gate.mode=hard",)),
+    # η = auto (chosen on the validation split) beside the paper's η; the table drops it
+    # when the chosen η equals the hard row's
+    Row(
+        "hard_auto",
+        "5b. ConKD, hard gate, η = auto (validation)",
+        "student",
+        ("loss.gate.mode=hard", "loss.gate.eta=auto"),
+    ),
     Row("soft", "6. ConKD, soft gate", "student", ("loss.gate.mode=soft",)),
     Row(
         "static", "7a. static gate (c = 0.5)", "student", ("loss.gate.mode=static",), ablation=True
@@ -104,8 +113,11 @@ class JobOptions:
     rec: list[str] = field(default_factory=list)  # R's training overrides
     dialog: list[str] = field(default_factory=list)  # D's training overrides
     evaluate: list[str] = field(default_factory=list)  # launch/evaluate.py overrides
+    eta: str = "0.5"  # [decision] η of every hard-gate student (a number in [0, 1], or auto:
+    # chosen on the validation split); the paper's 0.5 by default
 
     def __post_init__(self) -> None:
+        check_eta(self.eta)
         if self.dataset != "synthetic" and self.data_dir is None:
             raise ConfigError(f"data_dir is required for dataset={self.dataset!r}")
         if self.nproc < 1:
@@ -122,6 +134,18 @@ class JobOptions:
         return str(project_path(self.data_given))
 
 
+def check_eta(eta: object, key: str = "eta") -> None:
+    """``eta`` is ``auto`` or a number in [0, 1] (as a string or a number)."""
+    if eta == "auto":
+        return
+    try:
+        value = float(str(eta))
+    except ValueError:
+        value = math.nan
+    if isinstance(eta, bool) or not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{key}: {eta!r} must be a number in [0, 1] or auto")
+
+
 # ---------------------------------------------------------------------------- arguments
 def json_list(items: Sequence[str]) -> str:
     """A list value for a ``key=value`` override that keeps items with commas whole."""
@@ -136,10 +160,12 @@ def distill_args(
     rec_dir: Path,
     dialog_dir: Path,
     extra: Sequence[str] = (),
+    seed: int | None = None,
 ) -> list[str]:
     """``launch/distill.py`` arguments of a student row. Missing teachers are trained by the
-    job with ``opts.rec`` / ``opts.dialog`` and the seed; then come ``opts.distill``,
-    ``extra``, and last the row's own overrides, which win."""
+    job with ``opts.rec`` / ``opts.dialog`` and ``opts.seed``; the student with ``seed``
+    (default ``opts.seed``) and ``opts.eta``; then come ``opts.distill``, ``extra``, and
+    last the row's own overrides, which win."""
     if row.distill is None:
         raise ValueError(f"{row.key} is a teacher row: it has no student to distil")
     rec = [*opts.rec, f"seed={opts.seed}", *(["use_kg=false"] if row.rec == "rec_nokg" else [])]
@@ -152,7 +178,8 @@ def distill_args(
         f"output_dir={out}",
         f"teachers.rec_dir={rec_dir}",
         f"teachers.dialog_dir={dialog_dir}",
-        f"train.seed={opts.seed}",
+        f"train.seed={opts.seed if seed is None else seed}",
+        f"loss.gate.eta={opts.eta}",
         f"teachers.rec_overrides={json_list(rec)}",
         f"teachers.dialog_overrides={json_list(dialog)}",
         *opts.distill,
@@ -176,7 +203,7 @@ def evaluate_args(
     args += ["--output-dir", str(out)]
     if model is not None:
         args += ["--model", str(model)]
-    if row.system in ("rec", "pipeline"):
+    if row.system != "repeat":  # rec, pipeline; student and dialog for R-agree@1
         args += ["--rec-teacher", str(rec_dir)]
     if opts.max_turns:
         args += ["--max-turns", str(opts.max_turns)]

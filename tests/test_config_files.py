@@ -9,6 +9,8 @@ import pytest
 from conkd_scale.config import build_config
 from conkd_scale.distill.config import DistillConfig
 from conkd_scale.rec.train import RecTeacherConfig
+from conkd_scale.results.table import ResultsConfig
+from conkd_scale.scaling.config import StudyConfig
 from conkd_scale.training.dialog_teacher import DialogTeacherConfig
 from conkd_scale.training.ds_config import load_ds_config, resolve_ds_config
 
@@ -17,6 +19,8 @@ LOADERS = {
     "rec_teacher_": RecTeacherConfig,
     "dialog_teacher_": DialogTeacherConfig,
     "distill_": DistillConfig,
+    "results_": ResultsConfig,
+    "scaling_": StudyConfig,
 }
 RUN_CONFIGS = sorted((ROOT / "configs").rglob("*.json")) + sorted(
     (ROOT / "configs").rglob("*.yaml")

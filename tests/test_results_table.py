@@ -4,6 +4,7 @@ markdown it renders."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -66,21 +67,96 @@ def test_evaluate_args() -> None:
     no_mode = evaluate_args(
         cfg, ROW["no_mode"], out=Path("e"), model=Path("s/hf"), rec_dir=Path("r"), extra=["y=2"]
     )
-    assert "--rec-teacher" not in no_mode
+    # R-agree@1 of a student needs its R (no_mode: the main R)
+    assert ["--rec-teacher", "r"] == no_mode[no_mode.index("--rec-teacher") :][:2]
+    repeat = evaluate_args(cfg, ROW["repeat"], out=Path("e"), model=None, rec_dir=Path("r"))
+    assert "--rec-teacher" not in repeat
     assert no_mode[-3:] == ["generation.use_mode_tokens=false", "y=2", "x=1"]
 
 
 def test_results_config() -> None:
     cfg = results_config()
-    keys = ["repeat", "pipeline", "dialog", "rec", "onehot", "hard", "soft"]
+    keys = ["repeat", "pipeline", "dialog", "rec", "onehot", "hard", "hard_auto", "soft"]
     assert [r.key for r in cfg.rows()] == keys
     assert len(results_config("ablations=true").rows()) == len(ROWS)
-    with pytest.raises(ConfigError, match="unknown row 'bogus'"):
-        results_config("only=bogus")
+    assert "hard_auto" not in [r.key for r in results_config("eta_auto=false").rows()]
+    assert "hard_auto" not in [r.key for r in results_config("eta=auto").rows()]
+    # rows 4-6 (and 5b) with every seed, ablations with the first, teachers once
+    cfg = results_config("seeds=4,5,6", "ablations=true")
+    assert cfg.row_seeds(ROW["soft"]) == [4, 5, 6] and cfg.row_seeds(ROW["hard_auto"]) == [4, 5, 6]
+    assert cfg.row_seeds(ROW["oracle"]) == [4] and cfg.row_seeds(ROW["dialog"]) == [None]
+    assert results_config().seeds == [0, 1, 2]
     with pytest.raises(ConfigError, match="data_dir is required"):
         results_config("dataset=redial")
     with pytest.raises(ConfigError, match="nproc"):
         results_config("nproc=0")
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("only=hard,bogus", "unknown row 'bogus'"),
+        ("seeds=[]", "seeds: give at least one seed"),
+        ("seeds=1,1", "repeated seed"),
+        ("eta=1.5", "eta: '1.5' must be a number in [0, 1] or auto"),
+        ("eta=-0.1", "must be a number in [0, 1] or auto"),
+        ("eta=often", "must be a number in [0, 1] or auto"),
+        ("bootstrap_unit=sentence", "bootstrap_unit"),
+        ("bootstrap_resamples=0", "bootstrap_resamples"),
+    ],
+)
+def test_bad_results_configs_fail_before_any_job(
+    override: str, needle: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A clear error from the config itself, before the table starts any job."""
+    ran: list[object] = []
+    monkeypatch.setattr(table, "run_logged", lambda cmd, log: ran.append(cmd) or 1.0)
+    from conkd_scale.jobs import run_cli
+
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        results_config(override)
+    assert run_cli(ResultsConfig, None, [override], lambda c: ResultsTable(c).run()) is None
+    assert ran == []
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("sizes=tiny,huge", "unknown preset 'huge'"),
+        ("gates=hard,fuzzy", "unknown gate 'fuzzy'"),
+        ("sizes=[]", "sizes: give at least one"),
+        ("eta=2", "eta: '2' must be a number in [0, 1] or auto"),
+        ("ablations=bogus", "unknown run 'bogus'"),
+    ],
+)
+def test_bad_study_configs(override: str, needle: str) -> None:
+    from conkd_scale.scaling.config import StudyConfig
+
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        build_config(StudyConfig, None, [override])
+
+
+def test_shipped_results_and_study_configs_hold_their_command() -> None:
+    """Each long run is a config file whose first line is the command that runs it."""
+    from conkd_scale.scaling.config import StudyConfig
+
+    files = sorted((ROOT / "configs").glob("results_*.yaml")) + sorted(
+        (ROOT / "configs").glob("scaling_*.yaml")
+    )
+    assert {p.name for p in files} >= {
+        "results_synthetic.yaml",
+        "results_redial.yaml",
+        "results_inspired.yaml",
+        "scaling_redial.yaml",
+    }
+    for path in files:
+        first = path.read_text(encoding="utf-8").splitlines()[0]
+        rel = path.relative_to(ROOT).as_posix()
+        script = "results_table.py" if path.name.startswith("results_") else "scaling_study.py"
+        assert first.startswith(f"# python launch/{script} --config {rel}"), (path, first)
+        cls = ResultsConfig if script == "results_table.py" else StudyConfig
+        cfg = build_config(cls, path)
+        assert len(getattr(cfg, "seeds", [0, 1, 2])) >= 3
 
 
 def test_paths_do_not_depend_on_the_working_directory(
@@ -114,8 +190,8 @@ def test_missing_teachers_are_trained_when_the_first_student_exists(
     (its hf/ exists), so each missing teacher is trained on its own, with that job's
     settings. A partial R directory counts as missing."""
     cfg = results_config(f"work_dir={tmp_path}", "rec=epochs=2", "dialog=train.max_steps=5")
-    (tmp_path / "hard" / "hf").mkdir(parents=True)
-    (tmp_path / "hard" / "hf" / "config.json").write_text("{}")
+    (tmp_path / "hard" / "seed0" / "hf").mkdir(parents=True)
+    (tmp_path / "hard" / "seed0" / "hf" / "config.json").write_text("{}")
     _fake_teachers(tmp_path / "teachers", rec=rec, dialog=False)
     ran: list[list[str]] = []
     monkeypatch.setattr(table, "run_logged", lambda cmd, log: ran.append(list(cmd)) or 1.0)
@@ -153,13 +229,142 @@ def test_render_markdown() -> None:
         "date": "2026-11-25",
         "machine": "x86_64, 2 cores, Linux",
         "seed": 0,
+        "seeds": [0, 1, 2],
         "wall_s": 12.0,
         "rows": {
             "rec": {"label": "3. R alone", "metrics": {"R@1": 0.25, "PPL": None}},
-            "hard": {"label": "5. ConKD, hard gate", "metrics": {"F1@1": 0.5, "PPL": 123.4}},
+            "hard": {
+                "label": "5. ConKD, hard gate",
+                "seeds": [0, 1, 2],
+                "metrics": {"F1@1[class]": 0.5, "PPL": 123.4},
+                "sd": {"F1@1[class]": 0.01, "PPL": 2.0},
+                "decisions": {"eta": 0.5, "student_preset": "tiny"},
+            },
+            "oracle": {
+                "label": "7b. oracle gate",
+                "seeds": [0],
+                "single_seed": True,
+                "metrics": {"R@1": 0.1},
+                "decisions": {"eta": 0.5},
+            },
         },
     }
     md = render_markdown(report)
-    assert "| 3. R alone | 0.250 | – |" in md
-    assert "123.4 |" in md  # large values with one decimal
-    assert "wall 12 s" in md
+    assert "| 3. R alone |  | 0.250 | – |" in md
+    assert "| 5. ConKD, hard gate | 3 seeds, η = 0.5, tiny |" in md
+    assert "0.500 ± 0.010" in md and "123.4 ± 2.0 |" in md  # large values: one decimal
+    assert "| 7b. oracle gate † | 1 seed, η = 0.5 | 0.100 |" in md
+    assert "wall 12 s" in md and "student seeds [0, 1, 2]" in md
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from tests.tiny_lm import ensure_tiny_setup
+
+    return ensure_tiny_setup(tmp_path_factory.getbasetemp() / "eval_tiny", rec=True)
+
+
+def test_table_on_the_synthetic_corpus_with_tiny_models(
+    tiny: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The whole table job with the training jobs replaced by tiny LMs (the evaluations are
+    real, in process): every seed of rows 4-6 and 5b, mean ± sd, the decisions, the paired
+    intervals, and samples.md."""
+    import importlib.util
+    import json
+    import shutil
+
+    from conkd_scale.data.corpus import load_dataset
+    from tests.tiny_lm import write_tiny_lm
+
+    spec = importlib.util.spec_from_file_location("evaluate_cli", ROOT / "launch/evaluate.py")
+    assert spec is not None and spec.loader is not None
+    evaluate_cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evaluate_cli)
+    corpus = load_dataset("synthetic", tiny["data"], kg="none")
+    lms = [tiny["lm"]] + [
+        write_tiny_lm(corpus, tmp_path / f"lm{s}", seed=s, train_steps=15) for s in (1, 2)
+    ]
+    cfg = results_config(
+        f"data_dir={tiny['data']}",
+        f"work_dir={tmp_path / 'w'}",
+        f"results_dir={tmp_path / 'res'}",
+        "max_turns=16",
+        "bootstrap_resamples=200",
+        'evaluate=["generation.max_new_tokens=8","generation.progress=false"]',
+    )
+    t = ResultsTable(cfg)
+    teachers = tmp_path / "w" / "teachers"
+    shutil.copytree(tiny["rec"], teachers / "rec")
+    (teachers / "dialog").mkdir(parents=True)
+    (teachers / "dialog" / "hf").symlink_to(tiny["lm"])
+
+    def fake_distill(row, seed=None):
+        out = cfg.work / t._name(row, seed)
+        out.mkdir(parents=True, exist_ok=True)
+        eta = 0.3 if row.key == "hard_auto" else 0.5
+        (out / "run_info.json").write_text(json.dumps({"eta": eta, "total_steps": 7}))
+        (out / "config.json").write_text(json.dumps({"student": {"preset": "tiny"}}))
+        return lms[(seed + len(row.key)) % 3]
+
+    def fake_run(cmd, log):
+        assert "launch/evaluate.py" in cmd, cmd
+        assert evaluate_cli.main(list(cmd[2:])) == 0
+        return 0.5
+
+    monkeypatch.setattr(t, "_distill", fake_distill)
+    monkeypatch.setattr(t, "_ensure_teachers", lambda: None)
+    monkeypatch.setattr(table, "run_logged", fake_run)
+    report = t.run()
+
+    rows = report["rows"]
+    assert list(rows) == [
+        "repeat",
+        "pipeline",
+        "dialog",
+        "rec",
+        "onehot",
+        "hard",
+        "hard_auto",
+        "soft",
+    ]
+    for key in ("onehot", "hard", "hard_auto", "soft"):
+        r = rows[key]
+        assert r["seeds"] == [0, 1, 2] and sorted(r["per_seed"]) == ["0", "1", "2"]
+        f1 = [r["per_seed"][s]["F1@1"] for s in ("0", "1", "2")]
+        assert r["metrics"]["F1@1"] == pytest.approx(sum(f1) / 3)
+        assert r["sd"]["PPL"] is not None and r["counts"]["0"]["turns"] == 16
+        d = r["decisions"]
+        assert d["item_decoding"] == "class" and d["ppl_include_mode"] is True
+        assert d["student_preset"] == "tiny" and d["eta"] == (0.3 if key == "hard_auto" else 0.5)
+    assert (
+        "discrepancy" in rows["pipeline"]["metrics"]
+        and "discrepancy" not in rows["hard"]["metrics"]
+    )
+    # the students were given R: R-agree@1 where a run wrote items (null where none did)
+    agree = [
+        m["R-agree@1"] for k in ("onehot", "hard", "soft") for m in rows[k]["per_seed"].values()
+    ]
+    assert any(a is not None for a in agree)
+    assert rows["repeat"]["metrics"]["R@10"] is not None  # row 0 still works
+    iv = report["intervals"]
+    assert sorted(iv) == ["hard-onehot", "hard_auto-onehot", "soft-onehot"]
+    for metric in ("F1@1", "ReR@1", "R-agree@1", "PPL"):
+        one = iv["soft-onehot"][metric]
+        assert one["a_runs"] == one["b_runs"] == 3 and one["resamples"] == 200
+        assert one["unit"] == "turn" and one["seed"] == 0
+    soft, base = rows["soft"]["metrics"]["PPL"], rows["onehot"]["metrics"]["PPL"]
+    # the interval's point estimate is the difference of the reported (seed-mean) numbers
+    assert iv["soft-onehot"]["PPL"]["diff"] == pytest.approx(soft - base, rel=1e-4)
+    saved = json.loads((tmp_path / "res" / "results.json").read_text())
+    assert saved["rows"]["hard"]["counts"]["1"]["recommendation_turns"] > 0
+    md = (tmp_path / "res" / "results.md").read_text()
+    assert "3 seeds, η = 0.3, tiny" in md and "soft-onehot" in md and " ± " in md
+    samples = (tmp_path / "res" / "samples.md").read_text()
+    n_turns = sum(1 for x in samples.splitlines() if x.startswith("## "))
+    recs = sum(g.is_recommendation for g in corpus.samples("test")[:16])
+    assert n_turns == min(20, recs) and "**gold**" in samples and "R's top-3" in samples
+    assert "<item_" not in samples.split("## ", 1)[1]  # items shown as titles
+    assert samples.count("6. ConKD, soft gate") == n_turns
+    # the same file again: fixed, seeded choice (nothing is re-run: outputs are reused)
+    assert ResultsTable(cfg).samples(report["rows"]) == samples
