@@ -37,7 +37,9 @@ def baselines(dataset: str, data_dir: str) -> dict[str, dict[str, float]]:
     test = encode_turns(corpus.samples("test"), ContextIndex(graph))
     repeat = RepeatBaseline.from_samples(corpus.samples("train"), graph.item_ids)
     return {
-        "repeat baseline": evaluate_turns(lambda b: repeat.scores_from_recent(b.recent), test),
+        "repeat baseline": evaluate_turns(
+            lambda b: repeat.scores_from_recent([r.items for r in b.recent]), test
+        ),
         "popularity": evaluate_turns(lambda b: repeat.popularity.scores(len(b)), test),
     }
 

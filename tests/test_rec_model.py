@@ -186,6 +186,11 @@ def trained(synth_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> RecTea
         lr=1e-2,
         progress=False,
         tau_R=0.7,
+        copy_roles=True,  # every reader of the context: the reload must rebuild them all
+        copy_words=True,
+        words="context",
+        word_buckets=64,
+        select="R@mean",
     )
     trainer = RecTeacherTrainer(cfg)
     trainer.run()

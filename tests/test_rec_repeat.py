@@ -3,6 +3,7 @@ on hand-made conversations."""
 
 from __future__ import annotations
 
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -11,10 +12,12 @@ import torch
 from conkd_scale.config import build_config
 from conkd_scale.data.schema import RECOMMENDER, SEEKER, Conversation, Turn, turn_samples
 from conkd_scale.eval.run import rec_ranking
-from conkd_scale.rec.model import pad_recent
+from conkd_scale.rec.graph import ContextIndex, RecentLists
+from conkd_scale.rec.model import RecTeacherModel, pad_recent, pad_words
 from conkd_scale.rec.popularity import Popularity
 from conkd_scale.rec.repeat import RepeatBaseline
 from conkd_scale.rec.train import RecTeacherConfig
+from conkd_scale.rec.words import hash_words, tokenize
 from conkd_scale.utils.errors import ConfigError
 
 ITEMS = ["a", "b", "c", "d", "e"]
@@ -64,10 +67,9 @@ def test_rec_ranking_new_removes_context_from_gold_and_candidates():
     assert (r_new["n"], r_new["R@1"]) == (1, 1.0)
 
 
-def test_copy_component_puts_mass_on_recent_context_items():
-    from conkd_scale.rec.model import RecTeacherModel
-
-    graph = SimpleNamespace(  # what RecTeacherModel reads of a RecGraph, without a KG
+def _graph() -> SimpleNamespace:
+    """What RecTeacherModel reads of a RecGraph: 5 items, no KG."""
+    return SimpleNamespace(
         num_layers=0,
         num_nodes=5,
         num_targets=5,
@@ -78,13 +80,77 @@ def test_copy_component_puts_mass_on_recent_context_items():
         edge_index=[],
         edge_type=[],
     )
+
+
+def test_context_index_reads_who_named_each_item_and_how_often():
+    graph = SimpleNamespace(
+        item_ids=ITEMS,
+        item_node=torch.arange(5),
+        entity_keys=[],
+        entity_node=torch.zeros(0, dtype=torch.long),
+    )
+    last = turn_samples(_conv())[-1]
+    r = ContextIndex(graph).recent(last)
+    # d, a: 1 turn ago (the seeker's); c: the recommender's, 2 ago; b: the seeker's, 3 ago
+    assert [ITEMS[i] for i in r.items] == ["d", "a", "c", "b"]
+    assert r.ago == [1, 1, 2, 3]
+    assert r.seeker == [True, True, False, True]
+    assert r.count == [1, 2, 1, 1]  # a is named in turns 0 and 2
+    assert ContextIndex(graph).words(last) == ([], [])  # no word_buckets: no words
+    ctx, tail = ContextIndex(graph, word_buckets=100).words(last)
+    assert tail == hash_words(["seen", "again", "and"], 100)
+    assert len(ctx) == len(tokenize("I liked and then try seen again, and"))
+
+
+def test_words_drop_item_placeholders_and_hash_stably():
+    assert tokenize("I LIKED <item_123> and <item_x y>, didn't you? a") == [
+        "liked",
+        "and",
+        "didn't",
+        "you",
+    ]
+    # CRC-32, not Python's salted hash(): the same ids in every process
+    assert hash_words(["movie", "horror"], 16384) == [12912, 16218]
+    assert all(1 <= h <= 7 for h in hash_words(tokenize("the quick brown fox"), 7))
+
+
+def test_copy_roles_and_words_steer_the_copy_component():
+    torch.manual_seed(0)
+    model = RecTeacherModel(
+        _graph(),
+        dim=4,
+        use_kg=False,
+        copy="recency",
+        recency_buckets=2,
+        copy_roles=True,
+        copy_words=True,
+        word_buckets=10,
+    )
+    ctx_BC, mask_BC = torch.tensor([[3, 0]]), torch.tensor([[True, True]])
+    # item 3 named last by the recommender, item 0 before by the seeker
+    recent = pad_recent([RecentLists([3, 0], [1, 2], [False, True], [1, 1])])
+    quiet, cue = pad_words([[]], [[]]), pad_words([[7]], [[7]])  # word 7: "repeat"
+    with torch.no_grad():
+        model.copy_role.copy_(torch.tensor([0.0, 4.0]))  # the seeker's items first
+        model.copy_gate_words.weight[7] = 6.0
+    logp = model(ctx_BC, mask_BC, recent, quiet)[0]
+    assert (logp[0] - logp[3]).item() == pytest.approx(4.0, abs=1e-4)  # w_role outweighs recency (0)
+    assert logp.exp()[[0, 3]].sum().item() == pytest.approx(0.5, abs=1e-5)  # g = σ(0)
+    logp_cue = model(ctx_BC, mask_BC, recent, cue)[0]
+    assert logp_cue.exp()[[0, 3]].sum().item() == pytest.approx(torch.sigmoid(torch.tensor(6.0)).item())
+    with pytest.raises(ValueError, match="pass words=WordBags"):
+        model(ctx_BC, mask_BC, recent)
+
+
+def test_copy_component_puts_mass_on_recent_context_items():
+    graph = _graph()
     torch.manual_seed(0)
     model = RecTeacherModel(graph, dim=4, use_kg=False, copy="recency", recency_buckets=2)
     with torch.no_grad():
         model.copy_gate.bias.fill_(5.0)  # g ≈ 1: nearly all mass on the context items
         model.copy_rank.copy_(torch.tensor([2.0, 0.0]))  # the most recent item first
     ctx_BC, mask_BC = torch.tensor([[3, 0]]), torch.tensor([[True, True]])
-    recent = pad_recent([[3, 0]], [[1, 1]])
+    recent = pad_recent([RecentLists([3, 0], [1, 1], [True, False], [1, 1])])
     logp_I = model(ctx_BC, mask_BC, recent)[0]
     assert torch.logsumexp(logp_I, 0).item() == pytest.approx(0.0, abs=1e-5)  # a distribution
     assert logp_I.argsort(descending=True)[:2].tolist() == [3, 0]
@@ -92,7 +158,7 @@ def test_copy_component_puts_mass_on_recent_context_items():
     empty = model(
         torch.zeros(1, 1, dtype=torch.long),
         torch.zeros(1, 1, dtype=torch.bool),
-        pad_recent([[]], [[]]),
+        pad_recent([RecentLists([], [], [], [])]),
     )[0]  # no context item: g = 0, the generator alone
     assert torch.logsumexp(empty, 0).item() == pytest.approx(0.0, abs=1e-5)
 
@@ -104,8 +170,13 @@ def test_copy_component_puts_mass_on_recent_context_items():
         ("recency_buckets=0", "recency_buckets: must be in [1, 64]"),
         ("recency_buckets=65", "recency_buckets: must be in [1, 64]"),
         ("copy_lr=0", "copy_lr: must be a positive number"),
+        ("words=bag", "words: 'bag' is not one of"),
+        ("word_buckets=0", "word_buckets: must be in [1, 2**24]"),
+        ("select=MRR@10", "select: 'MRR@10' is not one of"),
+        ("copy=none copy_roles=true", "copy_roles/copy_words refine the copy component"),
+        ("copy=none copy_words=true", "copy_roles/copy_words refine the copy component"),
     ],
 )
 def test_bad_copy_settings_are_config_errors(override, needle):
-    with pytest.raises(ConfigError, match=needle.replace("[", r"\[")):
-        build_config(RecTeacherConfig, None, [override])
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        build_config(RecTeacherConfig, None, override.split())

@@ -23,8 +23,8 @@ from typing import Any
 import torch
 
 from conkd_scale.data.schema import TurnSample
-from conkd_scale.rec.graph import ContextIndex, RecGraph
-from conkd_scale.rec.model import RecentItems, RecTeacherModel, pad_contexts, pad_recent
+from conkd_scale.rec.graph import RecGraph
+from conkd_scale.rec.model import RecTeacherModel, pad_contexts, pad_recent, pad_words
 from conkd_scale.rec.train import (
     CHECKPOINT_DIR,
     CHECKPOINT_FILE,
@@ -59,7 +59,7 @@ class RecTeacher:
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.config = config
-        self._index = ContextIndex(model.graph)
+        self._index = config.context_index(model.graph)
         self._nodes_Td: torch.Tensor | None = None
 
     @classmethod
@@ -128,13 +128,14 @@ class RecTeacher:
         ctx = [self._index.encode(t)[0] for t in turns]
         ctx_BC, mask_BC = pad_contexts(ctx)
         device = self.model.item_bias.device
-        recent = None
+        recent = words = None
         if self.model.copy != "none":  # only the copy component reads the recent items
-            pairs = [self._index.recent(t) for t in turns]
-            padded = pad_recent([i for i, _ in pairs], [a for _, a in pairs])
-            recent = RecentItems(*(x.to(device) for x in padded))
+            recent = pad_recent([self._index.recent(t) for t in turns]).to(device)
+        if self._index.word_buckets:  # only an R that reads words hashes them
+            ctx_words, last_words = zip(*(self._index.words(t) for t in turns), strict=True)
+            words = pad_words(ctx_words, last_words).to(device)
         scores_SI = self.model.scores_from_nodes(
-            self._node_embeddings(), ctx_BC.to(device), mask_BC.to(device), recent
+            self._node_embeddings(), ctx_BC.to(device), mask_BC.to(device), recent, words
         )  # [S, I_R]
         if item_ids is not None:
             scores_SI = scores_SI[:, self.aligned_index(item_ids).to(device)]

@@ -30,7 +30,8 @@ from typing import Any
 import torch
 
 from conkd_scale.data.corpus import Corpus
-from conkd_scale.data.schema import TurnSample
+from conkd_scale.data.schema import SEEKER, TurnSample
+from conkd_scale.rec.words import hash_words, tokenize
 
 SELF_LOOP = "self_loop"
 
@@ -182,13 +183,15 @@ def build_rec_graph(
 
 
 class ContextIndex:
-    """Maps a turn's context to R's node and item indices (unknown ids are skipped)."""
+    """Maps a turn's context to R's node and item indices (unknown ids are skipped), and,
+    with ``word_buckets > 0``, its words to hashed word ids (:mod:`conkd_scale.rec.words`)."""
 
-    def __init__(self, graph: RecGraph) -> None:
+    def __init__(self, graph: RecGraph, *, word_buckets: int = 0) -> None:
         self.item_index = {i: n for n, i in enumerate(graph.item_ids)}
         item_node = graph.item_node.tolist()
         self._item_node = item_node
         self._entity_node = dict(zip(graph.entity_keys, graph.entity_node.tolist(), strict=True))
+        self.word_buckets = word_buckets
 
     def items(self, item_ids: Sequence[str]) -> list[int]:
         """R's item indices of the known ``item_ids``, in order."""
@@ -201,8 +204,39 @@ class ContextIndex:
         nodes += [self._entity_node[e] for e in turn.context_entities if e in self._entity_node]
         return list(dict.fromkeys(nodes)), items
 
-    def recent(self, turn: TurnSample) -> tuple[list[int], list[int]]:
-        """The context's known items, most recently mentioned first, and how many turns ago
-        each was last mentioned (what the copy component reads)."""
-        pairs = [(self.item_index[i], a) for i, a in turn.recent_items() if i in self.item_index]
-        return [i for i, _ in pairs], [a for _, a in pairs]
+    def recent(self, turn: TurnSample) -> RecentLists:
+        """The context's known items, most recently mentioned first, with how many turns ago
+        each was last mentioned, whether the seeker named it last, and how many context turns
+        name it (what the copy component reads)."""
+        out = RecentLists([], [], [], [])
+        roles = [role for role, _ in turn.context]
+        counts: dict[str, int] = {}
+        for items in turn.context_turn_items:
+            for i in set(items):
+                counts[i] = counts.get(i, 0) + 1
+        for i, ago in turn.recent_items():
+            if i not in self.item_index:
+                continue
+            out.items.append(self.item_index[i])
+            out.ago.append(ago)
+            out.seeker.append(len(roles) >= ago and roles[-ago] == SEEKER)
+            out.count.append(counts.get(i, 1))
+        return out
+
+    def words(self, turn: TurnSample) -> tuple[list[int], list[int]]:
+        """Hashed word ids of the whole context and of its last turn (empty without
+        ``word_buckets``)."""
+        if not self.word_buckets or not turn.context:
+            return [], []
+        ids = [hash_words(tokenize(text), self.word_buckets) for _, text in turn.context]
+        return [w for turn_ids in ids for w in turn_ids], ids[-1]
+
+
+@dataclass
+class RecentLists:
+    """One turn's recent context items (most recent first) and their copy features."""
+
+    items: list[int]  # R's item index
+    ago: list[int]  # turns since the last mention (1: the turn just before the response)
+    seeker: list[bool]  # the last mention was the seeker's
+    count: list[int]  # context turns that mention the item

@@ -32,16 +32,19 @@ come back, and the graph part learns to rank only the items not named yet (``R@k
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 from torch import nn
 from torch_geometric.nn import RGCNConv
 
-from conkd_scale.rec.graph import RecGraph
+from conkd_scale.rec.graph import RecentLists, RecGraph
 from conkd_scale.rec.rgcn import BasisRGCNConv
 
 COPY_MODES = ("none", "recency")
+WORD_MODES = ("none", "context")
+COUNT_BUCKETS = 3  # copy_roles: an item named in 1, 2, or 3+ context turns
 
 
 class RecTeacherModel(nn.Module):
@@ -58,10 +61,18 @@ class RecTeacherModel(nn.Module):
         rgcn_impl: str = "basis",
         copy: str = "none",
         recency_buckets: int = 8,
+        copy_roles: bool = False,
+        words: str = "none",
+        word_buckets: int = 0,
+        copy_words: bool = False,
     ) -> None:
         super().__init__()
         if copy not in COPY_MODES:
             raise ValueError(f"copy must be one of {COPY_MODES}, got {copy!r}")
+        if words not in WORD_MODES:
+            raise ValueError(f"words must be one of {WORD_MODES}, got {words!r}")
+        if (words != "none" or copy_words) and word_buckets < 1:
+            raise ValueError("words need word_buckets >= 1")
         if use_kg and graph.num_layers == 0:
             raise ValueError("use_kg=True needs a graph built with use_kg=True")
         self.graph = graph
@@ -94,6 +105,21 @@ class RecTeacherModel(nn.Module):
             self.copy_gate = nn.Linear(dim, 1)  # g · u + g_0
             nn.init.zeros_(self.copy_gate.weight)
             nn.init.zeros_(self.copy_gate.bias)
+            if copy_roles:  # who named each item last, and in how many turns
+                self.copy_role = nn.Parameter(torch.zeros(2))  # [2] w_role (1: the seeker)
+                self.copy_count = nn.Parameter(torch.zeros(COUNT_BUCKETS))  # [3] w_count
+                self.copy_gate_role = nn.Parameter(torch.zeros(2))  # [2] v_role
+            if copy_words:  # the gate reads the last turn's words
+                self.copy_gate_words = nn.EmbeddingBag(
+                    word_buckets + 1, 1, mode="mean", padding_idx=0
+                )
+                nn.init.zeros_(self.copy_gate_words.weight)
+        self.copy_roles = copy == "recency" and copy_roles
+        self.copy_words = copy == "recency" and copy_words
+        self.words = words
+        if words == "context":  # u += mean embedding of the context's words
+            self.word_emb = nn.EmbeddingBag(word_buckets + 1, dim, mode="mean", padding_idx=0)
+            nn.init.normal_(self.word_emb.weight, std=dim**-0.5)
         self.dropout = nn.Dropout(dropout)
         self.register_buffer("item_node", graph.item_node.clone(), persistent=False)
         for l in range(n_layers):
@@ -127,11 +153,15 @@ class RecTeacherModel(nn.Module):
         return torch.einsum("bc,bcd->bd", alpha_BC, h_BCd)  # [B, d]
 
     def forward(
-        self, ctx_BC: torch.Tensor, mask_BC: torch.Tensor, recent: RecentItems | None = None
+        self,
+        ctx_BC: torch.Tensor,
+        mask_BC: torch.Tensor,
+        recent: RecentItems | None = None,
+        words: WordBags | None = None,
     ) -> torch.Tensor:
         """Item scores ``s = u · e_i + b_i`` (+ the copy term) for a batch: ``[B, I]``."""
         node_Td = self.node_embeddings()  # [T, d]
-        return self.scores_from_nodes(node_Td, ctx_BC, mask_BC, recent)
+        return self.scores_from_nodes(node_Td, ctx_BC, mask_BC, recent, words)
 
     def scores_from_nodes(
         self,
@@ -139,19 +169,29 @@ class RecTeacherModel(nn.Module):
         ctx_BC: torch.Tensor,
         mask_BC: torch.Tensor,
         recent: RecentItems | None = None,
+        words: WordBags | None = None,
     ) -> torch.Tensor:
         """Scores ``[B, I]`` given precomputed target-node embeddings ``[T, d]``."""
-        u_Bd = self.dropout(self.user_vectors(node_Td, ctx_BC, mask_BC))  # [B, d]
+        u_Bd = self.user_vectors(node_Td, ctx_BC, mask_BC)  # [B, d]
+        if (self.words != "none" or self.copy_words) and words is None:
+            raise ValueError("this R reads the context's words: pass words=WordBags")
+        if self.words == "context":
+            u_Bd = u_Bd + self.word_emb(words.ctx_BW)  # [B, d]; an empty bag adds 0
+        u_Bd = self.dropout(u_Bd)
         item_Id = node_Td[self.item_node]  # [I, d]
         scores_BI = u_Bd @ item_Id.T + self.item_bias  # [B, I]
         if self.copy == "none":
             return scores_BI
         if recent is None:
             raise ValueError("copy='recency' needs the context's recent items")
-        return self.copy_scores(scores_BI, u_Bd, recent)
+        return self.copy_scores(scores_BI, u_Bd, recent, words)
 
     def copy_scores(
-        self, scores_BI: torch.Tensor, u_Bd: torch.Tensor, recent: RecentItems
+        self,
+        scores_BI: torch.Tensor,
+        u_Bd: torch.Tensor,
+        recent: RecentItems,
+        words: WordBags | None = None,
     ) -> torch.Tensor:
         """Log-probabilities of the copy mixture ``(1 − g) p_gen + g p_copy``: ``[B, I]``.
 
@@ -164,10 +204,17 @@ class RecTeacherModel(nn.Module):
         ago_BK = recent.ago_BK.clamp(min=1, max=K) - 1  # [B, K']
         s_BK = scores_BI.gather(1, recent.items_BK)  # [B, K'] the graph part's score of each
         logit_BK = self.copy_rank[rank_BK] + self.copy_ago[ago_BK] + self.copy_score * s_BK
+        gate_B = self.copy_gate(u_Bd).squeeze(1) + self.copy_gate_ago[ago_BK[:, 0]]  # [B]
+        if self.copy_roles:
+            seeker_BK = recent.seeker_BK.long()  # [B, K']
+            count_BK = recent.count_BK.clamp(min=1, max=COUNT_BUCKETS) - 1  # [B, K']
+            logit_BK = logit_BK + self.copy_role[seeker_BK] + self.copy_count[count_BK]
+            gate_B = gate_B + self.copy_gate_role[seeker_BK[:, 0]]
+        if self.copy_words:
+            gate_B = gate_B + self.copy_gate_words(words.last_BL).squeeze(1)  # [B]
         has_B = recent.mask_BK.any(dim=1)  # [B]
         logit_BK = logit_BK.masked_fill(~recent.mask_BK & has_B[:, None], float("-inf"))
         p_copy_BK = torch.softmax(logit_BK, dim=1) * recent.mask_BK  # [B, K']
-        gate_B = self.copy_gate(u_Bd).squeeze(1) + self.copy_gate_ago[ago_BK[:, 0]]  # [B]
         g_B = torch.sigmoid(gate_B) * has_B  # [B]
         mass_BI = torch.zeros_like(scores_BI).scatter_add(
             1, recent.items_BK, (g_B[:, None] * p_copy_BK).to(scores_BI.dtype)
@@ -190,19 +237,54 @@ class RecentItems(NamedTuple):
     items_BK: torch.Tensor  # [B, K'] long, R's item index (0 at padding)
     ago_BK: torch.Tensor  # [B, K'] long: turns since the last mention (1: the turn before)
     mask_BK: torch.Tensor  # [B, K'] bool: a real entry
+    seeker_BK: torch.Tensor  # [B, K'] bool: the seeker named it last
+    count_BK: torch.Tensor  # [B, K'] long: context turns that name it
+
+    def to(self, device: torch.device | str) -> RecentItems:
+        return RecentItems(*(x.to(device) for x in self))
 
 
-def pad_recent(items: list[list[int]], ago: list[list[int]]) -> RecentItems:
-    """Per-context recent item lists (and their turns-ago) -> padded :class:`RecentItems`."""
-    K = max([len(r) for r in items] + [1])
-    items_BK = torch.zeros(len(items), K, dtype=torch.long)
-    ago_BK = torch.ones(len(items), K, dtype=torch.long)
-    mask_BK = torch.zeros(len(items), K, dtype=torch.bool)
-    for b, (r, a) in enumerate(zip(items, ago, strict=True)):
-        items_BK[b, : len(r)] = torch.tensor(r, dtype=torch.long)
-        ago_BK[b, : len(r)] = torch.tensor(a, dtype=torch.long)
-        mask_BK[b, : len(r)] = True
-    return RecentItems(items_BK, ago_BK, mask_BK)
+def pad_recent(recent: Sequence[RecentLists]) -> RecentItems:
+    """Per-context :class:`~conkd_scale.rec.graph.RecentLists` -> padded :class:`RecentItems`."""
+    K = max([len(r.items) for r in recent] + [1])
+    B = len(recent)
+    out = RecentItems(
+        torch.zeros(B, K, dtype=torch.long),
+        torch.ones(B, K, dtype=torch.long),
+        torch.zeros(B, K, dtype=torch.bool),
+        torch.zeros(B, K, dtype=torch.bool),
+        torch.ones(B, K, dtype=torch.long),
+    )
+    for b, r in enumerate(recent):
+        n = len(r.items)
+        out.items_BK[b, :n] = torch.tensor(r.items, dtype=torch.long)
+        out.ago_BK[b, :n] = torch.tensor(r.ago, dtype=torch.long)
+        out.mask_BK[b, :n] = True
+        out.seeker_BK[b, :n] = torch.tensor(r.seeker, dtype=torch.bool)
+        out.count_BK[b, :n] = torch.tensor(r.count, dtype=torch.long)
+    return out
+
+
+class WordBags(NamedTuple):
+    """Hashed word ids (0-padded) of each context and of its last turn."""
+
+    ctx_BW: torch.Tensor  # [B, W] long
+    last_BL: torch.Tensor  # [B, L] long
+
+    def to(self, device: torch.device | str) -> WordBags:
+        return WordBags(*(x.to(device) for x in self))
+
+
+def pad_words(ctx: Sequence[Sequence[int]], last: Sequence[Sequence[int]]) -> WordBags:
+    """Per-context word id lists -> :class:`WordBags` (an empty list: an all-padding row)."""
+
+    def pad(rows: Sequence[Sequence[int]]) -> torch.Tensor:
+        out = torch.zeros(len(rows), max([len(r) for r in rows] + [1]), dtype=torch.long)
+        for b, r in enumerate(rows):
+            out[b, : len(r)] = torch.tensor(r, dtype=torch.long)
+        return out
+
+    return WordBags(pad(ctx), pad(last))
 
 
 def pad_contexts(contexts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:

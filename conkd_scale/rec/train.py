@@ -50,9 +50,19 @@ from conkd_scale.distributed import (
     teardown,
 )
 from conkd_scale.metrics.ranking import RankingAccumulator, mask_items
-from conkd_scale.rec.graph import ContextIndex, RecGraph, build_rec_graph
-from conkd_scale.rec.model import COPY_MODES, RecTeacherModel, pad_contexts, pad_recent
+from conkd_scale.rec.graph import ContextIndex, RecentLists, RecGraph, build_rec_graph
+from conkd_scale.rec.model import (
+    COPY_MODES,
+    WORD_MODES,
+    RecentItems,
+    RecTeacherModel,
+    WordBags,
+    pad_contexts,
+    pad_recent,
+    pad_words,
+)
 from conkd_scale.rec.popularity import Popularity
+from conkd_scale.rec.repeat import RepeatBaseline
 from conkd_scale.utils.errors import ConfigError, ConkdError
 from conkd_scale.utils.io import atomic_dir, atomic_open, write_json, write_jsonl
 
@@ -60,6 +70,14 @@ CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FILE = "rec_teacher.pt"
 CHECKPOINT_FORMAT = 2  # 2: the copy component; format 1 (no copy fields) loads as copy="none"
 EVAL_KS = (1, 10, 50)
+SELECT_METRICS = ("R@1", "R@10", "R@50", "R@mean")
+
+
+def select_value(metrics: dict[str, float], select: str) -> float:
+    """The early-stopping criterion ``select`` (``R@mean``: mean of R@1/10/50) of metrics."""
+    if select == "R@mean":
+        return sum(metrics[f"R@{k}"] for k in EVAL_KS) / len(EVAL_KS)
+    return metrics[select]
 
 
 @dataclass
@@ -74,6 +92,12 @@ class RecTeacherConfig:
     copy: str = "recency"  # copy component (rec/model.py): "recency" or "none" (KBRD-style R)
     recency_buckets: int = 8  # copy features: rank and turns-ago buckets 1..K (K in 1..64)
     copy_lr: float = 0.05  # Adam learning rate of the copy weights and gate
+    copy_roles: bool = False  # copy scores and gate also read who named each context item
+    # last (seeker or recommender) and in how many context turns
+    copy_words: bool = False  # the copy gate also reads the last context turn's words
+    words: Literal["none", "context"] = "none"  # context: u also reads the context's words
+    # (mean of hashed word embeddings; rec/words.py)
+    word_buckets: int = 16384  # hash buckets of the word embeddings (words, copy_words)
     calibrate: bool = True  # copy="recency": fit p_gen's temperature on validation NLL
     bias_init: Literal["zero", "popularity"] = "popularity"  # item bias b at start: 0, or
     # the log of the training popularity (add-one smoothed)
@@ -89,7 +113,9 @@ class RecTeacherConfig:
     weight_decay: float = 0.0  # Adam weight decay (L2)
     epochs: int = 30  # at most this many epochs
     batch_size: int = 128  # training samples (gold items) per step
-    patience: int = 3  # stop after this many epochs without a better validation R@10
+    patience: int = 3  # stop after this many epochs without a better validation `select`
+    select: Literal["R@1", "R@10", "R@50", "R@mean"] = "R@10"  # early-stopping criterion on
+    # the validation split (R@mean: the mean of R@1, R@10 and R@50)
     tau_R: float = 1.0  # temperature of q_R = softmax(s / tau_R) (api.item_distribution)
     exclude_seen: bool = False  # mask items already in the context (evaluation and q_R)
     seed: int = 0  # model init, shuffling and the popularity tie-break
@@ -106,6 +132,16 @@ class RecTeacherConfig:
             raise ConfigError(
                 f"copy: unknown copy component {self.copy!r} (use one of {list(COPY_MODES)})"
             )
+        if self.select not in SELECT_METRICS:
+            raise ConfigError(f"select: {self.select!r} is not one of {list(SELECT_METRICS)}")
+        if self.words not in WORD_MODES:
+            raise ConfigError(
+                f"words: unknown word context {self.words!r} (use one of {list(WORD_MODES)})"
+            )
+        if self.copy == "none" and (self.copy_roles or self.copy_words):
+            raise ConfigError("copy_roles/copy_words refine the copy component: set copy=recency")
+        if not 1 <= self.word_buckets <= 2**24:
+            raise ConfigError(f"word_buckets: must be in [1, 2**24], got {self.word_buckets}")
         if not 1 <= self.recency_buckets <= 64:
             raise ConfigError(f"recency_buckets: must be in [1, 64], got {self.recency_buckets}")
         if self.kg == "none" and self.use_kg:
@@ -156,7 +192,16 @@ class RecTeacherConfig:
             rgcn_impl=self.rgcn_impl,
             copy=self.copy,
             recency_buckets=self.recency_buckets,
+            copy_roles=self.copy_roles,
+            words=self.words,
+            word_buckets=self.word_buckets,
+            copy_words=self.copy_words,
         )
+
+    def context_index(self, graph: RecGraph) -> ContextIndex:
+        """The :class:`ContextIndex` this R reads turns with (hashes words only if used)."""
+        reads_words = self.words != "none" or (self.copy != "none" and self.copy_words)
+        return ContextIndex(graph, word_buckets=self.word_buckets if reads_words else 0)
 
     def graph_params(self) -> dict[str, Any]:
         """What :func:`build_rec_graph` was called with (saved with the checkpoint)."""
@@ -178,8 +223,10 @@ class EncodedTurns:
     ctx: list[list[int]]  # context nodes per turn
     ctx_items: list[list[int]]  # context item indices per turn
     gold: list[list[int]]  # gold item indices per turn
-    recent: list[list[int]] = field(default_factory=list)  # context items, most recent first
-    recent_ago: list[list[int]] = field(default_factory=list)  # turns since each was named
+    recent: list[RecentLists] = field(default_factory=list)  # context items, most recent
+    # first, with their copy features
+    words: list[list[int]] = field(default_factory=list)  # hashed context words
+    last_words: list[list[int]] = field(default_factory=list)  # hashed words of the last turn
 
     def __len__(self) -> int:
         return len(self.gold)
@@ -204,13 +251,20 @@ def encode_turns(turns: list[TurnSample], index: ContextIndex) -> EncodedTurns:
         if not gold:
             continue
         nodes, items = index.encode(t)
-        recent, ago = index.recent(t)
+        words, last = index.words(t)
         enc.ctx.append(nodes)
         enc.ctx_items.append(items)
         enc.gold.append(gold)
-        enc.recent.append(recent)
-        enc.recent_ago.append(ago)
+        enc.recent.append(index.recent(t))
+        enc.words.append(words)
+        enc.last_words.append(last)
     return enc
+
+
+def model_inputs(batch: EncodedTurns) -> tuple[torch.Tensor, torch.Tensor, RecentItems, WordBags]:
+    """``(ctx_BC, mask_BC, recent, words)``: what :class:`RecTeacherModel` reads of a batch."""
+    ctx_BC, mask_BC = pad_contexts(batch.ctx)
+    return ctx_BC, mask_BC, pad_recent(batch.recent), pad_words(batch.words, batch.last_words)
 
 
 def new_gold(enc: EncodedTurns) -> list[list[int]]:
@@ -302,7 +356,7 @@ class RecTeacherTrainer:
         if copy_params:  # a handful of scalars: they need a larger step than the embeddings
             groups.append({"params": copy_params, "lr": cfg.copy_lr, "weight_decay": 0.0})
         self.optim = torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        index = ContextIndex(self.graph)
+        index = cfg.context_index(self.graph)
         self.data = {s: encode_turns(self.corpus.samples(s), index) for s in self.corpus.splits}
         train = self.data["train"]
         # One training sample per gold item: (turn row, gold item).
@@ -329,9 +383,7 @@ class RecTeacherTrainer:
         self.info = info
 
     def _scores(self, batch: EncodedTurns) -> torch.Tensor:
-        ctx_BC, mask_BC = pad_contexts(batch.ctx)
-        recent = pad_recent(batch.recent, batch.recent_ago)
-        return self.model.scores_from_nodes(self._nodes, ctx_BC, mask_BC, recent)
+        return self.model.scores_from_nodes(self._nodes, *model_inputs(batch))
 
     @torch.no_grad()
     def evaluate(self, split: str) -> dict[str, float]:
@@ -345,13 +397,24 @@ class RecTeacherTrainer:
             exclude_seen=self.cfg.exclude_seen,
         )
 
-    def evaluate_popularity(self, split: str) -> dict[str, float]:
-        return evaluate_turns(
-            lambda ctx: self.popularity.scores(len(ctx)),
-            self.data[split],
-            batch_size=self.cfg.eval_batch_size,
-            exclude_seen=self.cfg.exclude_seen,
-        )
+    def evaluate_baselines(self, split: str) -> dict[str, float]:
+        """Popularity (``popularity/…``) and the repeat baseline (``repeat/…``) on a split,
+        evaluated as R is."""
+        repeat = RepeatBaseline(self.popularity, self.graph.item_ids)
+        fns = {
+            "popularity/": lambda batch: self.popularity.scores(len(batch)),
+            "repeat/": lambda batch: repeat.scores_from_recent([r.items for r in batch.recent]),
+        }
+        return {
+            f"{prefix}{k}": v
+            for prefix, fn in fns.items()
+            for k, v in evaluate_turns(
+                fn,
+                self.data[split],
+                batch_size=self.cfg.eval_batch_size,
+                exclude_seen=self.cfg.exclude_seen,
+            ).items()
+        }
 
     def _train_epoch(self, epoch: int) -> float:
         cfg, model, train = self.cfg, self.model, self.data["train"]
@@ -368,9 +431,7 @@ class RecTeacherTrainer:
         for s in bar:
             batch = perm[s : s + cfg.batch_size]
             turns = train.rows(batch[:, 0].tolist())
-            ctx_BC, mask_BC = pad_contexts(turns.ctx)
-            recent = pad_recent(turns.recent, turns.recent_ago)
-            scores_BI = model(ctx_BC, mask_BC, recent)  # [B, I]
+            scores_BI = model(*model_inputs(turns))  # [B, I]
             loss = F.cross_entropy(scores_BI, batch[:, 1])
             self.optim.zero_grad(set_to_none=True)
             loss.backward()
@@ -381,7 +442,7 @@ class RecTeacherTrainer:
         return total / n
 
     def train(self) -> dict[str, Any]:
-        """Train with early stopping on validation R@10; keeps the best weights."""
+        """Train with early stopping on the validation ``select``; keeps the best weights."""
         cfg = self.cfg
         rows: list[dict[str, Any]] = []
         best, best_epoch, best_state = -1.0, 0, None
@@ -406,8 +467,8 @@ class RecTeacherTrainer:
                     f"epoch {epoch}: loss {loss:.4f} valid R@1/10/50 "
                     f"{valid['R@1']:.4f}/{valid['R@10']:.4f}/{valid['R@50']:.4f}"
                 )
-            if valid["R@10"] > best:
-                best, best_epoch = valid["R@10"], epoch
+            if select_value(valid, cfg.select) > best:
+                best, best_epoch = select_value(valid, cfg.select), epoch
                 best_state = copy.deepcopy(self.model.state_dict())
                 self.save_checkpoint(epoch=epoch, valid=valid)
             elif epoch - best_epoch >= cfg.patience:
@@ -419,7 +480,7 @@ class RecTeacherTrainer:
             self.save_checkpoint(epoch=best_epoch, valid=self.evaluate("valid"))
         return {
             "best_epoch": best_epoch,
-            "valid/R@10": best,
+            f"best_valid/{cfg.select}": best,
             "epochs_run": len(rows),
             "train_seconds": time.perf_counter() - t0,
             "train_cpu_seconds": time.process_time() - c0,  # all threads; wall time on a
@@ -453,7 +514,7 @@ class RecTeacherTrainer:
         meta = {
             "format": CHECKPOINT_FORMAT,
             "epoch": epoch,
-            "valid/R@10": valid["R@10"],
+            f"valid/{self.cfg.select}": select_value(valid, self.cfg.select),
             "config": config_to_dict(self.cfg),
             "graph_params": self.cfg.graph_params(),
             "num_items": self.graph.num_items,
@@ -468,11 +529,14 @@ class RecTeacherTrainer:
         return self.out / CHECKPOINT_DIR
 
     def run(self) -> dict[str, Any]:
-        """setup, train, evaluate R and popularity on the test split, write metrics.json."""
+        """setup, train, evaluate R, popularity and the repeat baseline on the validation
+        (keys ``valid/…``) and test splits, write metrics.json."""
         self.setup()
         summary = self.train()
-        metrics: dict[str, Any] = dict(self.evaluate("test"))
-        metrics.update({f"popularity/{k}": v for k, v in self.evaluate_popularity("test").items()})
+        metrics: dict[str, Any] = {}
+        for split, prefix in (("valid", "valid/"), ("test", "")):
+            metrics.update({f"{prefix}{k}": v for k, v in self.evaluate(split).items()})
+            metrics.update({f"{prefix}{k}": v for k, v in self.evaluate_baselines(split).items()})
         metrics.update(summary)
         metrics["model"] = "rgcn" if self.cfg.use_kg else "no_kg"
         write_json(self.out / "metrics.json", metrics)
