@@ -188,6 +188,7 @@ def trained(synth_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> RecTea
         tau_R=0.7,
         copy_roles=True,  # every reader of the context: the reload must rebuild them all
         copy_words=True,
+        copy_item_words=True,
         words="context",
         word_buckets=64,
         select="R@mean",

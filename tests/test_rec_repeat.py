@@ -17,7 +17,7 @@ from conkd_scale.rec.model import RecTeacherModel, pad_recent, pad_words
 from conkd_scale.rec.popularity import Popularity
 from conkd_scale.rec.repeat import RepeatBaseline
 from conkd_scale.rec.train import RecTeacherConfig
-from conkd_scale.rec.words import hash_words, tokenize
+from conkd_scale.rec.words import hash_words, mention_windows, tokenize
 from conkd_scale.utils.errors import ConfigError
 
 ITEMS = ["a", "b", "c", "d", "e"]
@@ -114,6 +114,22 @@ def test_words_drop_item_placeholders_and_hash_stably():
     assert all(1 <= h <= 7 for h in hash_words(tokenize("the quick brown fox"), 7))
 
 
+def test_mention_windows_are_the_words_around_each_items_last_mention():
+    text = "I didn't like <item_1> at all but loved <item_2>, seen <item_1>?"
+    # window slots count placeholders too: the last <item_1> sees only "seen"
+    assert mention_windows(text, 2) == {"1": ["seen"], "2": ["but", "loved", "seen"]}
+    graph = SimpleNamespace(
+        item_ids=ITEMS,
+        item_node=torch.arange(5),
+        entity_keys=[],
+        entity_node=torch.zeros(0, dtype=torch.long),
+    )
+    last = turn_samples(_conv())[-1]  # context turn 2: "seen <item_a> again, and <item_d>?"
+    r = ContextIndex(graph, word_buckets=100, mention_window=1).recent(last)
+    assert r.words[:2] == [hash_words(["and"], 100), hash_words(["seen", "again"], 100)]
+    assert all(w == [] for w in ContextIndex(graph, word_buckets=100).recent(last).words)
+
+
 def test_copy_roles_and_words_steer_the_copy_component():
     torch.manual_seed(0)
     model = RecTeacherModel(
@@ -128,18 +144,32 @@ def test_copy_roles_and_words_steer_the_copy_component():
     )
     ctx_BC, mask_BC = torch.tensor([[3, 0]]), torch.tensor([[True, True]])
     # item 3 named last by the recommender, item 0 before by the seeker
-    recent = pad_recent([RecentLists([3, 0], [1, 2], [False, True], [1, 1])])
+    recent = pad_recent([RecentLists([3, 0], [1, 2], [False, True], [1, 1], [[], []])])
     quiet, cue = pad_words([[]], [[]]), pad_words([[7]], [[7]])  # word 7: "repeat"
     with torch.no_grad():
         model.copy_role.copy_(torch.tensor([0.0, 4.0]))  # the seeker's items first
         model.copy_gate_words.weight[7] = 6.0
     logp = model(ctx_BC, mask_BC, recent, quiet)[0]
-    assert (logp[0] - logp[3]).item() == pytest.approx(4.0, abs=1e-4)  # w_role outweighs recency (0)
+    assert (logp[0] - logp[3]).item() == pytest.approx(
+        4.0, abs=1e-4
+    )  # w_role outweighs recency (0)
     assert logp.exp()[[0, 3]].sum().item() == pytest.approx(0.5, abs=1e-5)  # g = σ(0)
     logp_cue = model(ctx_BC, mask_BC, recent, cue)[0]
-    assert logp_cue.exp()[[0, 3]].sum().item() == pytest.approx(torch.sigmoid(torch.tensor(6.0)).item())
+    assert logp_cue.exp()[[0, 3]].sum().item() == pytest.approx(
+        torch.sigmoid(torch.tensor(6.0)).item()
+    )
     with pytest.raises(ValueError, match="pass words=WordBags"):
         model(ctx_BC, mask_BC, recent)
+    item_model = RecTeacherModel(
+        _graph(), dim=4, use_kg=False, copy="recency", copy_item_words=True, word_buckets=10
+    )
+    with torch.no_grad():
+        item_model.copy_item_words.weight[5] = 3.0  # word 5 next to an item: "loved"
+    said = pad_recent([RecentLists([3, 0], [1, 2], [False, True], [1, 1], [[], [5, 6]])])
+    logp = item_model(ctx_BC, mask_BC, said, quiet)[0]
+    assert (logp[0] - logp[3]).item() == pytest.approx(
+        1.5, abs=1e-4
+    )  # mean over its 2 words (6: weight 0)
 
 
 def test_copy_component_puts_mass_on_recent_context_items():
@@ -150,7 +180,7 @@ def test_copy_component_puts_mass_on_recent_context_items():
         model.copy_gate.bias.fill_(5.0)  # g ≈ 1: nearly all mass on the context items
         model.copy_rank.copy_(torch.tensor([2.0, 0.0]))  # the most recent item first
     ctx_BC, mask_BC = torch.tensor([[3, 0]]), torch.tensor([[True, True]])
-    recent = pad_recent([RecentLists([3, 0], [1, 1], [True, False], [1, 1])])
+    recent = pad_recent([RecentLists([3, 0], [1, 1], [True, False], [1, 1], [[], []])])
     logp_I = model(ctx_BC, mask_BC, recent)[0]
     assert torch.logsumexp(logp_I, 0).item() == pytest.approx(0.0, abs=1e-5)  # a distribution
     assert logp_I.argsort(descending=True)[:2].tolist() == [3, 0]
@@ -158,7 +188,7 @@ def test_copy_component_puts_mass_on_recent_context_items():
     empty = model(
         torch.zeros(1, 1, dtype=torch.long),
         torch.zeros(1, 1, dtype=torch.bool),
-        pad_recent([RecentLists([], [], [], [])]),
+        pad_recent([RecentLists([], [], [], [], [])]),
     )[0]  # no context item: g = 0, the generator alone
     assert torch.logsumexp(empty, 0).item() == pytest.approx(0.0, abs=1e-5)
 
@@ -173,8 +203,8 @@ def test_copy_component_puts_mass_on_recent_context_items():
         ("words=bag", "words: 'bag' is not one of"),
         ("word_buckets=0", "word_buckets: must be in [1, 2**24]"),
         ("select=MRR@10", "select: 'MRR@10' is not one of"),
-        ("copy=none copy_roles=true", "copy_roles/copy_words refine the copy component"),
-        ("copy=none copy_words=true", "copy_roles/copy_words refine the copy component"),
+        ("copy=none copy_roles=true", "copy_roles/copy_words/copy_item_words refine"),
+        ("copy=none copy_words=true", "copy_roles/copy_words/copy_item_words refine"),
     ],
 )
 def test_bad_copy_settings_are_config_errors(override, needle):

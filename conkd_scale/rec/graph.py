@@ -31,7 +31,7 @@ import torch
 
 from conkd_scale.data.corpus import Corpus
 from conkd_scale.data.schema import SEEKER, TurnSample
-from conkd_scale.rec.words import hash_words, tokenize
+from conkd_scale.rec.words import hash_words, mention_windows, tokenize
 
 SELF_LOOP = "self_loop"
 
@@ -186,12 +186,13 @@ class ContextIndex:
     """Maps a turn's context to R's node and item indices (unknown ids are skipped), and,
     with ``word_buckets > 0``, its words to hashed word ids (:mod:`conkd_scale.rec.words`)."""
 
-    def __init__(self, graph: RecGraph, *, word_buckets: int = 0) -> None:
+    def __init__(self, graph: RecGraph, *, word_buckets: int = 0, mention_window: int = 0) -> None:
         self.item_index = {i: n for n, i in enumerate(graph.item_ids)}
         item_node = graph.item_node.tolist()
         self._item_node = item_node
         self._entity_node = dict(zip(graph.entity_keys, graph.entity_node.tolist(), strict=True))
         self.word_buckets = word_buckets
+        self.mention_window = mention_window
 
     def items(self, item_ids: Sequence[str]) -> list[int]:
         """R's item indices of the known ``item_ids``, in order."""
@@ -207,8 +208,9 @@ class ContextIndex:
     def recent(self, turn: TurnSample) -> RecentLists:
         """The context's known items, most recently mentioned first, with how many turns ago
         each was last mentioned, whether the seeker named it last, and how many context turns
-        name it (what the copy component reads)."""
-        out = RecentLists([], [], [], [])
+        name it (what the copy component reads); with ``word_buckets`` and ``mention_window``,
+        the hashed words around each item's last mention."""
+        out = RecentLists([], [], [], [], [])
         roles = [role for role, _ in turn.context]
         counts: dict[str, int] = {}
         for items in turn.context_turn_items:
@@ -221,6 +223,11 @@ class ContextIndex:
             out.ago.append(ago)
             out.seeker.append(len(roles) >= ago and roles[-ago] == SEEKER)
             out.count.append(counts.get(i, 1))
+            if self.word_buckets and self.mention_window and len(roles) >= ago:
+                around = mention_windows(turn.context[-ago][1], self.mention_window).get(i, [])
+                out.words.append(hash_words(around, self.word_buckets))
+            else:
+                out.words.append([])
         return out
 
     def words(self, turn: TurnSample) -> tuple[list[int], list[int]]:
@@ -240,3 +247,4 @@ class RecentLists:
     ago: list[int]  # turns since the last mention (1: the turn just before the response)
     seeker: list[bool]  # the last mention was the seeker's
     count: list[int]  # context turns that mention the item
+    words: list[list[int]]  # hashed words around its last mention (copy_item_words)

@@ -65,13 +65,14 @@ class RecTeacherModel(nn.Module):
         words: str = "none",
         word_buckets: int = 0,
         copy_words: bool = False,
+        copy_item_words: bool = False,
     ) -> None:
         super().__init__()
         if copy not in COPY_MODES:
             raise ValueError(f"copy must be one of {COPY_MODES}, got {copy!r}")
         if words not in WORD_MODES:
             raise ValueError(f"words must be one of {WORD_MODES}, got {words!r}")
-        if (words != "none" or copy_words) and word_buckets < 1:
+        if (words != "none" or copy_words or copy_item_words) and word_buckets < 1:
             raise ValueError("words need word_buckets >= 1")
         if use_kg and graph.num_layers == 0:
             raise ValueError("use_kg=True needs a graph built with use_kg=True")
@@ -114,6 +115,12 @@ class RecTeacherModel(nn.Module):
                     word_buckets + 1, 1, mode="mean", padding_idx=0
                 )
                 nn.init.zeros_(self.copy_gate_words.weight)
+            if copy_item_words:  # each item's copy score reads the words around its mention
+                self.copy_item_words = nn.EmbeddingBag(
+                    word_buckets + 1, 1, mode="mean", padding_idx=0
+                )
+                nn.init.zeros_(self.copy_item_words.weight)
+        self.use_item_words = copy == "recency" and copy_item_words
         self.copy_roles = copy == "recency" and copy_roles
         self.copy_words = copy == "recency" and copy_words
         self.words = words
@@ -210,6 +217,10 @@ class RecTeacherModel(nn.Module):
             count_BK = recent.count_BK.clamp(min=1, max=COUNT_BUCKETS) - 1  # [B, K']
             logit_BK = logit_BK + self.copy_role[seeker_BK] + self.copy_count[count_BK]
             gate_B = gate_B + self.copy_gate_role[seeker_BK[:, 0]]
+        if self.use_item_words:
+            B, K, L = recent.words_BKL.shape
+            item_words_BK = self.copy_item_words(recent.words_BKL.reshape(B * K, L))  # [BK, 1]
+            logit_BK = logit_BK + item_words_BK.reshape(B, K)
         if self.copy_words:
             gate_B = gate_B + self.copy_gate_words(words.last_BL).squeeze(1)  # [B]
         has_B = recent.mask_BK.any(dim=1)  # [B]
@@ -239,6 +250,7 @@ class RecentItems(NamedTuple):
     mask_BK: torch.Tensor  # [B, K'] bool: a real entry
     seeker_BK: torch.Tensor  # [B, K'] bool: the seeker named it last
     count_BK: torch.Tensor  # [B, K'] long: context turns that name it
+    words_BKL: torch.Tensor  # [B, K', L] long: hashed words around its last mention (0-pad)
 
     def to(self, device: torch.device | str) -> RecentItems:
         return RecentItems(*(x.to(device) for x in self))
@@ -247,6 +259,7 @@ class RecentItems(NamedTuple):
 def pad_recent(recent: Sequence[RecentLists]) -> RecentItems:
     """Per-context :class:`~conkd_scale.rec.graph.RecentLists` -> padded :class:`RecentItems`."""
     K = max([len(r.items) for r in recent] + [1])
+    L = max([len(w) for r in recent for w in r.words] + [1])
     B = len(recent)
     out = RecentItems(
         torch.zeros(B, K, dtype=torch.long),
@@ -254,6 +267,7 @@ def pad_recent(recent: Sequence[RecentLists]) -> RecentItems:
         torch.zeros(B, K, dtype=torch.bool),
         torch.zeros(B, K, dtype=torch.bool),
         torch.ones(B, K, dtype=torch.long),
+        torch.zeros(B, K, L, dtype=torch.long),
     )
     for b, r in enumerate(recent):
         n = len(r.items)
@@ -262,6 +276,8 @@ def pad_recent(recent: Sequence[RecentLists]) -> RecentItems:
         out.mask_BK[b, :n] = True
         out.seeker_BK[b, :n] = torch.tensor(r.seeker, dtype=torch.bool)
         out.count_BK[b, :n] = torch.tensor(r.count, dtype=torch.long)
+        for k, w in enumerate(r.words):
+            out.words_BKL[b, k, : len(w)] = torch.tensor(w, dtype=torch.long)
     return out
 
 

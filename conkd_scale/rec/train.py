@@ -95,6 +95,9 @@ class RecTeacherConfig:
     copy_roles: bool = False  # copy scores and gate also read who named each context item
     # last (seeker or recommender) and in how many context turns
     copy_words: bool = False  # the copy gate also reads the last context turn's words
+    copy_item_words: bool = False  # each context item's copy score also reads the words
+    # around its last mention (mention_window words either side)
+    mention_window: int = 4  # copy_item_words: words on each side of the mention (1..64)
     words: Literal["none", "context"] = "none"  # context: u also reads the context's words
     # (mean of hashed word embeddings; rec/words.py)
     word_buckets: int = 16384  # hash buckets of the word embeddings (words, copy_words)
@@ -138,8 +141,12 @@ class RecTeacherConfig:
             raise ConfigError(
                 f"words: unknown word context {self.words!r} (use one of {list(WORD_MODES)})"
             )
-        if self.copy == "none" and (self.copy_roles or self.copy_words):
-            raise ConfigError("copy_roles/copy_words refine the copy component: set copy=recency")
+        if self.copy == "none" and (self.copy_roles or self.copy_words or self.copy_item_words):
+            raise ConfigError(
+                "copy_roles/copy_words/copy_item_words refine the copy component: set copy=recency"
+            )
+        if not 1 <= self.mention_window <= 64:
+            raise ConfigError(f"mention_window: must be in [1, 64], got {self.mention_window}")
         if not 1 <= self.word_buckets <= 2**24:
             raise ConfigError(f"word_buckets: must be in [1, 2**24], got {self.word_buckets}")
         if not 1 <= self.recency_buckets <= 64:
@@ -196,12 +203,18 @@ class RecTeacherConfig:
             words=self.words,
             word_buckets=self.word_buckets,
             copy_words=self.copy_words,
+            copy_item_words=self.copy_item_words,
         )
 
     def context_index(self, graph: RecGraph) -> ContextIndex:
         """The :class:`ContextIndex` this R reads turns with (hashes words only if used)."""
-        reads_words = self.words != "none" or (self.copy != "none" and self.copy_words)
-        return ContextIndex(graph, word_buckets=self.word_buckets if reads_words else 0)
+        copy_words = self.copy != "none" and (self.copy_words or self.copy_item_words)
+        reads_words = self.words != "none" or copy_words
+        return ContextIndex(
+            graph,
+            word_buckets=self.word_buckets if reads_words else 0,
+            mention_window=self.mention_window if self.copy_item_words else 0,
+        )
 
     def graph_params(self) -> dict[str, Any]:
         """What :func:`build_rec_graph` was called with (saved with the checkpoint)."""

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 
 _ITEM = re.compile(r"<item_[^>]*>")
 _WORD = re.compile(r"[a-z][a-z']+")
+_TOKEN = re.compile(r"<item_[^>]*>|[a-z][a-z']+")
 
 
 def tokenize(text: str) -> list[str]:
@@ -25,3 +26,17 @@ def tokenize(text: str) -> list[str]:
 def hash_words(words: Iterable[str], buckets: int) -> list[int]:
     """Bucket ids in ``1..buckets`` (0 is padding), one per word, in order."""
     return [zlib.crc32(w.encode()) % buckets + 1 for w in words]
+
+
+def mention_windows(text: str, window: int) -> dict[str, list[str]]:
+    """For each item id named in ``text``: the ``window`` words before and after its last
+    mention (other item placeholders skipped), e.g. what the speaker says about it."""
+    tokens = _TOKEN.findall(text.lower())
+    out: dict[str, list[str]] = {}
+    for n, tok in enumerate(tokens):
+        if tok.startswith("<item_"):
+            item = tok[len("<item_") : -1]
+            before = [t for t in tokens[max(0, n - window) : n] if not t.startswith("<")]
+            after = [t for t in tokens[n + 1 : n + 1 + window] if not t.startswith("<")]
+            out[item] = before + after
+    return out
