@@ -256,6 +256,8 @@ def teacher_commands(nproc: int, distill: Sequence[str]) -> list[tuple[str, list
     commands = []
     if cfg.uses_teachers and not rec_trained(cfg.rec_dir):
         rec = rec_teacher_overrides(cfg)
+        if cfg.teachers.rec_config:
+            rec = ["--config", cfg.teachers.rec_config, *rec]
         commands.append(("rec", python_command("launch/train_rec_teacher.py", rec)))
     if not dialog_trained(cfg.dialog_dir):
         dialog = [

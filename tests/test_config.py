@@ -101,3 +101,25 @@ def test_auto_trained_dialog_teacher_gets_the_configured_preset(overrides, prese
     dcfg = build_config(DialogTeacherConfig, None, dialog_teacher_overrides(cfg))
     assert dcfg.model.preset == preset
     assert dcfg.dataset == cfg.dataset and dcfg.max_length == cfg.max_length
+
+
+def test_auto_trained_rec_teacher_reads_its_config_file_and_the_overrides_win(tmp_path):
+    from conkd_scale.distill.config import DistillConfig
+    from conkd_scale.distill.teachers import rec_teacher_overrides
+    from conkd_scale.jobs import teacher_commands
+    from conkd_scale.rec.train import RecTeacherConfig
+
+    rec_file = tmp_path / "rec.json"
+    rec_file.write_text('{"dataset": "redial", "copy_roles": true, "dim": 32, "seed": 7}')
+    overrides = [
+        f"teachers.rec_config={rec_file}",
+        'teachers.rec_overrides=["dim=16"]',
+        f"teachers.rec_dir={tmp_path / 'rec'}",
+        f"teachers.dialog_dir={tmp_path / 'dialog'}",
+    ]
+    cfg = build_config(DistillConfig, None, overrides)
+    rcfg = build_config(RecTeacherConfig, cfg.teachers.rec_config, rec_teacher_overrides(cfg))
+    assert rcfg.copy_roles and rcfg.seed == 7  # from the file
+    assert rcfg.dim == 16 and rcfg.dataset == cfg.dataset  # the overrides and the run win
+    (rec_cmd,) = [c for t, c in teacher_commands(2, overrides) if t == "rec"]
+    assert rec_cmd[rec_cmd.index("--config") + 1] == str(rec_file)

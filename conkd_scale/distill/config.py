@@ -36,6 +36,8 @@ class TeacherConfig:
     dialog_dir: str | None = None  # D's training dir (uses <dir>/hf) or any HF model dir;
     # None: runs/teachers/<dataset>/dialog
     auto_train: bool = True  # train a missing teacher first (False: a clear error instead)
+    rec_config: str | None = None  # JSON/YAML file of R's settings (e.g.
+    # configs/rec_teacher_redial.json, chosen on validation); the run's data and rec_overrides win
     rec_overrides: list[str] = field(default_factory=list)  # key=value for R's training
     dialog_preset: str = "mini"  # D's size preset when auto-trained (a larger D than the student)
     dialog_overrides: list[str] = field(default_factory=list)  # key=value for D's training

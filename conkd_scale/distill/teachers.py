@@ -108,7 +108,8 @@ def train_missing_teachers(cfg: DistillConfig) -> None:
         from conkd_scale.rec.train import RecTeacherConfig, train_rec_teacher
 
         print0(f"training the recommendation teacher into {cfg.rec_dir}")
-        train_rec_teacher(build_config(RecTeacherConfig, None, rec_teacher_overrides(cfg)))
+        rec_file = cfg.teachers.rec_config
+        train_rec_teacher(build_config(RecTeacherConfig, rec_file, rec_teacher_overrides(cfg)))
     if not dialog_ready(cfg):
         from conkd_scale.training.dialog_teacher import DialogTeacherConfig, DialogTeacherRecipe
         from conkd_scale.training.ds_config import load_ds_config
