@@ -203,8 +203,7 @@ def test_copy_component_puts_mass_on_recent_context_items():
         ("words=bag", "words: 'bag' is not one of"),
         ("word_buckets=0", "word_buckets: must be in [1, 2**24]"),
         ("select=MRR@10", "select: 'MRR@10' is not one of"),
-        ("copy=none copy_roles=true", "copy_roles/copy_words/copy_item_words refine"),
-        ("copy=none copy_words=true", "copy_roles/copy_words/copy_item_words refine"),
+        ("mention_window=0", "mention_window: must be in [1, 64]"),
     ],
 )
 def test_bad_copy_settings_are_config_errors(override, needle):

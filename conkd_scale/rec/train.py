@@ -93,7 +93,8 @@ class RecTeacherConfig:
     recency_buckets: int = 8  # copy features: rank and turns-ago buckets 1..K (K in 1..64)
     copy_lr: float = 0.05  # Adam learning rate of the copy weights and gate
     copy_roles: bool = False  # copy scores and gate also read who named each context item
-    # last (seeker or recommender) and in how many context turns
+    # last (seeker or recommender) and in how many context turns (copy_roles, copy_words and
+    # copy_item_words refine copy=recency; copy=none ignores them)
     copy_words: bool = False  # the copy gate also reads the last context turn's words
     copy_item_words: bool = False  # each context item's copy score also reads the words
     # around its last mention (mention_window words either side)
@@ -140,10 +141,6 @@ class RecTeacherConfig:
         if self.words not in WORD_MODES:
             raise ConfigError(
                 f"words: unknown word context {self.words!r} (use one of {list(WORD_MODES)})"
-            )
-        if self.copy == "none" and (self.copy_roles or self.copy_words or self.copy_item_words):
-            raise ConfigError(
-                "copy_roles/copy_words/copy_item_words refine the copy component: set copy=recency"
             )
         if not 1 <= self.mention_window <= 64:
             raise ConfigError(f"mention_window: must be in [1, 64], got {self.mention_window}")
