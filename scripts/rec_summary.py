@@ -1,9 +1,10 @@
 """Summarise recommendation-teacher runs (the ``metrics.json`` of ``launch/train_rec_teacher.py``)
-as a markdown table: mean ± sd over the seeds of each model, under the repeat baseline and
-popularity on the same test turns (the evaluation R gets, ``rec/train.py::evaluate_turns``).
+as markdown tables, validation split then test split: mean ± sd over the seeds of each model,
+under the repeat baseline and popularity, which every run evaluates on the same turns as R
+(``rec/train.py::RecTeacherTrainer.evaluate_baselines``; their popularity tie-break is seeded,
+so they are averaged over the seeds of the runs too).
 
-    python scripts/rec_summary.py --dataset redial --data-dir ../shared/data/redial \
-        results/rec_teacher/redial/*/ > results/rec_teacher/redial.md
+    python scripts/rec_summary.py results/rec_teacher/redial/*/ > results/rec_teacher/redial.md
 
 A run directory's name without its ``_sN`` seed suffix names its model.
 """
@@ -16,54 +17,67 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from conkd_scale.data.corpus import load_dataset
-from conkd_scale.rec.graph import ContextIndex, build_rec_graph
-from conkd_scale.rec.repeat import RepeatBaseline
-from conkd_scale.rec.train import encode_turns, evaluate_turns
-
 KEYS = ("R@1", "R@10", "R@50", "new/R@1", "new/R@10", "new/R@50")
+SPLITS = {"valid": "valid/", "test": ""}
+BASELINES = {"repeat baseline": "repeat/", "popularity": "popularity/"}
 
 
 def _fmt(xs: list[float]) -> str:
     if len(xs) == 1:
-        return f"{xs[0]:.3f}"
-    return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}"
+        return f"{xs[0]:.4f}"
+    return f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs):.4f}"
 
 
-def baselines(dataset: str, data_dir: str) -> dict[str, dict[str, float]]:
-    """The repeat baseline and popularity, evaluated as R is, on the test split."""
-    corpus = load_dataset(dataset, data_dir)
-    graph = build_rec_graph(corpus, layers=1, use_kg=False)  # R's item index, no KG needed
-    test = encode_turns(corpus.samples("test"), ContextIndex(graph))
-    repeat = RepeatBaseline.from_samples(corpus.samples("train"), graph.item_ids)
-    return {
-        "repeat baseline": evaluate_turns(
-            lambda b: repeat.scores_from_recent([r.items for r in b.recent]), test
-        ),
-        "popularity": evaluate_turns(lambda b: repeat.popularity.scores(len(b)), test),
-    }
+def table(groups: dict[str, list[dict]], split: str) -> list[str]:
+    """The markdown lines of one split's table."""
+    prefix = SPLITS[split]
+    runs = [r for rs in groups.values() for r in rs if f"{prefix}n" in r]
+    by_seed = {r["seed"]: r for r in runs}  # one evaluation of the baselines per seed
+    n, n_new = int(runs[0][f"{prefix}n"]), int(runs[0][f"{prefix}new/n"])
+    out = [
+        f"{split.capitalize()} split: {n} gold items ({n_new} not mentioned before: the `new/` "
+        "columns).",
+        "",
+        f"| model ({split}) | seeds | " + " | ".join(KEYS) + " |",
+        "|---|---|" + "---|" * len(KEYS),
+    ]
+    for name, base in BASELINES.items():
+        cells = [_fmt([r[f"{prefix}{base}{k}"] for r in by_seed.values()]) for k in KEYS]
+        out.append(f"| {name} | {len(by_seed)} | " + " | ".join(cells) + " |")
+    wins = []
+    for name, rs in sorted(groups.items()):
+        rs = [r for r in rs if f"{prefix}n" in r]
+        if rs:
+            cells = [_fmt([r[f"{prefix}{k}"] for r in rs]) for k in KEYS]
+            out.append(f"| {name} | {len(rs)} | " + " | ".join(cells) + " |")
+        if len(rs) > 1:  # per seed: above the same seed's baseline?
+            above = [
+                sum(r[f"{prefix}{k}"] > r[f"{prefix}{base}{k}"] for r in rs)
+                for k, base in [(k, "repeat/") for k in KEYS[:3]]
+                + [(k, "popularity/") for k in KEYS[3:]]
+            ]
+            wins.append(
+                f"- {name}: seeds above the repeat baseline at R@1/10/50 "
+                f"{'/'.join(map(str, above[:3]))}, above popularity at new/R@1/10/50 "
+                f"{'/'.join(map(str, above[3:]))} (of {len(rs)})"
+            )
+    return [*out, "", *wins] if wins else out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--data-dir", required=True)
     p.add_argument("runs", nargs="+", help="run directories, each with metrics.json")
     a = p.parse_args()
     groups: dict[str, list[dict]] = defaultdict(list)
     for run in a.runs:
         d = Path(run)
-        groups[d.name.rsplit("_s", 1)[0]].append(json.loads((d / "metrics.json").read_text()))
-    base = baselines(a.dataset, a.data_dir)
-    n = int(base["popularity"]["n"]), int(base["popularity"]["new/n"])
-    print(f"Test split: {n[0]} gold items ({n[1]} not mentioned before: the `new/` columns).\n")
-    print(f"| model ({a.dataset}, test) | seeds | " + " | ".join(KEYS) + " |")
-    print("|---|---|" + "---|" * len(KEYS))
-    for name, m in base.items():
-        print(f"| {name} | – | " + " | ".join(f"{m[k]:.3f}" for k in KEYS) + " |")
-    for name, runs in sorted(groups.items()):
-        cells = [_fmt([r[k] for r in runs]) for k in KEYS]
-        print(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
+        metrics = json.loads((d / "metrics.json").read_text())
+        metrics["seed"] = json.loads((d / "config.json").read_text())["seed"]
+        groups[d.name.rsplit("_s", 1)[0]].append(metrics)
+    lines = []
+    for split in SPLITS:
+        lines += [*table(groups, split), ""]
+    print("\n".join(lines).rstrip())
 
 
 if __name__ == "__main__":
