@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml
 # The whole pipeline on the built-in synthetic corpus: teachers, students (2 CPU ranks under
 # ZeRO-3), evaluation of every system; ends by printing the results table.
 demo: install
-	$(PY) launch/results_table.py --dataset synthetic nproc=$(NPROC)
+	$(PY) launch/results_table.py --config configs/results_synthetic.yaml nproc=$(NPROC)
 
 test: install
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
