@@ -28,6 +28,13 @@ split's NLL (temperature scaling): an overfitted ``p_gen`` is overconfident, and
 mixture's ranking of a repeat against a new item depends on its calibration. Trained with
 the same cross-entropy, the copy part learns how often and which of a conversation's items
 come back, and the graph part learns to rank only the items not named yet (``R@k/new``).
+
+Optional readers of the conversation (each off by default): ``copy_roles`` adds
+``w_role[seeker named i last] + w_count[min(n_i, 3) − 1]`` to the copy logits and
+``v_role[seeker named the newest item]`` to the gate; ``copy_words`` adds the mean of a
+learned weight per (hashed) word of the last context turn to the gate; ``copy_item_words``
+adds to each item's copy logit the mean weight of the words around its last mention;
+``words="context"`` adds the mean embedding of the context's words to ``u``.
 """
 
 from __future__ import annotations
