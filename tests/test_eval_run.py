@@ -151,6 +151,8 @@ def test_rec_and_pipeline_with_a_trained_r(setup: dict[str, Path], tmp_path: Pat
     assert sorted(pipe_m) == sorted(RANK_KEYS + PIPE_KEYS + NEW_KEYS + EXTRA)
     assert pipe_m["R@10"] == rec_m["R@10"]  # the pipeline's recommender is R
     assert pipe_m["meta"]["decoding"] == "beam"
+    # its first item is R's top item by construction: R-agree@1 is not reported
+    assert pipe_m["R-agree@1"] is None and pipe_m["counts"]["r_agree_turns"] == 0
     for r in rows:
         assert r["r_top_item"] == r_top(rec_rows, r)
         assert len(r["items"]) == len(r["d_items"])  # every D item was replaced

@@ -340,8 +340,10 @@ def _in_response(
         for r in records
         if r["is_recommendation"]
     )
-    metrics["R-agree@1"] = json_safe(rate) if has_rec else None
-    counts["r_agree_turns"], counts["r_agree_hits"] = (n, hits) if has_rec else (0, 0)
+    # the pipeline writes R's top item into its first slot: 1 by construction, not reported
+    agree = has_rec and cfg.system != "pipeline"
+    metrics["R-agree@1"] = json_safe(rate) if agree else None
+    counts["r_agree_turns"], counts["r_agree_hits"] = (n, hits) if agree else (0, 0)
     if cfg.system == "pipeline":  # D's item vs R's top item
         pairs = ((r["d_items"][0] if r["d_items"] else None, r["r_top_item"]) for r in records)
         d_rate, d_n = discrepancy_rate(pairs)
