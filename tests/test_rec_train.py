@@ -212,3 +212,24 @@ def test_evaluate_turns_variants_hand_computed() -> None:
     assert m["turn/R@1"] == 0.5 and m["turn/n"] == 1
     seen = evaluate_turns(lambda ctx: scores[: len(ctx)], enc, ks=(3,), exclude_seen=True)
     assert seen["R@3"] == 0.5  # the repeat can no longer be recommended
+
+
+def test_only_a_finished_run_counts_as_a_trained_teacher(
+    run: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
+    """A run interrupted after its first best epoch leaves a checkpoint marked incomplete:
+    the distillation job retrains R rather than distil from a half-trained one."""
+    import shutil
+
+    from conkd_scale.distill.teachers import rec_trained
+
+    out, _ = run
+    assert rec_trained(out) and rec_trained(out / "checkpoint")
+    meta = json.loads((out / "checkpoint" / "rec_teacher.json").read_text())
+    assert meta["complete"] is True
+    cut = tmp_path / "interrupted"
+    shutil.copytree(out, cut)
+    (cut / "checkpoint" / "rec_teacher.json").write_text(json.dumps({**meta, "complete": False}))
+    assert not rec_trained(cut)
+    (cut / "checkpoint" / "rec_teacher.json").unlink()  # a bare checkpoint: taken as given
+    assert rec_trained(cut)

@@ -12,6 +12,7 @@ the others wait; D with the same DeepSpeed training core on every rank).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +32,17 @@ def dialog_model_dir(path: str | Path) -> Path:
 
 
 def rec_trained(path: str | Path) -> bool:
-    """R's training directory (or its checkpoint directory) holds a trained R."""
+    """R's training directory (or its checkpoint directory) holds a trained R: a checkpoint
+    whose metadata does not say that its training was still going on (interrupted)."""
     from conkd_scale.rec.train import CHECKPOINT_DIR, CHECKPOINT_FILE
 
-    d = Path(path)
-    return (d / CHECKPOINT_FILE).is_file() or (d / CHECKPOINT_DIR / CHECKPOINT_FILE).is_file()
+    for d in (Path(path), Path(path) / CHECKPOINT_DIR):
+        if (d / CHECKPOINT_FILE).is_file():
+            meta = d / "rec_teacher.json"
+            if not meta.is_file():
+                return True  # a bare checkpoint, copied without its metadata
+            return bool(json.loads(meta.read_text(encoding="utf-8")).get("complete", True))
+    return False
 
 
 def dialog_trained(path: str | Path) -> bool:

@@ -480,14 +480,14 @@ class RecTeacherTrainer:
             if select_value(valid, cfg.select) > best:
                 best, best_epoch = select_value(valid, cfg.select), epoch
                 best_state = copy.deepcopy(self.model.state_dict())
-                self.save_checkpoint(epoch=epoch, valid=valid)
+                self.save_checkpoint(epoch=epoch, valid=valid, complete=False)
             elif epoch - best_epoch >= cfg.patience:
                 break
         assert best_state is not None
         self.model.load_state_dict(best_state)
         if cfg.copy == "recency" and cfg.calibrate:
             self.model.gen_temperature.fill_(self.fit_temperature("valid"))
-            self.save_checkpoint(epoch=best_epoch, valid=self.evaluate("valid"))
+        self.save_checkpoint(epoch=best_epoch, valid=self.evaluate("valid"), complete=True)
         return {
             "best_epoch": best_epoch,
             f"best_valid/{cfg.select}": best,
@@ -519,10 +519,14 @@ class RecTeacherTrainer:
                 best_T, best_nll = T, nll
         return best_T
 
-    def save_checkpoint(self, *, epoch: int, valid: dict[str, float]) -> Path:
-        """Write ``OUT/checkpoint/`` atomically (replacing the previous best)."""
+    def save_checkpoint(
+        self, *, epoch: int, valid: dict[str, float], complete: bool = True
+    ) -> Path:
+        """Write ``OUT/checkpoint/`` atomically (replacing the previous best); ``complete``
+        is false while training goes on (an interrupted run is not a trained R)."""
         meta = {
             "format": CHECKPOINT_FORMAT,
+            "complete": complete,
             "epoch": epoch,
             f"valid/{self.cfg.select}": select_value(valid, self.cfg.select),
             "config": config_to_dict(self.cfg),
