@@ -118,6 +118,8 @@ def test_mention_windows_are_the_words_around_each_items_last_mention():
     text = "I didn't like <item_1> at all but loved <item_2>, seen <item_1>?"
     # window slots count placeholders too: the last <item_1> sees only "seen"
     assert mention_windows(text, 2) == {"1": ["seen"], "2": ["but", "loved", "seen"]}
+    # ids keep their case (they must match the catalog's), words are lower-cased
+    assert mention_windows("Seen <item_Ab7> OK", 1) == {"Ab7": ["seen", "ok"]}
     graph = SimpleNamespace(
         item_ids=ITEMS,
         item_node=torch.arange(5),

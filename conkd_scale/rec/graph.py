@@ -216,6 +216,7 @@ class ContextIndex:
         for items in turn.context_turn_items:
             for i in set(items):
                 counts[i] = counts.get(i, 0) + 1
+        windows: dict[int, dict[str, list[str]]] = {}  # per context turn (turns ago)
         for i, ago in turn.recent_items():
             if i not in self.item_index:
                 continue
@@ -224,8 +225,9 @@ class ContextIndex:
             out.seeker.append(len(roles) >= ago and roles[-ago] == SEEKER)
             out.count.append(counts.get(i, 1))
             if self.word_buckets and self.mention_window and len(roles) >= ago:
-                around = mention_windows(turn.context[-ago][1], self.mention_window).get(i, [])
-                out.words.append(hash_words(around, self.word_buckets))
+                if ago not in windows:
+                    windows[ago] = mention_windows(turn.context[-ago][1], self.mention_window)
+                out.words.append(hash_words(windows[ago].get(i, []), self.word_buckets))
             else:
                 out.words.append([])
         return out

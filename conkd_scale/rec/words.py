@@ -15,7 +15,7 @@ from collections.abc import Iterable
 
 _ITEM = re.compile(r"<item_[^>]*>")
 _WORD = re.compile(r"[a-z][a-z']+")
-_TOKEN = re.compile(r"<item_[^>]*>|[a-z][a-z']+")
+_TOKEN = re.compile(r"<item_([^>]*)>|([A-Za-z][A-Za-z']+)")  # an item id (case kept) or a word
 
 
 def tokenize(text: str) -> list[str]:
@@ -31,12 +31,10 @@ def hash_words(words: Iterable[str], buckets: int) -> list[int]:
 def mention_windows(text: str, window: int) -> dict[str, list[str]]:
     """For each item id named in ``text``: the ``window`` words before and after its last
     mention (other item placeholders skipped), e.g. what the speaker says about it."""
-    tokens = _TOKEN.findall(text.lower())
+    tokens = [(item, word.lower()) for item, word in _TOKEN.findall(text)]  # one is ""
     out: dict[str, list[str]] = {}
-    for n, tok in enumerate(tokens):
-        if tok.startswith("<item_"):
-            item = tok[len("<item_") : -1]
-            before = [t for t in tokens[max(0, n - window) : n] if not t.startswith("<")]
-            after = [t for t in tokens[n + 1 : n + 1 + window] if not t.startswith("<")]
-            out[item] = before + after
+    for n, (item, _) in enumerate(tokens):
+        if item:
+            around = tokens[max(0, n - window) : n] + tokens[n + 1 : n + 1 + window]
+            out[item] = [w for i, w in around if not i]
     return out
