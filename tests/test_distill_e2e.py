@@ -111,13 +111,33 @@ def test_zero3_run_with_sharded_teacher(run_a):
     assert meta["use_mode_tokens"] is True and meta["loss"]["gate"]["mode"] == "hard"
 
 
+def _reference_loss(student, teacher, d: dict, loss_cfg):
+    """The plain-PyTorch reference loss of one dumped micro batch ``d`` (the student's
+    forward keeps its graph unless the caller turns gradients off; D's never does)."""
+    from conkd_scale.loss import conkd_loss_reference
+
+    s = student(input_ids=d["input_ids"], attention_mask=d["attention_mask"]).logits
+    with torch.no_grad():
+        t = teacher(input_ids=d["input_ids"], attention_mask=d["attention_mask"]).logits
+    rows = d["labels"][:, 1:] != -100
+    V = int(d["item_tok_I"].max()) + 1
+    return conkd_loss_reference(
+        s[:, :-1][rows][:, :V],
+        t[:, :-1][rows][:, :V],
+        d["rec_SI"],
+        d["rec_turn"][:, 1:][rows],
+        d["item_tok_I"],
+        d["labels"][:, 1:][rows],
+        loss_cfg,
+    )
+
+
 def test_distributed_loss_equals_reference(run_a):
     """Each rank's first loss equals the reference loss from the gathered weights."""
     from transformers import AutoModelForCausalLM
 
     from conkd_scale.config import build_config
     from conkd_scale.distill.config import DistillConfig
-    from conkd_scale.loss import conkd_loss_reference
 
     root, out = run_a
     cfg = build_config(DistillConfig, out / "config.json")
@@ -126,19 +146,7 @@ def test_distributed_loss_equals_reference(run_a):
     for rank in (0, 1):
         d = torch.load(root / "dump" / f"rank{rank}.pt", weights_only=False)
         with torch.no_grad():
-            s = student(input_ids=d["input_ids"], attention_mask=d["attention_mask"]).logits
-            t = teacher(input_ids=d["input_ids"], attention_mask=d["attention_mask"]).logits
-        rows = d["labels"][:, 1:] != -100
-        V = int(d["item_tok_I"].max()) + 1
-        ref = conkd_loss_reference(
-            s[:, :-1][rows][:, :V],
-            t[:, :-1][rows][:, :V],
-            d["rec_SI"],
-            d["rec_turn"][:, 1:][rows],
-            d["item_tok_I"],
-            d["labels"][:, 1:][rows],
-            cfg.loss,
-        )
+            ref = _reference_loss(student, teacher, d, cfg.loss)
         assert float(ref.loss) == pytest.approx(d["loss"], rel=1e-5)
         assert float(ref.ce) == pytest.approx(d["parts"]["ce"], rel=1e-5)
 
@@ -152,7 +160,6 @@ def test_accumulated_gradient_equals_reference(run_a):
 
     from conkd_scale.config import build_config
     from conkd_scale.distill.config import DistillConfig
-    from conkd_scale.loss import conkd_loss_reference
 
     root, out = run_a
     cfg = build_config(DistillConfig, out / "config.json")
@@ -168,20 +175,7 @@ def test_accumulated_gradient_equals_reference(run_a):
     assert not torch.equal(dumps[0]["input_ids"], dumps[1]["input_ids"])  # two micro batches
     total = torch.zeros(())
     for d in dumps:
-        s = student(input_ids=d["input_ids"], attention_mask=d["attention_mask"]).logits
-        with torch.no_grad():
-            t = teacher(input_ids=d["input_ids"], attention_mask=d["attention_mask"]).logits
-        rows = d["labels"][:, 1:] != -100
-        V = int(d["item_tok_I"].max()) + 1
-        ref = conkd_loss_reference(
-            s[:, :-1][rows][:, :V],
-            t[:, :-1][rows][:, :V],
-            d["rec_SI"],
-            d["rec_turn"][:, 1:][rows],
-            d["item_tok_I"],
-            d["labels"][:, 1:][rows],
-            cfg.loss,
-        )
+        ref = _reference_loss(student, teacher, d, cfg.loss)
         assert float(ref.loss) == pytest.approx(d["loss"], rel=1e-5)
         total = total + ref.loss
     (total / len(dumps)).backward()
