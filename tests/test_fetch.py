@@ -79,9 +79,11 @@ class RangeHandler(BaseHTTPRequestHandler):
         self.end_headers()
         if site.cut_next is not None:
             body, site.cut_next = body[: site.cut_next], None
+        # Logged before the body goes out: a client that has read a complete body may
+        # check the log before this thread would run again.
+        site.log.append(Request(self.path, rng, len(body)))
         self.wfile.write(body)
         self.wfile.flush()
-        site.log.append(Request(self.path, rng, len(body)))
         self.close_connection = True
 
     def log_message(self, format: str, *args: object) -> None:
