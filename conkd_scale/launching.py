@@ -5,6 +5,9 @@ Arguments: ``--deepspeed PATH`` (defined here: DeepSpeed's own parser treats ``-
 as a flag), ``--config FILE``, ``--output-dir DIR``, ``--local_rank`` (set by launchers) and
 ``key=value`` overrides. The run config and the DeepSpeed JSON are validated on every rank
 before any collective, so bad input fails all ranks at once with exit code 2 and no hang.
+Every user-facing error exits with its class's code (``utils/errors.py``: 2 configuration or
+data, 3 divergence, 74 storage, 75 try again); a pre-emption exits with 75
+(``training/preemption.py``).
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ def launch_main(
         recipe = make_recipe(cfg, load_ds_config(args.deepspeed), args.deepspeed)
     except ConkdError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
+        return e.exit_code
     ok = False
     try:
         recipe.setup()
@@ -60,7 +63,7 @@ def launch_main(
         ok = True
     except ConkdError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
+        return e.exit_code
     finally:
         recipe.cleanup(success=ok)
     return 0

@@ -26,6 +26,7 @@ class TrainConfig:
     eval_every: int = 0  # steps between validation runs; 0: only at the end
     eval_max_batches: int = 0  # micro batches per rank per validation run; 0: the whole split
     save_every: int = 0  # steps between checkpoints; 0: only at the end
+    save_every_minutes: float = 0.0  # also save when this much wall time passed; 0: off
     keep_last: int = 2  # checkpoints kept (the newest ones)
     log_every: int = 10  # steps between metrics.jsonl rows
     seed: int = 0  # model init, data order and dropout (reseeded per micro step)
@@ -33,10 +34,14 @@ class TrainConfig:
     group_by_length: bool = True  # batch sequences of similar length (less padding)
     resume: str = "auto"  # auto: newest checkpoint in OUT/checkpoints; none; or a path
     stop_at_step: int = 0  # stop cleanly after this step (checkpoint written), as if pre-empted
+    # steps in a row with a non-finite loss or gradient norm (or an update DeepSpeed skipped)
+    # before the job stops with exit code 3; such steps are not counted (training/divergence.py).
+    # Above the ~16 skips fp16's dynamic loss scale may need at the start.
+    max_nonfinite_steps: int = 25
     progress: bool = True  # tqdm progress bar on rank 0
 
     def __post_init__(self) -> None:
-        for name in ("micro_batch", "grad_accum", "log_every", "keep_last"):
+        for name in ("micro_batch", "grad_accum", "log_every", "keep_last", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}: expected >= 1, got {getattr(self, name)}")
         for name in (
@@ -50,6 +55,10 @@ class TrainConfig:
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name}: expected >= 0, got {getattr(self, name)}")
+        if not self.save_every_minutes >= 0:
+            raise ConfigError(
+                f"train.save_every_minutes: expected >= 0 (0: off), got {self.save_every_minutes}"
+            )
         if self.lr <= 0:
             raise ConfigError(f"train.lr: expected > 0, got {self.lr}")
         if self.max_steps == 0 and self.epochs <= 0:

@@ -152,6 +152,7 @@ class LMRecipe:
         ``export=true`` (else None); ``meta`` goes into its conkd_export.json. Collective."""
         if self.trainer.stopped_early or not self.cfg.export:
             return None
+        self.trainer.check_finite(f"the export {self.out / 'hf'}")  # a diverged model is not kept
         return export_hf(
             self._student(),
             self.built.tokenizer,

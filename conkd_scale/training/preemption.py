@@ -9,8 +9,9 @@ Protocol (every rank, :class:`~conkd_scale.training.trainer.Trainer`):
    variable ``CONKD_PREEMPT_SIGNALS``, e.g. ``USR1,USR2``, changes the set). The handler only
    sets a flag, so a signal in the middle of a collective or a checkpoint write is harmless.
    Any rank may receive it, possibly only one (rank 0, say) or the ranks at different steps.
-2. :func:`requested` at every optimizer-step boundary: one all-reduce (MAX) of the local flag,
-   a single scalar, so every rank takes the same decision at the same step.
+2. At every optimizer-step boundary the trainer all-reduces (MAX) the local :func:`flag`
+   together with its other per-step flags, so every rank takes the same decision at the same
+   step (:func:`requested` is the same on its own).
 3. If set: the trainer saves a checkpoint (collective), logs a ``{"kind": "preempted"}``
    row, meets the other ranks in a barrier and calls :func:`stop`, which raises
    :class:`Preempted`, a ``SystemExit`` with code :data:`EXIT_PREEMPTED` (75,
@@ -88,6 +89,11 @@ def install() -> bool:
         signal.signal(s, _handler)
     _state["installed"] = sigs
     return True
+
+
+def flag() -> bool:
+    """Whether this rank has received a pre-emption signal (local, no collective)."""
+    return bool(_state["flag"])
 
 
 def requested() -> bool:

@@ -22,11 +22,17 @@ Hooks (every rank calls every hook the same number of times, in the same order):
 - ``eval_metrics(sums) -> metrics``: turns the global sums into metrics (``val_ppl`` ...).
 
 One optimizer step (:meth:`Trainer.train`): ``grad_accum`` times :meth:`Trainer.micro_step`
-(teacher forward, loss, backward), then :meth:`Trainer.after_step` (the log row of the window
-of steps since the last one, evaluation, checkpoint, pre-emption).
+(teacher forward, loss, backward), then one all-reduce of three flags (a non-finite loss on
+any rank, a pre-emption signal on any rank, ``train.save_every_minutes`` elapsed on any rank)
+so that every rank takes the same decisions, then :meth:`Trainer.after_step` (the log row of
+the window of steps since the last one, evaluation, checkpoint).
 
-A pre-emption signal (SIGUSR1, any rank) makes every rank save a checkpoint at the next step
-boundary and exit with code 75, for the job script to requeue it (``preemption.py``).
+A step with a non-finite loss or gradient norm, or whose update DeepSpeed skipped, does not
+count; ``train.max_nonfinite_steps`` of them in a row stop the job (``divergence.py``).
+
+A pre-emption signal (SIGTERM or SIGUSR1 by default, any rank) makes every rank save a
+checkpoint at the next step boundary and exit with code 75, for the job script to requeue it
+(``preemption.py``).
 
 Dropout randomness is reseeded before every micro batch from ``(seed, rank, micro index)``,
 so a resumed run draws the same masks as an uninterrupted one.
@@ -54,15 +60,28 @@ from conkd_scale.distributed import (
     run_on_main,
 )
 from conkd_scale.training import preemption
-from conkd_scale.training.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from conkd_scale.training.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+)
 from conkd_scale.training.config import TrainConfig
 from conkd_scale.training.data import Batch, DataPosition, TrainStream, iter_eval
+from conkd_scale.training.divergence import (
+    DivergenceCounter,
+    engine_verdict,
+    is_finite,
+    nonfinite_params,
+)
 from conkd_scale.training.metrics import JsonlLogger, MetricLogger, NullLogger
+from conkd_scale.utils.errors import DivergenceError
 
 LossStep = Callable[[Any, Batch], tuple[torch.Tensor, dict[str, Any]]]
 EvalStep = Callable[[Any, Batch], dict[str, float]]
 EvalMetrics = Callable[[dict[str, float]], dict[str, float]]
 TeacherForward = Callable[[Batch, bool], Batch]
+MicroStats = tuple[torch.Tensor, dict[str, Any], float, int]  # loss, parts, tokens, samples
 
 
 # ----------------------------------------------------------------------------- default steps
@@ -225,7 +244,9 @@ class Trainer:
         self.last_saved = -1
         self.last_eval: dict[str, float] = {}
         self.stopped_early = False
-        preemption.install()  # SIGUSR1 -> save and exit 75 at a step boundary (preemption.py)
+        self.divergence = DivergenceCounter(cfg.max_nonfinite_steps)
+        self._last_save_t = time.monotonic()
+        preemption.install()  # SIGTERM/SIGUSR1 -> save, exit 75 at a step boundary
 
     # -- resume / save -------------------------------------------------------------------
     def resume(self) -> Path | None:
@@ -239,6 +260,7 @@ class Trainer:
         self.stream.position = DataPosition(int(meta["epoch"]), int(meta["batch_offset"]))
         self.samples_seen = float(meta.get("samples_seen", 0))
         self.tokens_seen = float(meta.get("tokens_seen", 0))
+        self.divergence.total = int(meta.get("nonfinite_steps", 0))
         if isinstance(self.logger, JsonlLogger):
             self.logger.truncate_after(self.step)
         print0(
@@ -253,8 +275,35 @@ class Trainer:
         self.tokens_seen += tokens
         self._pending = [0.0, 0.0]
 
+    def check_finite(self, what: str) -> None:
+        """Raise :class:`DivergenceError` on every rank if any rank holds a non-finite
+        weight or the last validation loss is non-finite (collective)."""
+        bad = nonfinite_params(getattr(self.engine, "module", self.engine))
+        (n_bad,) = all_reduce_max([float(len(bad))])
+        val = self.last_eval.get("val_loss")
+        if n_bad == 0 and is_finite(val):
+            return
+        why = f"validation loss {val}" if n_bad == 0 else "non-finite weights"
+        if bad:
+            why += f" (this rank: {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''})"
+        raise DivergenceError(
+            f"training diverged at step {self.step}: {why}; not writing {what}. "
+            + self._last_good_hint()
+        )
+
+    def _last_good_hint(self) -> str:
+        last = latest_checkpoint(self.ckpt_dir)
+        if last is None:
+            return "No checkpoint was kept; start again with a lower train.lr."
+        return (
+            f"The last good checkpoint, {last}, is kept: resume from it (train.resume=auto) "
+            "with a lower train.lr or another seed."
+        )
+
     def save_checkpoint(self) -> Path:
-        """Checkpoint the current step with the data position (collective)."""
+        """Checkpoint the current step with the data position (collective); refused with
+        :class:`DivergenceError` when the weights or the validation loss are non-finite."""
+        self.check_finite(f"a checkpoint of step {self.step}")
         self._flush_counts()
         path = save_checkpoint(
             self.engine,
@@ -266,10 +315,12 @@ class Trainer:
                 "samples_seen": self.samples_seen,
                 "tokens_seen": self.tokens_seen,
                 "total_steps": self.total_steps,
+                "nonfinite_steps": self.divergence.total,
                 **self.last_eval,
             },
         )
         self.last_saved = self.step
+        self._last_save_t = time.monotonic()
         return path
 
     def _stop_preempted(self) -> None:
@@ -340,11 +391,33 @@ class Trainer:
         window = LogWindow(_device_of(self.engine))
         just_evaluated = False
         while self.step < self.total_steps:
-            for i in range(self.grad_accum):
-                self.micro_step(next(it), self.step * self.grad_accum + i, window)
-            self.step += 1
-            bar.update(1)
-            just_evaluated = self.after_step(window, bar)
+            micro = [
+                self.micro_step(next(it), self.step * self.grad_accum + i)
+                for i in range(self.grad_accum)
+            ]
+            loss_bad = any(not is_finite(m[0]) for m in micro)
+            # one all-reduce: every rank takes the same three decisions at this boundary
+            loss_bad, preempted, time_due = (
+                x > 0
+                for x in all_reduce_max(
+                    [float(loss_bad), float(preemption.flag()), float(self._save_time_due())]
+                )
+            )
+            verdict = engine_verdict(self.engine, loss_bad)
+            if self.divergence.record(verdict):
+                bar.close()
+                self._stop_diverged()
+            if verdict.bad:
+                self._log_nonfinite(verdict)
+            else:
+                for m in micro:
+                    window.add(*m)
+                self.step += 1
+                bar.update(1)
+                just_evaluated = self.after_step(window, bar, save_due=time_due)
+            if preempted:  # every rank stops at this step
+                bar.close()
+                self._stop_preempted()
             if cfg.stop_at_step and self.step >= cfg.stop_at_step:
                 self.stopped_early = self.step < self.total_steps
                 break
@@ -363,9 +436,9 @@ class Trainer:
         self.logger.log(summary)
         return summary
 
-    def micro_step(self, batch: Batch, micro_index: int, window: LogWindow) -> None:
+    def micro_step(self, batch: Batch, micro_index: int) -> MicroStats:
         """One micro batch: teacher forward, loss, backward; the engine's ``step`` applies the
-        update at the gradient-accumulation boundary."""
+        update at the gradient-accumulation boundary. Returns what the log window adds."""
         self._seed_micro(micro_index)
         if self.teacher_forward is not None:
             batch = self.teacher_forward(batch, True)
@@ -373,13 +446,47 @@ class Trainer:
         self.engine.backward(loss)
         self.engine.step()
         n_tok, n_smp = float(batch["attention_mask"].sum()), batch["input_ids"].shape[0]
-        window.add(loss, parts, n_tok, n_smp)
         self._pending[0] += n_smp
         self._pending[1] += n_tok
+        return loss.detach(), parts, n_tok, n_smp
 
-    def after_step(self, window: LogWindow, bar: Any) -> bool:
-        """At an optimizer-step boundary: log the window, evaluate, checkpoint and stop on
-        pre-emption, each when due. Collective; returns whether it evaluated."""
+    def _save_time_due(self) -> bool:
+        minutes = self.cfg.save_every_minutes
+        return minutes > 0 and time.monotonic() - self._last_save_t >= 60 * minutes
+
+    def _log_nonfinite(self, verdict: Any) -> None:
+        d = self.divergence
+        self.logger.log(
+            {
+                "kind": "nonfinite",
+                "step": self.step,
+                "consecutive": d.consecutive,
+                "nonfinite_steps": d.total,
+                "loss_nonfinite": verdict.loss_nonfinite,
+                "grad_norm": verdict.grad_norm,
+                "update_skipped": verdict.update_skipped,
+            }
+        )
+        print0(
+            f"warning: step after {self.step}: {verdict.describe()}; not counted "
+            f"({d.consecutive} in a row, limit train.max_nonfinite_steps={d.limit})"
+        )
+
+    def _stop_diverged(self) -> None:
+        """Log and raise :class:`DivergenceError` on every rank (no checkpoint is written)."""
+        d = self.divergence
+        self._log_nonfinite(d.last)
+        self.logger.log({"kind": "diverged", "step": self.step, "nonfinite_steps": d.total})
+        raise DivergenceError(
+            f"training diverged: {d.consecutive} optimizer steps in a row after step "
+            f"{self.step} were not finite (the last: {d.last.describe()}; limit "
+            f"train.max_nonfinite_steps={d.limit}). " + self._last_good_hint()
+        )
+
+    def after_step(self, window: LogWindow, bar: Any, *, save_due: bool = False) -> bool:
+        """At a counted optimizer-step boundary: log the window, evaluate and checkpoint, each
+        when due (``save_due``: ``train.save_every_minutes`` elapsed, agreed by every rank).
+        Collective; returns whether it evaluated."""
         cfg = self.cfg
         if self.step % cfg.log_every == 0 or self.step == self.total_steps:
             row = self.log_window(window)
@@ -387,11 +494,8 @@ class Trainer:
         evaluated = bool(cfg.eval_every and self.step % cfg.eval_every == 0)
         if evaluated:
             self.evaluate()
-        if cfg.save_every and self.step % cfg.save_every == 0:
+        if save_due or (cfg.save_every and self.step % cfg.save_every == 0):
             self.save_checkpoint()
-        if preemption.requested():  # one scalar all-reduce: every rank stops at this step
-            bar.close()
-            self._stop_preempted()
         return evaluated
 
     def log_window(self, window: LogWindow) -> dict[str, Any]:
@@ -422,6 +526,7 @@ class Trainer:
             "samples_per_s": sums[3] / dt,
             "peak_mem_mb": peak,
             "elapsed_s": time.perf_counter() - window.t_start,
+            "nonfinite_steps": self.divergence.total,
         }
         self.logger.log(row)
         window.reset()

@@ -1,0 +1,228 @@
+"""Fault injection: divergence, pre-emption and damaged checkpoints, each asserting the exit
+code and what is left on disk (docs/reliability.md lists what each test shows).
+
+Unit-level tests run the real :class:`Trainer` in this process on a one-parameter engine with
+DeepSpeed's interface (no process group). The DeepSpeed tests run the distillation job on
+2 CPU ranks through the real launcher; teachers are trained once by the first job of the
+module and shared.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from conkd_scale.data.sequences import IGNORE, EncodedSequence
+from conkd_scale.distributed import DistInfo
+from conkd_scale.training.config import TrainConfig
+from conkd_scale.training.data import sequence_collate
+from conkd_scale.training.divergence import nonfinite_params
+from conkd_scale.training.trainer import Trainer
+from conkd_scale.utils.errors import EXIT_DIVERGED, DivergenceError
+from tests.helpers_ds import read_jsonl, run_deepspeed
+
+SCRIPT = "launch/distill.py"
+
+
+# ----------------------------------------------------------------------------- in-process
+class OneParamEngine(torch.nn.Module):
+    """The part of a DeepSpeed engine the Trainer uses, for one process: SGD on one weight,
+    checkpoints as real files (``model_states.pt`` per tag), DeepSpeed's skip of an update
+    whose gradient is not finite (``was_step_applied``, ``get_global_grad_norm``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+        self.device = torch.device("cpu")
+        self._applied, self._norm = True, 0.0
+
+    def gradient_accumulation_steps(self) -> int:
+        return 1
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> None:
+        g = self.w.grad
+        self._norm = float(g.abs()) if g is not None else 0.0
+        self._applied = math.isfinite(self._norm)
+        with torch.no_grad():
+            if self._applied and g is not None:
+                self.w -= 0.1 * g
+        self.w.grad = None
+
+    def was_step_applied(self) -> bool:
+        return self._applied
+
+    def get_global_grad_norm(self) -> float:
+        return self._norm if self._applied else float("inf")
+
+    def get_lr(self) -> list[float]:
+        return [0.1]
+
+    def save_checkpoint(self, root: str, tag: str, **_: Any) -> None:
+        Path(root, tag).mkdir(parents=True, exist_ok=True)
+        torch.save({"w": self.w.detach().clone()}, Path(root, tag, "model_states.pt"))
+
+    def load_checkpoint(self, root: str, tag: str, **_: Any) -> tuple[str, dict]:
+        state = torch.load(Path(root, tag, "model_states.pt"), weights_only=True)
+        with torch.no_grad():
+            self.w.copy_(state["w"])
+        return str(Path(root, tag)), {}
+
+
+DATA = [
+    EncodedSequence(str(i), [i + 3] * 4, [IGNORE] + [i + 3] * 3, [-1] * 4, []) for i in range(8)
+]
+DIST = DistInfo(0, 1, 0, 1, "gloo", torch.device("cpu"), "single")
+
+
+def make_trainer(
+    out: Path, loss_step: Any, total: int = 6, hooks: dict | None = None, **cfg: Any
+) -> Trainer:
+    base = {"micro_batch": 2, "log_every": 1, "progress": False, "warmup_steps": 1}
+    hooks = {"eval_data": None, **(hooks or {})}
+    t = Trainer(
+        OneParamEngine(),
+        train_data=DATA,
+        collate_fn=sequence_collate(0),
+        cfg=TrainConfig(**{**base, **cfg}),
+        dist=DIST,
+        out_dir=out,
+        total_steps=total,
+        loss_step=loss_step,
+        **hooks,
+    )
+    t.resume()
+    return t
+
+
+def counting_loss(bad_calls: set[int]) -> Any:
+    """A loss step whose n-th call (1-based) is NaN when n is in ``bad_calls``."""
+    calls = [0]
+
+    def loss_step(engine: Any, batch: Any) -> tuple[torch.Tensor, dict]:
+        calls[0] += 1
+        loss = (engine.w - 1) ** 2
+        return (loss * float("nan") if calls[0] in bad_calls else loss), {}
+
+    return loss_step
+
+
+def rows(out: Path, kind: str | None = None) -> list[dict]:
+    return [r for r in read_jsonl(out / "metrics.jsonl") if kind is None or r["kind"] == kind]
+
+
+def ckpt_steps(out: Path) -> list[int]:
+    return sorted(int(p.name[5:]) for p in (out / "checkpoints").glob("step_*") if p.is_dir())
+
+
+def test_nonfinite_step_is_not_counted_and_training_recovers(tmp_path: Path) -> None:
+    t = make_trainer(tmp_path, counting_loss({3}), save_every=2, keep_last=5)
+    summary = t.train()
+    assert summary["step"] == 6  # 7 optimizer steps taken, 6 counted
+    assert [r["step"] for r in rows(tmp_path, "train")] == [1, 2, 3, 4, 5, 6]
+    assert all(math.isfinite(r["loss"]) for r in rows(tmp_path, "train"))
+    (bad,) = rows(tmp_path, "nonfinite")
+    assert bad["step"] == 2 and bad["loss_nonfinite"] and bad["update_skipped"]
+    assert rows(tmp_path, "train")[-1]["nonfinite_steps"] == 1
+    assert math.isfinite(float(t.engine.w.detach())) and ckpt_steps(tmp_path) == [2, 4, 6]
+
+
+def test_divergence_stops_after_n_in_a_row_and_keeps_last_good_checkpoint(
+    tmp_path: Path,
+) -> None:
+    t = make_trainer(tmp_path, counting_loss(set(range(4, 100))), save_every=1, keep_last=2)
+    t.cfg.max_nonfinite_steps = 4
+    t.divergence.limit = 4
+    with pytest.raises(DivergenceError, match=r"4 optimizer steps in a row") as e:
+        t.train()
+    assert e.value.exit_code == EXIT_DIVERGED == 3
+    assert "step_00000003" in str(e.value) and "is kept" in str(e.value)
+    assert ckpt_steps(tmp_path) == [2, 3]  # nothing written after the last good step
+    assert [r["consecutive"] for r in rows(tmp_path, "nonfinite")] == [1, 2, 3, 4]
+    assert rows(tmp_path)[-1] == {"kind": "diverged", "step": 3, "nonfinite_steps": 4}
+
+
+def test_nonfinite_validation_loss_is_never_saved_or_exported(tmp_path: Path) -> None:
+    def nan_eval(engine: Any, batch: Any) -> dict[str, float]:
+        return {"nll": float("nan"), "tokens": 1.0}
+
+    hooks = {"eval_data": DATA[:2], "eval_step": nan_eval}
+    t = make_trainer(tmp_path, counting_loss(set()), hooks=hooks)
+    with pytest.raises(DivergenceError, match="validation loss nan; not writing a checkpoint"):
+        t.train()
+    assert ckpt_steps(tmp_path) == []
+    with pytest.raises(DivergenceError, match="not writing the export"):
+        t.check_finite("the export")
+
+
+def test_nonfinite_params_names_the_tensor() -> None:
+    m = torch.nn.Linear(2, 2)
+    assert nonfinite_params(m) == []
+    with torch.no_grad():
+        m.bias[1] = float("inf")
+    assert nonfinite_params(m) == ["bias"]
+
+
+# ----------------------------------------------------------------------------- DeepSpeed jobs
+def base_args(root: Path, out: Path) -> list[str]:
+    return [
+        "--deepspeed",
+        "ds_configs/zero3.json",
+        f"data_dir={root}/data",
+        f"teachers.rec_dir={root}/rec",
+        f"teachers.dialog_dir={root}/dialog",
+        "teachers.rec_overrides=epochs=2",
+        "teachers.dialog_overrides=model.preset=tiny,model.vocab_size=500,train.max_steps=10,"
+        "train.eval_every=0",
+        "max_length=96",
+        "max_train_conversations=60",
+        "train.progress=false",
+        "train.log_every=1",
+        "train.micro_batch=4",
+        "student.preset=tiny",
+        "train.eval_max_batches=2",
+        f"output_dir={out}",
+    ]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("faults")
+
+
+@pytest.fixture(scope="module")
+def diverged(root: Path) -> tuple[subprocess.CompletedProcess, Path]:
+    """``train.lr=1e37`` (first job of the module: it also trains the teachers)."""
+    out = root / "diverged"
+    args = [
+        *base_args(root, out),
+        "train.max_steps=6",
+        "train.save_every=1",
+        "train.lr=1e37",
+        "train.max_nonfinite_steps=3",
+    ]
+    proc = run_deepspeed(SCRIPT, args, check=False, timeout=600, log=root / "diverged.log")
+    return proc, out
+
+
+@pytest.mark.slow
+def test_diverged_job_exits_3_keeps_last_good_checkpoint_and_exports_nothing(diverged) -> None:
+    proc, out = diverged
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == EXIT_DIVERGED, text[-3000:]
+    assert text.count("error: training diverged: 3 optimizer steps in a row") == 2  # both ranks
+    assert not (out / "hf").exists()
+    # step 1's update made the weights huge: every later step is NaN, skipped, not counted
+    assert [r["step"] for r in rows(out, "train")] == [1]
+    bad = rows(out, "nonfinite")
+    assert [r["consecutive"] for r in bad] == [1, 2, 3]
+    assert all(r["loss_nonfinite"] and r["update_skipped"] for r in bad)
+    assert ckpt_steps(out) == [1]
+    assert f"{out}/checkpoints/step_00000001, is kept" in text
