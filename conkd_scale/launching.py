@@ -8,16 +8,25 @@ before any collective, so bad input fails all ranks at once with exit code 2 and
 Every user-facing error exits with its class's code (``utils/errors.py``: 2 configuration or
 data, 3 divergence, 74 storage, 75 try again); a pre-emption exits with 75
 (``training/preemption.py``).
+
+Under the local ``deepspeed`` launcher, a signal that kills the ``deepspeed`` command itself
+(it forwards none on a single node) would leave the ranks training under its orphaned
+``deepspeed.launcher.launch`` child: :func:`watch_launcher` notices that the command is gone
+and asks the ranks to save and stop as if pre-empted (exit 75).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from conkd_scale.config import build_config
+from conkd_scale.training import preemption
 from conkd_scale.training.ds_config import load_ds_config
 from conkd_scale.utils.errors import ConkdError
 
@@ -41,6 +50,37 @@ def parse_launch_args(doc: str | None, argv: list[str] | None = None) -> argpars
     return p.parse_args(argv)
 
 
+def _proc_ppid(pid: int) -> int | None:
+    """The parent pid of ``pid`` from /proc (None if it is gone or /proc is absent)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def watch_launcher(interval_s: float = 2.0) -> bool:
+    """If this rank runs under ``deepspeed.launcher.launch``, start a daemon thread that
+    requests a pre-emption stop once the ``deepspeed`` command above it has exited.
+    Returns whether it watches (False under other launchers or without /proc)."""
+    launch = os.getppid()
+    try:
+        cmdline = Path(f"/proc/{launch}/cmdline").read_bytes().replace(b"\0", b" ")
+    except OSError:
+        return False
+    runner = _proc_ppid(launch)
+    if b"deepspeed.launcher.launch" not in cmdline or runner in (None, 0, 1):
+        return False
+
+    def watch() -> None:
+        while _proc_ppid(launch) == runner:
+            threading.Event().wait(interval_s)
+        preemption.request(f"the deepspeed launcher (pid {runner}) has exited")
+
+    threading.Thread(target=watch, name="conkd-launcher-watch", daemon=True).start()
+    return True
+
+
 def launch_main(
     doc: str | None, config_cls: type, make_recipe: MakeRecipe, argv: list[str] | None = None
 ) -> int:
@@ -56,6 +96,7 @@ def launch_main(
         print(f"error: {e}", file=sys.stderr, flush=True)
         return e.exit_code
     ok = False
+    watch_launcher()
     try:
         recipe.setup()
         recipe.train()

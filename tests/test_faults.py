@@ -9,8 +9,12 @@ module and shared.
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +27,8 @@ from conkd_scale.training.config import TrainConfig
 from conkd_scale.training.data import sequence_collate
 from conkd_scale.training.divergence import nonfinite_params
 from conkd_scale.training.trainer import Trainer
-from conkd_scale.utils.errors import EXIT_DIVERGED, DivergenceError
-from tests.helpers_ds import read_jsonl, run_deepspeed
+from conkd_scale.utils.errors import EXIT_DIVERGED, EXIT_RETRY, DivergenceError
+from tests.helpers_ds import ROOT, deepspeed_bin, free_port, read_jsonl, run_deepspeed
 
 SCRIPT = "launch/distill.py"
 
@@ -170,6 +174,18 @@ def test_nonfinite_params_names_the_tensor() -> None:
     assert nonfinite_params(m) == ["bias"]
 
 
+def test_time_based_save_interval(tmp_path: Path) -> None:
+    def slow_loss(engine: Any, batch: Any) -> tuple[torch.Tensor, dict]:
+        time.sleep(0.1)
+        return (engine.w - 1) ** 2, {}
+
+    make_trainer(tmp_path / "off", slow_loss, keep_last=10).train()
+    assert ckpt_steps(tmp_path / "off") == [6]  # save_every=0: only the final checkpoint
+    make_trainer(tmp_path / "on", slow_loss, keep_last=10, save_every_minutes=0.25 / 60).train()
+    steps = ckpt_steps(tmp_path / "on")
+    assert steps[-1] == 6 and 2 <= len(steps) <= 5, steps  # ~every 3rd step of 0.1 s
+
+
 # ----------------------------------------------------------------------------- DeepSpeed jobs
 def base_args(root: Path, out: Path) -> list[str]:
     return [
@@ -226,3 +242,83 @@ def test_diverged_job_exits_3_keeps_last_good_checkpoint_and_exports_nothing(div
     assert all(r["loss_nonfinite"] and r["update_skipped"] for r in bad)
     assert ckpt_steps(out) == [1]
     assert f"{out}/checkpoints/step_00000001, is kept" in text
+
+
+def start_job(out: Path, args: list[str], log: Path) -> subprocess.Popen:
+    """The distillation job under the real ``deepspeed`` launcher, in the background."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    port = str(free_port())
+    cmd = [deepspeed_bin(), "--num_gpus", "2", "--master_port", port, str(ROOT / SCRIPT), *args]
+    f = open(log, "w")  # noqa: SIM115 (closed by the caller through the process's lifetime)
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+
+
+def rank_pids(proc: subprocess.Popen) -> dict[int, int]:
+    """``{rank: pid}`` of the training ranks below a launcher process."""
+    import psutil
+
+    kids = psutil.Process(proc.pid).children(recursive=True)
+    return {
+        int(k.environ()["RANK"]): k.pid
+        for k in kids
+        if SCRIPT in " ".join(k.cmdline()) and "deepspeed.launcher" not in " ".join(k.cmdline())
+    }
+
+
+def wait_for_step(proc: subprocess.Popen, out: Path, step: int, timeout: float = 240) -> None:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        assert proc.poll() is None, f"job ended early ({proc.returncode})"
+        if (out / "metrics.jsonl").exists() and any(r["step"] >= step for r in rows(out, "train")):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no train row of step {step} within {timeout} s")
+
+
+def preempt_args(root: Path, out: Path) -> list[str]:
+    return [*base_args(root, out), "train.max_steps=40", "train.save_every=2", "train.keep_last=3"]
+
+
+@pytest.fixture(scope="module")
+def sigterm_rank(root: Path, diverged) -> tuple[int, Path, float]:
+    """SIGTERM to rank 1 alone once step 3 is logged: (launcher exit code, out, seconds)."""
+    out = root / "sigterm_rank"
+    proc = start_job(out, preempt_args(root, out), root / "sigterm_rank.log")
+    wait_for_step(proc, out, 3)
+    pids = rank_pids(proc)
+    assert len(pids) == 2
+    t0 = time.monotonic()
+    os.kill(pids[1], signal.SIGTERM)
+    rc = proc.wait(timeout=120)
+    return rc, out, time.monotonic() - t0
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_rank_saves_and_exits_75(sigterm_rank) -> None:
+    rc, out, _ = sigterm_rank
+    assert rc == EXIT_RETRY == 75
+    (row,) = rows(out, "preempted")
+    k = row["step"]
+    assert 3 <= k < 40 and not (out / "hf").exists()
+    ckpt = out / "checkpoints" / f"step_{k:08d}"
+    assert json.loads((ckpt / "meta.json").read_text())["step"] == k
+    assert [r["step"] for r in rows(out, "train")] == list(range(1, k + 1))
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_deepspeed_launcher_leaves_no_orphans(root: Path, diverged) -> None:
+    import psutil
+
+    out = root / "sigterm_launcher"
+    proc = start_job(out, preempt_args(root, out), root / "sigterm_launcher.log")
+    wait_for_step(proc, out, 3)
+    ranks = [psutil.Process(p) for p in rank_pids(proc).values()]
+    assert len(ranks) == 2
+    proc.send_signal(signal.SIGTERM)  # the `deepspeed` command dies of it (no handler)
+    proc.wait(timeout=30)
+    _, alive = psutil.wait_procs(ranks, timeout=90)
+    for p in alive:
+        p.kill()
+    assert not alive, "ranks still running after the launcher was killed"
+    (row,) = rows(out, "preempted")  # they saved and stopped as if pre-empted
+    assert (out / "checkpoints" / f"step_{row['step']:08d}" / "meta.json").is_file()

@@ -571,7 +571,8 @@ def test_preemption_signal_saves_exits_75_and_resumes(tmp_path, monkeypatch):
 def test_preemption_signals_from_env():
     from conkd_scale.training.preemption import signals_from_env
 
-    assert signals_from_env({}) == [signal.SIGUSR1]
+    assert signals_from_env({}) == [signal.SIGTERM, signal.SIGUSR1]
+    assert signals_from_env({"CONKD_PREEMPT_SIGNALS": "none"}) == []
     assert signals_from_env({"CONKD_PREEMPT_SIGNALS": "usr2, SIGUSR1"}) == [
         signal.SIGUSR2,
         signal.SIGUSR1,

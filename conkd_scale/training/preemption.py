@@ -2,13 +2,17 @@
 
     #SBATCH --signal=B:USR1@300    (slurm/distill.sh; the batch shell forwards it to srun)
     scancel --signal=USR1 --batch JOBID      (by hand, e.g. before maintenance)
+    scancel JOBID, a time limit, an eviction (SIGTERM to every rank, SIGKILL ~30 s later)
 
 Protocol (every rank, :class:`~conkd_scale.training.trainer.Trainer`):
 
-1. :func:`install` sets a handler for the pre-emption signals (``SIGUSR1``; the environment
-   variable ``CONKD_PREEMPT_SIGNALS``, e.g. ``USR1,USR2``, changes the set). The handler only
-   sets a flag, so a signal in the middle of a collective or a checkpoint write is harmless.
+1. :func:`install` sets a handler for the pre-emption signals (``SIGTERM`` and ``SIGUSR1``;
+   the environment variable ``CONKD_PREEMPT_SIGNALS``, e.g. ``USR1`` or ``USR1,USR2``,
+   changes the set; ``none`` keeps every signal's default action). The handler only sets a
+   flag, so a signal in the middle of a collective or a checkpoint write is harmless.
    Any rank may receive it, possibly only one (rank 0, say) or the ranks at different steps.
+   A SIGTERM gives the job only the cluster's grace period (SLURM's ``KillWait``, 30 s by
+   default) before SIGKILL: the save must fit in it; ``--signal=B:USR1@300`` gives more.
 2. At every optimizer-step boundary the trainer all-reduces (MAX) the local :func:`flag`
    together with its other per-step flags, so every rank takes the same decision at the same
    step (:func:`requested` is the same on its own).
@@ -35,7 +39,7 @@ from typing import Any, NoReturn
 
 EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL; slurm/common.sh requeues on it
 ENV_SIGNALS = "CONKD_PREEMPT_SIGNALS"
-DEFAULT_SIGNALS = "USR1"
+DEFAULT_SIGNALS = "TERM,USR1"
 
 _state: dict[str, Any] = {"flag": False, "signum": None, "installed": ()}
 
@@ -53,11 +57,12 @@ class Preempted(SystemExit):
 
 
 def signals_from_env(env: Any = os.environ) -> list[signal.Signals]:
-    """The pre-emption signals: ``$CONKD_PREEMPT_SIGNALS`` (``USR1,USR2``; default USR1)."""
+    """The pre-emption signals: ``$CONKD_PREEMPT_SIGNALS`` (``USR1,USR2``; ``none``: no
+    signal; default TERM,USR1)."""
     out = []
     for name in (env.get(ENV_SIGNALS) or DEFAULT_SIGNALS).split(","):
         name = name.strip().upper()
-        if not name:
+        if not name or name == "NONE":
             continue
         try:
             out.append(signal.Signals[name if name.startswith("SIG") else "SIG" + name])
@@ -94,6 +99,16 @@ def install() -> bool:
 def flag() -> bool:
     """Whether this rank has received a pre-emption signal (local, no collective)."""
     return bool(_state["flag"])
+
+
+def request(reason: str) -> None:
+    """Ask for a pre-emption stop from code rather than a signal (e.g. the launcher died)."""
+    _state["flag"] = True
+    sys.stderr.write(
+        f"[rank {os.environ.get('RANK', '?')}] {reason}: "
+        "will save a checkpoint and stop at the next step boundary\n"
+    )
+    sys.stderr.flush()
 
 
 def requested() -> bool:
