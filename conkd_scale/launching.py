@@ -18,6 +18,7 @@ and asks the ranks to save and stop as if pre-empted (exit 75).
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import threading
@@ -28,7 +29,7 @@ from typing import Any
 from conkd_scale.config import build_config
 from conkd_scale.training import preemption
 from conkd_scale.training.ds_config import load_ds_config
-from conkd_scale.utils.errors import ConkdError
+from conkd_scale.utils.errors import ConkdError, storage_error
 
 MakeRecipe = Callable[[Any, dict[str, Any], str], Any]
 
@@ -105,6 +106,12 @@ def launch_main(
     except ConkdError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return e.exit_code
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        err = storage_error(e, f"into {getattr(e, 'filename', None) or cfg.output_dir}")
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return err.exit_code
     finally:
         recipe.cleanup(success=ok)
     return 0

@@ -9,6 +9,7 @@ module and shared.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -123,7 +124,10 @@ def rows(out: Path, kind: str | None = None) -> list[dict]:
 
 
 def ckpt_steps(out: Path) -> list[int]:
-    return sorted(int(p.name[5:]) for p in (out / "checkpoints").glob("step_*") if p.is_dir())
+    """Steps of the complete checkpoints (``step_*`` directories; not ``.corrupt`` ones)."""
+    from conkd_scale.training.checkpoint import list_checkpoints
+
+    return [s for s, _ in list_checkpoints(out / "checkpoints")]
 
 
 def test_nonfinite_step_is_not_counted_and_training_recovers(tmp_path: Path) -> None:
@@ -184,6 +188,149 @@ def test_time_based_save_interval(tmp_path: Path) -> None:
     make_trainer(tmp_path / "on", slow_loss, keep_last=10, save_every_minutes=0.25 / 60).train()
     steps = ckpt_steps(tmp_path / "on")
     assert steps[-1] == 6 and 2 <= len(steps) <= 5, steps  # ~every 3rd step of 0.1 s
+
+
+def flip_byte(path: Path) -> None:
+    """Damage a file in place the way bit rot or a torn write does (same size)."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_checkpoint_appears_complete_with_a_manifest_of_checksums(tmp_path: Path) -> None:
+    import hashlib
+
+    from conkd_scale.training.checkpoint import MANIFEST, verify_checkpoint
+
+    make_trainer(tmp_path, counting_loss(set()), save_every=2, keep_last=2).train()
+    root = tmp_path / "checkpoints"
+    assert ckpt_steps(tmp_path) == [4, 6] and not list(root.glob(".*tmp"))
+    assert (root / "latest").read_text() == "step_00000006"
+    ckpt = root / "step_00000006"
+    files = json.loads((ckpt / MANIFEST).read_text())["files"]
+    assert set(files) == {"meta.json", "model_states.pt"}
+    for name, entry in files.items():
+        assert entry["sha256"] == hashlib.sha256((ckpt / name).read_bytes()).hexdigest()
+    assert verify_checkpoint(ckpt) is None
+    flip_byte(ckpt / "model_states.pt")
+    assert "does not match its SHA-256" in verify_checkpoint(ckpt)
+
+
+def test_resume_skips_a_corrupt_checkpoint_and_says_why(tmp_path: Path, capsys) -> None:
+    make_trainer(tmp_path, counting_loss(set()), save_every=2, keep_last=3).train()
+    root = tmp_path / "checkpoints"
+    flip_byte(root / "step_00000006" / "model_states.pt")
+    (root / "step_00000004" / "model_states.pt").unlink()
+    t = make_trainer(tmp_path, counting_loss(set()), save_every=2, keep_last=3)
+    assert t.step == 2
+    err = capsys.readouterr().out
+    assert "skipping checkpoint" in err and "step_00000006: model_states.pt does not match" in err
+    assert "step_00000004: model_states.pt is missing" in err
+    assert sorted(p.name for p in root.glob("step_*")) == [
+        "step_00000002",
+        "step_00000004.corrupt",
+        "step_00000006.corrupt",
+    ]
+    assert t.train()["step"] == 6 and ckpt_steps(tmp_path) == [2, 4, 6]
+
+
+def test_no_intact_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    from conkd_scale.training.checkpoint import resolve_resume
+    from conkd_scale.utils.errors import ConfigError
+
+    make_trainer(tmp_path, counting_loss(set()), save_every=3).train()
+    for p in (tmp_path / "checkpoints").glob("step_*/model_states.pt"):
+        flip_byte(p)
+    with pytest.raises(ConfigError, match=r"no intact checkpoint in .*train.resume=none"):
+        make_trainer(tmp_path, counting_loss(set()))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match=r"no complete checkpoint there .*train.resume=none"):
+        resolve_resume(str(tmp_path / "empty"), tmp_path / "checkpoints")
+    assert resolve_resume("auto", tmp_path / "empty") is None  # a new run starts from scratch
+
+
+def test_unloadable_newest_checkpoint_exits_75_and_the_retry_resumes_older(
+    tmp_path: Path,
+) -> None:
+    from conkd_scale.training.checkpoint import MANIFEST
+
+    make_trainer(tmp_path, counting_loss(set()), save_every=2, keep_last=3).train()
+    newest = tmp_path / "checkpoints" / "step_00000006"
+    (newest / MANIFEST).unlink()  # no manifest (an older version's save): not verifiable
+    (newest / "model_states.pt").write_bytes(b"PK\x03\x04 torn")
+    with pytest.raises(SystemExit) as e:
+        try:
+            make_trainer(tmp_path, counting_loss(set()))
+        except Exception as err:  # what launching.py does with it
+            assert "could not load it" in str(err) and "step_00000004" in str(err)
+            raise SystemExit(err.exit_code) from err
+    assert e.value.code == EXIT_RETRY == 75
+    assert (tmp_path / "checkpoints" / "step_00000006.corrupt").is_dir()
+    assert make_trainer(tmp_path, counting_loss(set())).step == 4
+
+
+def test_keep_last_keeps_the_new_checkpoint_and_clears_unfinished_saves(tmp_path: Path) -> None:
+    from conkd_scale.training.checkpoint import prune_checkpoints
+
+    make_trainer(tmp_path, counting_loss(set()), save_every=2, keep_last=1).train()
+    root = tmp_path / "checkpoints"
+    assert ckpt_steps(tmp_path) == [6]  # the one just written survives keep_last=1
+    (root / ".step_00000007.tmp").mkdir()  # a save cut short by a crash
+    assert prune_checkpoints(root, keep_last=1) != [root / "step_00000006"]
+    assert ckpt_steps(tmp_path) == [6]
+    os.replace(root / "step_00000006", root / "step_00000006.corrupt")
+    assert prune_checkpoints(root, keep_last=1) == []  # nothing complete: nothing deleted
+    assert (root / "step_00000006.corrupt").is_dir()
+
+
+def test_torn_metrics_line_is_dropped_on_resume(tmp_path: Path, capsys) -> None:
+    make_trainer(tmp_path, counting_loss(set()), save_every=3, total=3).train()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "train", "step": 4, "lo')  # the crash came mid-line
+    t = make_trainer(tmp_path, counting_loss(set()), save_every=3)
+    assert t.step == 3
+    assert "metrics.jsonl:5: not valid JSON (a torn write?); dropped it" in capsys.readouterr().out
+    t.train()
+    assert [r["step"] for r in rows(tmp_path, "train")] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 512 KiB tmpfs (needs the right to mount: root or CAP_SYS_ADMIN; else skipped)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mnt)], capture_output=True
+    )
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {proc.stderr.decode().strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_full_disk_says_so(small_disk: Path) -> None:
+    from conkd_scale.utils.errors import EXIT_IO, StorageError
+
+    out = small_disk / "run"
+    t = make_trainer(out, counting_loss(set()), save_every=3)
+    with pytest.raises(StorageError, match=r"disk is full \(ENOSPC\); free space") as e:
+
+        def fill_disk_after_step_3(engine: Any, batch: Any) -> tuple[torch.Tensor, dict]:
+            if t.step == 3 and not (small_disk / "filler").exists():
+                with contextlib.suppress(OSError), open(small_disk / "filler", "wb") as f:
+                    while True:
+                        f.write(b"\0" * 4096)
+                        f.flush()
+            return (engine.w - 1) ** 2, {}
+
+        t.loss_step = fill_disk_after_step_3
+        t.train()
+    assert e.value.exit_code == EXIT_IO == 74
+    assert "checkpoints/step_00000006" in str(e.value)
+    assert ckpt_steps(out) == [3]  # the previous checkpoint is intact and still counts
+    from conkd_scale.training.checkpoint import verify_checkpoint
+
+    assert verify_checkpoint(out / "checkpoints" / "step_00000003") is None
 
 
 # ----------------------------------------------------------------------------- DeepSpeed jobs
@@ -322,3 +469,22 @@ def test_sigterm_to_the_deepspeed_launcher_leaves_no_orphans(root: Path, diverge
     assert not alive, "ranks still running after the launcher was killed"
     (row,) = rows(out, "preempted")  # they saved and stopped as if pre-empted
     assert (out / "checkpoints" / f"step_{row['step']:08d}" / "meta.json").is_file()
+
+
+@pytest.mark.slow
+def test_resume_after_sigterm_falls_back_past_a_corrupt_checkpoint(root: Path, sigterm_rank):
+    """The pre-empted job of ``sigterm_rank`` with a damaged shard in its newest checkpoint:
+    the re-run skips it, resumes from the one before and finishes (exit 0, model exported)."""
+    _, out, _ = sigterm_rank
+    (k,) = [r["step"] for r in rows(out, "preempted")]
+    newest = out / "checkpoints" / f"step_{k:08d}"
+    shard = sorted(newest.glob("*optim_states.pt"))[0]
+    flip_byte(shard)
+    proc = run_deepspeed(SCRIPT, preempt_args(root, out), timeout=300, log=root / "resume.log")
+    text = proc.stdout + proc.stderr
+    assert f"skipping checkpoint {newest}: {shard.name} does not match its SHA-256" in text
+    assert (out / "checkpoints" / f"step_{k:08d}.corrupt").is_dir()
+    older = max(s for s in range(2, k, 2))
+    assert f"resumed from {out}/checkpoints/step_{older:08d} at step {older}" in text
+    assert [r["step"] for r in rows(out, "train")] == list(range(1, 41))
+    assert (out / "hf" / "config.json").is_file() and ckpt_steps(out)[-1] == 40

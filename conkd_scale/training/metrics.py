@@ -34,10 +34,18 @@ class JsonlLogger:
         append_jsonl(self.path, row)  # a non-finite value is written as null (utils/io.py)
 
     def truncate_after(self, step: int) -> None:
-        """On resume from ``step``: drop rows logged after it, and earlier "final" rows."""
+        """On resume from ``step``: drop rows logged after it, earlier "final" rows, and lines
+        that are not valid JSON (a write torn by a crash), with a warning."""
         if not self.path.exists():
             return
-        rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        rows = []
+        for i, line in enumerate(self.path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except ValueError:  # a line torn by a crash in the middle of its write
+                print(f"warning: {self.path}:{i}: not valid JSON (a torn write?); dropped it")
         write_jsonl(
             self.path,
             [r for r in rows if int(r.get("step", 0)) <= step and r.get("kind") != "final"],
