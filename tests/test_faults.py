@@ -333,6 +333,98 @@ def test_full_disk_says_so(small_disk: Path) -> None:
     assert verify_checkpoint(out / "checkpoints" / "step_00000003") is None
 
 
+# ----------------------------------------------------------------------------- resume drift
+def test_drift_check_names_each_field_and_allows_schedule_changes(tmp_path: Path) -> None:
+    from conkd_scale.training.resume_check import check_resume_drift
+    from conkd_scale.utils.errors import ConfigError
+
+    cfg = {"seed_data": 1, "loss": {"gate": {"mode": "hard"}}, "train": TrainConfig().__dict__}
+    ds = {"zero_optimization": {"stage": 3}, "train_batch_size": 16}
+    t = make_trainer(tmp_path, counting_loss(set()), total=2)
+    t.run_config = {"config": cfg, "ds_config": ds}
+    t.train()
+    ckpt = tmp_path / "checkpoints" / "step_00000002"
+    assert check_resume_drift(cfg, ds, 1, tmp_path, "auto") == ckpt
+    assert check_resume_drift({}, {}, 1, tmp_path, "none") is None
+    later = json.loads(json.dumps(cfg))
+    later["train"].update(epochs=9.0, max_steps=50, eval_every=7, save_every=3, log_every=2)
+    assert check_resume_drift(later, ds, 1, tmp_path, "auto") == ckpt  # may change
+    drift = json.loads(json.dumps(later))
+    drift["train"].update(micro_batch=2, seed=4)
+    drift["loss"]["gate"]["mode"] = "soft"
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    with pytest.raises(ConfigError) as e:
+        check_resume_drift(drift, {**ds, "zero_optimization": {"stage": 2}}, 1, tmp_path, "auto")
+    msg = str(e.value)
+    for line in (
+        "train.micro_batch: 8 in the checkpoint, 2 now",
+        "train.seed: 0 in the checkpoint, 4 now",
+        "loss.gate.mode: 'hard' in the checkpoint, 'soft' now",
+        "ds_config.zero_optimization.stage: 3 in the checkpoint, 2 now",
+        "train.resume=none",
+        "another output_dir",
+    ):
+        assert line in msg, msg
+    assert "max_steps" not in msg and "epochs" not in msg
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
+
+
+def test_drift_check_on_another_world_size(tmp_path: Path) -> None:
+    from conkd_scale.training.resume_check import check_resume_drift
+    from conkd_scale.utils.errors import ConfigError
+
+    cfg = {"train": {"micro_batch": 4, "grad_accum": 1, "seed": 0}}
+    make_trainer(tmp_path, counting_loss(set()), total=2).train()
+    meta = tmp_path / "checkpoints" / "step_00000002" / "meta.json"
+    # an older checkpoint: no run_config in meta.json, OUT/config.json is compared instead
+    m = json.loads(meta.read_text())
+    meta.write_text(json.dumps({**m, "world_size": 2}))
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError) as e:
+        check_resume_drift(cfg, {}, 1, tmp_path, "auto")
+    msg = str(e.value)
+    assert "world size: 2 ranks in the checkpoint, 1 now (global batch 8 then, 4 now)" in msg
+    assert "set train.grad_accum=2 to keep its global batch of 8" in msg, msg
+    same_batch = {"train": {**cfg["train"], "grad_accum": 2}}
+    assert check_resume_drift(same_batch, {}, 1, tmp_path, "auto") is not None
+
+
+def test_a_changed_world_size_reads_the_rest_of_the_epoch_once() -> None:
+    """2 ranks read part of an epoch; 1 rank, then 3 ranks go on from the saved positions:
+    over the epoch every sample is read once (but for the sampler's padding)."""
+    from conkd_scale.training.data import DataPosition, TrainStream
+
+    data = list(range(23))
+    lengths = [(7 * i) % 11 for i in data]
+
+    def stream(rank: int, world: int) -> TrainStream:
+        return TrainStream(
+            data, list, micro_batch=2, rank=rank, world_size=world, seed=3, lengths=lengths
+        )
+
+    read: list[int] = []
+    for r in range(2):
+        read += [i for b in stream(r, 2).epoch_batches(0)[:2] for i in b]
+    pos = DataPosition(0, 2)
+    pos = DataPosition(0, 0, stream(0, 1).used(pos, 2))
+    assert sorted(pos.done) == sorted(set(read)) and len(read) == 8
+    one = stream(0, 1)
+    read += [i for b in one.epoch_batches(0, pos.done)[:3] for i in b]
+    pos = DataPosition(0, 3, pos.done)
+    pos = DataPosition(0, 0, stream(0, 3).used(pos, 1))
+    assert len(pos.done) == 14 == len(set(read))
+    for r in range(3):
+        s = stream(r, 3)
+        s.position = pos
+        it = iter(s)
+        n = len(s.epoch_batches(0, pos.done))
+        read += [i for _ in range(n) for i in next(it)]
+        assert s.position == DataPosition(0, n, pos.done)
+        assert next(it) and s.position.epoch == 1 and s.position.done is None
+    assert sorted(set(read)) == data
+    assert len(read) - len(data) < 3  # only the 3 ranks' padding repeats a sample
+
+
 # ----------------------------------------------------------------------------- DeepSpeed jobs
 def base_args(root: Path, out: Path) -> list[str]:
     return [
@@ -488,3 +580,85 @@ def test_resume_after_sigterm_falls_back_past_a_corrupt_checkpoint(root: Path, s
     assert f"resumed from {out}/checkpoints/step_{older:08d} at step {older}" in text
     assert [r["step"] for r in rows(out, "train")] == list(range(1, 41))
     assert (out / "hf" / "config.json").is_file() and ckpt_steps(out)[-1] == 40
+
+
+def tree(out: Path) -> dict[str, tuple[int, int]]:
+    """Every file under ``out`` with its size and modification time."""
+    return {
+        str(p.relative_to(out)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in out.rglob("*")
+        if p.is_file()
+    }
+
+
+@pytest.mark.slow
+def test_refused_resume_names_each_field_and_changes_nothing(root: Path, diverged) -> None:
+    """The diverged job's output resumed on 1 rank with another micro batch, seed and gate:
+    exit 2 before anything is written, naming each field and both world sizes."""
+    _, out = diverged
+    before = tree(out)
+    args = [
+        *base_args(root, out),
+        "train.max_steps=6",
+        "train.lr=1e37",
+        "train.micro_batch=2",
+        "train.seed=7",
+        "loss.gate.mode=soft",
+    ]
+    t0 = time.monotonic()
+    proc = run_deepspeed(SCRIPT, args, nproc=1, check=False, timeout=300, log=root / "drift.log")
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 2, text[-3000:]
+    assert f"refusing to resume from {out}/checkpoints/step_00000001" in text
+    for line in (
+        "train.micro_batch: 4 in the checkpoint, 2 now",
+        "train.seed: 0 in the checkpoint, 7 now",
+        "loss.gate.mode: 'hard' in the checkpoint, 'soft' now",
+        "world size: 2 ranks in the checkpoint, 1 now (global batch 8 then, 2 now): set "
+        "train.grad_accum=4 to keep its global batch of 8",
+        "train.resume=none",
+    ):
+        assert line in text, text[-3000:]
+    assert "Traceback" not in text and time.monotonic() - t0 < 120
+    assert tree(out) == before  # config.json, run_info.json, metrics.jsonl, checkpoints
+
+
+def reshard_args(root: Path, out: Path) -> list[str]:
+    return [*base_args(root, out), "train.max_steps=12", "train.save_every=4", "train.keep_last=5"]
+
+
+@pytest.fixture(scope="module")
+def resharded(root: Path, diverged) -> tuple[Path, Path, list[str]]:
+    """An uninterrupted 2-rank run of 12 steps; a copy of it cut back to its checkpoint of
+    step 4, resumed on 1 rank (``train.grad_accum=2``: the same global batch) to step 8,
+    then on 2 ranks to the end."""
+    import shutil
+
+    ref, out = root / "uninterrupted", root / "resharded"
+    run_deepspeed(SCRIPT, reshard_args(root, ref), log=root / "uninterrupted.log")
+    shutil.copytree(ref, out, ignore=shutil.ignore_patterns("hf", "step_00000008", "step_00000012"))
+    (out / "checkpoints" / "latest").write_text("step_00000004")
+    logs = []
+    for i, (n, extra) in enumerate(((1, ["train.grad_accum=2", "train.stop_at_step=8"]), (2, []))):
+        args = [*reshard_args(root, out), *extra]
+        proc = run_deepspeed(SCRIPT, args, nproc=n, log=root / f"reshard{i}.log")
+        logs.append(proc.stdout + proc.stderr)
+    return ref, out, logs
+
+
+@pytest.mark.slow
+def test_resume_on_another_world_size_2_1_2_continues_the_run(resharded) -> None:
+    """2 ranks -> 1 -> 2 through DeepSpeed's universal checkpoint: every step is logged once,
+    the epoch goes on with the samples not read yet, and the final validation loss is
+    within 2% of the uninterrupted run's."""
+    ref, out, logs = resharded
+    assert "to a universal checkpoint" in logs[0] and "resharded from 2 to 1 ranks" in logs[0]
+    assert "resharded from 1 to 2 ranks" in logs[1]
+    for step in (4, 8):
+        assert (out / "checkpoints" / f"step_{step:08d}" / "universal" / "zero").is_dir()
+    meta = json.loads((out / "checkpoints" / "step_00000008" / "meta.json").read_text())
+    assert meta["world_size"] == 1
+    assert [r["step"] for r in rows(out, "train")] == list(range(1, 13))
+    a, b = rows(ref, "eval")[-1]["val_loss"], rows(out, "eval")[-1]["val_loss"]
+    assert math.isfinite(b) and abs(a - b) < 0.02 * a, (a, b)
+    assert (out / "hf" / "config.json").is_file()

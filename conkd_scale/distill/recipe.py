@@ -110,6 +110,8 @@ class DistillRecipe(LMRecipe):
         cfg = self.cfg
         T.check_teachers_present(cfg)  # every rank, before any collective
         self.dist = init_distributed()
+        ds = self._resolve_ds_config()
+        self._check_resume()  # before anything is written
         if cfg.dataset == "synthetic":
             run_on_main(ensure_synthetic, cfg.resolved_data_dir, seed=cfg.synthetic_seed)
         if cfg.teachers.auto_train:
@@ -126,7 +128,6 @@ class DistillRecipe(LMRecipe):
         self.item_ids = T.check_alignment(tok, self.rec, corpus.catalog.ids)
         self.item_tok_I = torch.tensor(item_token_ids(tok, self.item_ids), dtype=torch.long)
         self.vocab = len(tok)
-        ds = self._resolve_ds_config()
 
         def prepare() -> None:
             self._write_run_configs(ds)

@@ -3,7 +3,9 @@
 Layout under ``OUT/checkpoints``::
 
     step_00000040/                DeepSpeed's files (model/optimizer partitions of every rank)
-    step_00000040/meta.json       step, data position, counters, time
+    step_00000040/meta.json       step, data position, counters, time, world size, the run
+                                  config and resolved DeepSpeed config (resume_check.py)
+    step_00000040/universal/      the checkpoint converted for another number of ranks
     step_00000040/manifest.json   every other file's size and SHA-256, written last
     .step_00000040.tmp/           a save in progress (never resumed from)
     step_00000030.corrupt/        a checkpoint that failed verification at resume (kept)
@@ -24,6 +26,12 @@ checkpoint without a manifest (an older version of this code) is accepted unveri
 DeepSpeed still fails to load a verified checkpoint, it is moved aside too and the job exits
 with 75 when an older intact one remains (a retry resumes from it).
 
+A checkpoint written by another number of ranks (with the same global batch: the resume
+check refuses any other) is converted once, on rank 0, with DeepSpeed's
+``ds_to_universal`` into ``universal/`` inside it, and loaded with DeepSpeed's universal
+loader; a failed conversion or load is a :class:`UniversalError` (exit 2) that says what
+to do.
+
 Keep-last-k counts complete checkpoints only and never removes the one just written, so the
 newest intact checkpoint always survives pruning.
 """
@@ -37,6 +45,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -56,6 +66,7 @@ from conkd_scale.utils.io import atomic_open, write_json
 META = "meta.json"
 MANIFEST = "manifest.json"
 CORRUPT_SUFFIX = ".corrupt"
+UNIVERSAL = "universal"  # the checkpoint converted for another number of ranks, inside it
 _TAG_RE = re.compile(r"step_(\d+)")
 
 
@@ -241,6 +252,7 @@ def save_checkpoint(
         "step": step,
         "epoch": position.epoch,
         "batch_offset": position.batch_offset,
+        **({"epoch_done": position.done} if position.done is not None else {}),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "world_size": get_world_size(),
         **(extra or {}),
@@ -286,12 +298,20 @@ def load_checkpoint(engine: Any, path: str | Path) -> dict[str, Any]:
     :class:`RetryError` (exit 75) when an older intact checkpoint remains to resume from."""
     path = Path(path)
     meta = read_meta(path)
-    if meta.get("world_size") not in (None, get_world_size()):
-        raise ConfigError(
-            f"{path} was written by {meta['world_size']} ranks; ZeRO checkpoints resume on the "
-            f"same number of ranks (this job has {get_world_size()}). Start a new run from "
-            "its weights instead (zero_to_fp32.py in the checkpoints folder, or the export)"
-        )
+    universal = meta.get("world_size") not in (None, get_world_size())
+    if universal:
+        run_on_main(to_universal, path, int(meta["world_size"]))
+    if universal:
+        try:
+            load_universal(engine, path / UNIVERSAL)
+        except Exception as e:
+            raise UniversalError(
+                f"loading {path / UNIVERSAL} (converted from {meta['world_size']} ranks) on "
+                f"{get_world_size()} ranks failed ({type(e).__name__}: {str(e)[:300]}). Resume "
+                f"on {meta['world_size']} ranks, or start a new run (train.resume=none or "
+                "another output_dir)"
+            ) from e
+        return meta
     try:
         load_path, _ = engine.load_checkpoint(
             str(path.parent),
@@ -316,6 +336,69 @@ def load_checkpoint(engine: Any, path: str | Path) -> dict[str, Any]:
             msg + "No older checkpoint remains: start over with train.resume=none"
         ) from e
     return meta
+
+
+class UniversalError(ConfigError):
+    """A checkpoint could not be resharded to this job's number of ranks."""
+
+
+def to_universal(path: Path, world_size: int) -> Path:
+    """``path/universal``: ``path`` (written by ``world_size`` ranks) converted to DeepSpeed's
+    universal checkpoint format, which any number of ranks can load (once; rank 0)."""
+    out = path / UNIVERSAL
+    if (out / "zero").is_dir():
+        return out
+    tmp = path / f".{UNIVERSAL}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(f"converting {path} ({world_size} ranks) to a universal checkpoint", flush=True)
+    t0 = time.monotonic()
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepspeed.checkpoint.ds_to_universal",
+        "--input_folder",
+        str(path),
+        "--output_folder",
+        str(tmp),
+        "--num_extract_workers",
+        "1",
+        "--num_merge_workers",
+        "1",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tail = (proc.stdout + proc.stderr).strip().splitlines()[-5:]
+        raise UniversalError(
+            f"converting {path} to a universal checkpoint failed (deepspeed.checkpoint."
+            f"ds_to_universal, exit {proc.returncode}): {' | '.join(tail)}. Resume on "
+            f"{world_size} ranks, or start a new run (train.resume=none or another output_dir)"
+        )
+    os.replace(tmp, out)
+    _fsync(path)
+    print(f"converted in {time.monotonic() - t0:.1f} s: {out}", flush=True)
+    return out
+
+
+def load_universal(engine: Any, folder: Path) -> None:
+    """Load a universal checkpoint (model, optimizer and LR-scheduler state; collective).
+
+    DeepSpeed reads the format from ``checkpoint.load_universal`` of the engine's config;
+    it is switched on for this load only."""
+    config = engine._config
+    before = config.load_universal_checkpoint
+    config.load_universal_checkpoint = True
+    try:
+        load_path, _ = engine.load_checkpoint(
+            str(folder.parent),
+            tag=folder.name,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+        )
+    finally:
+        config.load_universal_checkpoint = before
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed found no universal checkpoint in {folder}")
 
 
 def resolve_resume(resume: str, root: str | Path) -> Path | None:

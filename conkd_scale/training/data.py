@@ -53,10 +53,15 @@ def sequence_collate(pad_id: int) -> Callable[[Sequence[EncodedSequence]], Batch
 
 @dataclass
 class DataPosition:
-    """Where the training stream is: the next micro batch is ``batch_offset`` of ``epoch``."""
+    """Where the training stream is: the next micro batch is ``batch_offset`` of ``epoch``.
+
+    ``done``: after a change of world size mid-epoch, the dataset indices the epoch had
+    already used; the rest of that epoch is then the epoch's other samples, shared over the
+    new ranks (:meth:`TrainStream.epoch_batches`), and ``batch_offset`` counts within it."""
 
     epoch: int = 0
     batch_offset: int = 0
+    done: list[int] | None = None
 
 
 class TrainStream:
@@ -100,10 +105,25 @@ class TrainStream:
         """Micro batches per epoch, the same on every rank."""
         return math.ceil(self.sampler.num_samples / self.micro_batch)
 
-    def epoch_batches(self, epoch: int) -> list[list[int]]:
-        """This rank's micro batches (dataset indices) of one epoch, deterministic."""
-        self.sampler.set_epoch(epoch)
-        idx = list(self.sampler)
+    def epoch_batches(
+        self, epoch: int, done: list[int] | None = None, rank: int | None = None
+    ) -> list[list[int]]:
+        """This rank's (or ``rank``'s) micro batches (dataset indices) of one epoch,
+        deterministic; with ``done``, those of the samples the epoch has not used yet."""
+        rank = self.sampler.rank if rank is None else rank
+        if done is None:
+            sampler = DistributedSampler(
+                self.dataset,
+                num_replicas=self.sampler.num_replicas,
+                rank=rank,
+                shuffle=self.sampler.shuffle,
+                seed=self.seed,
+                drop_last=False,
+            )
+            sampler.set_epoch(epoch)
+            idx = list(sampler)
+        else:
+            idx = _shard(self._epoch_order(epoch, set(done)), rank, self.sampler.num_replicas)
         mb = self.micro_batch
         if self.lengths is None:
             return [idx[i : i + mb] for i in range(0, len(idx), mb)]
@@ -117,10 +137,41 @@ class TrainStream:
         g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
 
+    def _epoch_order(self, epoch: int, skip: set[int]) -> list[int]:
+        """The epoch's samples in the sampler's shuffled order, without ``skip``."""
+        n = len(self.dataset)
+        if self.sampler.shuffle:
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            order = torch.randperm(n, generator=g).tolist()
+        else:
+            order = list(range(n))
+        return [i for i in order if i not in skip]
+
+    def used(self, position: DataPosition, world_size: int) -> list[int]:
+        """The dataset indices that ``world_size`` ranks (this stream's layout otherwise)
+        have read in ``position.epoch`` before ``position``: what a resume on another
+        number of ranks must not read again in that epoch."""
+        other = TrainStream(
+            self.dataset.items,
+            self.collate_fn,
+            micro_batch=self.micro_batch,
+            rank=0,
+            world_size=world_size,
+            seed=self.seed,
+            shuffle=self.sampler.shuffle,
+            lengths=self.lengths,
+            group_size=self.group_size,
+        )
+        seen = set(position.done or [])
+        for r in range(world_size):
+            for b in other.epoch_batches(position.epoch, position.done, r)[: position.batch_offset]:
+                seen.update(b)
+        return sorted(seen)
+
     def __iter__(self) -> Iterator[Batch]:
         while True:
             pos = self.position
-            batches = self.epoch_batches(pos.epoch)[pos.batch_offset :]
+            batches = self.epoch_batches(pos.epoch, pos.done)[pos.batch_offset :]
             loader = DataLoader(
                 self.dataset,
                 batch_sampler=batches,
@@ -128,9 +179,19 @@ class TrainStream:
                 num_workers=self.num_workers,
             )
             for batch in loader:
-                self.position = DataPosition(pos.epoch, self.position.batch_offset + 1)
+                self.position = DataPosition(pos.epoch, self.position.batch_offset + 1, pos.done)
                 yield batch
             self.position = DataPosition(pos.epoch + 1, 0)
+
+
+def _shard(indices: list[int], rank: int, world_size: int) -> list[int]:
+    """``rank``'s share of ``indices`` the way ``DistributedSampler`` shares: padded with
+    the first ones to a multiple of ``world_size``, then every ``world_size``-th."""
+    if not indices:
+        return []
+    total = math.ceil(len(indices) / world_size) * world_size
+    padded = (indices * math.ceil(total / len(indices)))[:total]
+    return padded[rank:total:world_size]
 
 
 def eval_batches(

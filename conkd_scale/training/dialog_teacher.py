@@ -91,6 +91,7 @@ class DialogTeacherRecipe(LMRecipe):
         cfg = self.cfg
         self.dist = init_distributed()
         ds = self._resolve_ds_config()
+        self._check_resume()  # before anything is written
         run_on_main(self._prepare_output, ds)
         corpus = load_dataset(
             cfg.dataset, cfg.resolved_data_dir, kg=cfg.kg, splits=("train", "valid")

@@ -13,6 +13,7 @@ engines and the process group are the same for both.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any, Protocol
@@ -27,6 +28,7 @@ from conkd_scale.models.export import export_hf
 from conkd_scale.training.config import TrainConfig
 from conkd_scale.training.data import sequence_collate
 from conkd_scale.training.ds_config import resolve_ds_config
+from conkd_scale.training.resume_check import check_resume_drift
 from conkd_scale.training.trainer import (
     Trainer,
     make_optimizer,
@@ -68,17 +70,32 @@ class LMRecipe:
         self.ds_path = ds_config_path
         self.out = Path(cfg.output_dir)
         self.summary: dict[str, Any] = {}
+        self.run_config = config_to_dict(cfg)  # as given (before e.g. eta=auto is resolved)
+        self.ds_resolved: dict[str, Any] = {}
 
     # ---------------------------------------------------------------------------- setup
     def _resolve_ds_config(self) -> dict[str, Any]:
         """The DeepSpeed config with batch sizes (and precision) filled in for this world."""
         train = self.cfg.train
-        return resolve_ds_config(
+        ds = resolve_ds_config(
             self.ds_raw,
             micro_batch=train.micro_batch,
             grad_accum=train.grad_accum,
             world_size=self.dist.world_size,
             where=self.ds_path,
+        )
+        self.ds_resolved = copy.deepcopy(ds)
+        return ds
+
+    def _check_resume(self) -> None:
+        """Refuse a resume whose settings differ from its checkpoint's (every rank, files
+        only: call it before anything is written to the output directory)."""
+        check_resume_drift(
+            self.run_config,
+            self.ds_resolved,
+            self.dist.world_size,
+            self.out,
+            self.cfg.train.resume,
         )
 
     def _write_run_configs(self, ds: dict[str, Any]) -> None:
@@ -127,6 +144,7 @@ class LMRecipe:
             dist=self.dist,
             out_dir=self.out,
             total_steps=self.total_steps,
+            run_config={"config": self.run_config, "ds_config": self.ds_resolved},
             **hooks,
         )
 

@@ -212,8 +212,10 @@ class Trainer:
         eval_metrics: EvalMetrics = ppl_metrics,
         teacher_forward: TeacherForward | None = None,
         logger: MetricLogger | None = None,
+        run_config: dict[str, Any] | None = None,
     ) -> None:
         self.engine = engine
+        self.run_config = run_config  # saved in every checkpoint (resume_check.py)
         self.cfg = cfg
         self.dist = dist
         self.out_dir = Path(out_dir)
@@ -257,7 +259,17 @@ class Trainer:
         meta = load_checkpoint(self.engine, path)
         self.step = int(meta["step"])
         self.last_saved = self.step
-        self.stream.position = DataPosition(int(meta["epoch"]), int(meta["batch_offset"]))
+        pos = DataPosition(int(meta["epoch"]), int(meta["batch_offset"]), meta.get("epoch_done"))
+        old_world = int(meta.get("world_size") or self.dist.world_size)
+        if old_world != self.dist.world_size:
+            # the rest of the epoch: the samples the old ranks had not read, over the new ranks
+            pos = DataPosition(pos.epoch, 0, self.stream.used(pos, old_world))
+            print0(
+                f"resharded from {old_world} to {self.dist.world_size} ranks: epoch {pos.epoch} "
+                f"goes on with the {len(self.stream.dataset) - len(pos.done or [])} samples it "
+                "has not read yet"
+            )
+        self.stream.position = pos
         self.samples_seen = float(meta.get("samples_seen", 0))
         self.tokens_seen = float(meta.get("tokens_seen", 0))
         self.divergence.total = int(meta.get("nonfinite_steps", 0))
@@ -317,6 +329,7 @@ class Trainer:
                 "total_steps": self.total_steps,
                 "nonfinite_steps": self.divergence.total,
                 **self.last_eval,
+                **({"run_config": self.run_config} if self.run_config else {}),
             },
         )
         self.last_saved = self.step
