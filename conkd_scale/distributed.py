@@ -16,6 +16,8 @@ launcher from the environment, in this order:
 4. ``single``: none of these: one process, world size 1, on a free local port.
 
 Backend: ``nccl`` when CUDA is available, else ``gloo`` (DeepSpeed's CPU accelerator).
+``MASTER_ADDR`` must resolve on every rank's host; where it does not, every rank stops at once
+with a :class:`~conkd_scale.utils.errors.ConfigError` (exit 2) that says what to do.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from conkd_scale.utils.errors import ConfigError
 from conkd_scale.utils.procs import free_port
 
 T = TypeVar("T")
@@ -121,6 +124,30 @@ def slurm_env(env: dict[str, str] | os._Environ[str]) -> dict[str, str]:
     }
 
 
+def check_master_addr(env: dict[str, str] | os._Environ[str], launcher: str) -> None:
+    """Fail with what to do when ``MASTER_ADDR`` does not resolve on this host.
+
+    Without this check every rank but the master would retry its rendezvous until the
+    rendezvous timeout and then fail with a generic store error.
+    """
+    addr = env.get("MASTER_ADDR", "")
+    try:
+        socket.getaddrinfo(addr, None, type=socket.SOCK_STREAM)
+        return
+    except (OSError, UnicodeError) as e:
+        reason = e
+    origin = ""
+    if launcher == "slurm":
+        nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "?"
+        origin = f" (the job's nodes: {nodes})"
+    raise ConfigError(
+        f"the rendezvous host MASTER_ADDR={addr!r}{origin} cannot be resolved on host "
+        f"{socket.gethostname()}: {reason}. Make the node names resolvable on every node "
+        "(DNS or /etc/hosts), or export MASTER_ADDR=<an address of the first node> before "
+        "launching (sbatch, srun, torchrun)"
+    )
+
+
 def _set_cpu_threads(local_world_size: int) -> None:
     """Share the node's cores between its ranks unless the user chose (OMP_NUM_THREADS)."""
     if "OMP_NUM_THREADS" in os.environ:
@@ -150,6 +177,8 @@ def init_distributed(backend: str | None = None, *, timeout_minutes: float = 30.
         env.setdefault("LOCAL_RANK", "0")
         env.setdefault("MASTER_ADDR", "127.0.0.1")
         env.setdefault("MASTER_PORT", "29500")
+    if launcher in ("slurm", "env"):
+        check_master_addr(env, launcher)
     on_gpu = torch.cuda.is_available()
     backend = backend or ("nccl" if on_gpu else "gloo")
     deepspeed.init_distributed(
@@ -175,14 +204,19 @@ def init_distributed(backend: str | None = None, *, timeout_minutes: float = 30.
 
 
 def _count_local_ranks(world: int) -> int:
-    """Ranks on this host (one all_gather of host names), for the CPU thread split."""
+    """Ranks on this host, for the CPU thread split."""
+    return 1 if world == 1 else rank_hosts().count(socket.gethostname())
+
+
+def rank_hosts() -> list[str]:
+    """Every rank's host name, by rank (one all_gather; this host alone without a group)."""
     import torch.distributed as dist
 
-    if world == 1:
-        return 1
-    names: list[Any] = [None] * world
+    if not is_initialized() or dist.get_world_size() == 1:
+        return [socket.gethostname()]
+    names: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(names, socket.gethostname())
-    return sum(n == socket.gethostname() for n in names)
+    return [str(n) for n in names]
 
 
 def is_initialized() -> bool:

@@ -88,19 +88,36 @@ def cluster_test(fn):
 
 
 # ----------------------------------------------------------------------------- helpers
-def job_info(job_id: str) -> dict[str, str]:
+def job_info(job_id: str, env: dict[str, str] | None = None) -> dict[str, str]:
+    """``scontrol show job`` as a dict (``env``: e.g. another cluster's SLURM_CONF)."""
     out = subprocess.run(
-        ["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30
+        ["scontrol", "show", "job", "-o", job_id],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, **(env or {})},
     ).stdout
     return dict(re.findall(r"(\w+)=(\S*)", out))
 
 
 class Jobs:
-    """Submits jobs, remembers them (cancelled at the end of the module if still active)."""
+    """Submits jobs, remembers them (cancelled at the end of the module if still active).
 
-    def __init__(self) -> None:
+    ``opts``: the sbatch options of every job; ``env``: added to the environment of every
+    SLURM command and job (e.g. ``SLURM_CONF`` of another cluster).
+    """
+
+    def __init__(self, opts: list[str] = CPU_JOB, env: dict[str, str] | None = None) -> None:
         self.submitted: list[str] = []
         self.logs: dict[str, Path] = {}
+        self.opts = list(opts)
+        self.env = dict(env or {})
+
+    def info(self, job_id: str) -> dict[str, str]:
+        return job_info(job_id, self.env)
+
+    def scancel(self, *args: str) -> None:
+        subprocess.run(["scancel", *args], timeout=30, env={**os.environ, **self.env})
 
     def submit(
         self,
@@ -117,12 +134,12 @@ class Jobs:
             "--parsable",
             f"--job-name={name}",
             f"--output={log_dir}/%x-%j.out",
-            *CPU_JOB,
+            *self.opts,
             *extra,
             script,
             *args,
         ]
-        full_env = {**os.environ, "CONKD_PYTHON": sys.executable, **(env or {})}
+        full_env = {**os.environ, **self.env, "CONKD_PYTHON": sys.executable, **(env or {})}
         proc = subprocess.run(
             cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=60
         )
@@ -142,11 +159,11 @@ class Jobs:
         """Poll ``scontrol show job`` until a terminal state; cancel the job on timeout."""
         t_end = time.monotonic() + timeout
         while True:
-            info = job_info(job_id)
+            info = self.info(job_id)
             if info.get("JobState") in TERMINAL:
                 return info
             if time.monotonic() > t_end:
-                subprocess.run(["scancel", job_id], timeout=30)
+                self.scancel(job_id)
                 pytest.fail(
                     f"job {job_id} not finished after {timeout:.0f} s (state "
                     f"{info.get('JobState')}):\n{self.log(job_id)}"
@@ -155,8 +172,8 @@ class Jobs:
 
     def cancel_active(self) -> None:
         for job_id in self.submitted:
-            if job_info(job_id).get("JobState") not in TERMINAL:
-                subprocess.run(["scancel", job_id], timeout=30)
+            if self.info(job_id).get("JobState") not in TERMINAL:
+                self.scancel(job_id)
 
 
 def wait_for_train_row(
@@ -168,7 +185,7 @@ def wait_for_train_row(
     while time.monotonic() < t_end:
         if any(s > after_step for s in _train_steps(metrics)):
             return
-        state = job_info(job_id).get("JobState")
+        state = jobs.info(job_id).get("JobState")
         if state in TERMINAL:
             pytest.fail(f"job {job_id} ended ({state}) before training:\n{jobs.log(job_id)}")
         time.sleep(0.25)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -22,7 +23,7 @@ from conkd_scale.config import config_to_dict
 from conkd_scale.data.corpus import Corpus
 from conkd_scale.data.schema import Conversation
 from conkd_scale.data.sequences import encode_split
-from conkd_scale.distributed import DistInfo, print0, run_on_main, teardown
+from conkd_scale.distributed import DistInfo, print0, rank_hosts, run_on_main, teardown
 from conkd_scale.models.builder import BuiltModel
 from conkd_scale.models.export import export_hf
 from conkd_scale.training.config import TrainConfig
@@ -149,7 +150,10 @@ class LMRecipe:
         )
 
     def _write_run_info(self, info: dict[str, Any]) -> None:
-        """OUT/run_info.json (rank 0), also printed."""
+        """OUT/run_info.json (rank 0), also printed; with every rank's host and the
+        rendezvous address. Called on every rank (it gathers the host names)."""
+        master = f"{os.environ.get('MASTER_ADDR', '')}:{os.environ.get('MASTER_PORT', '')}"
+        info = {**info, "hosts": rank_hosts(), "master": master}
         run_on_main(write_json, self.out / "run_info.json", info)
         print0(json.dumps(info))
 

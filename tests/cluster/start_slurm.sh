@@ -17,27 +17,15 @@
 #
 # Environment: SLURM_START_TIMEOUT (seconds to wait for each daemon, default 60).
 set -euo pipefail
+# shellcheck source=tests/cluster/lib.sh
+source "$(dirname "$0")/lib.sh"
 
 CONF=/etc/slurm/slurm.conf
 MARK="# written by conkd_scale tests/cluster/start_slurm.sh"
-TIMEOUT=${SLURM_START_TIMEOUT:-60}
 NODE=$(hostname -s)
-
-log() { echo "start_slurm: $*"; }
-die() { echo "start_slurm: error: $*" >&2; exit 1; }
 
 node_state() { sinfo -h -N -n "$NODE" -o %T 2>/dev/null | sed -n 1p; }
 ctld_up() { scontrol ping 2>/dev/null | grep -q "is UP"; }
-
-wait_for() {  # wait_for DESCRIPTION COMMAND...
-    local what=$1
-    shift
-    for _ in $(seq "$TIMEOUT"); do
-        if "$@"; then return 0; fi
-        sleep 1
-    done
-    die "timed out after ${TIMEOUT}s waiting for $what"
-}
 
 # ---------------------------------------------------------------- already up? do nothing
 if command -v scontrol >/dev/null && ctld_up; then
@@ -52,19 +40,7 @@ fi
 [[ $(id -u) -eq 0 ]] || die "must run as root (it installs packages and starts daemons)"
 
 # ---------------------------------------------------------------- 1. packages
-need=()
-for pair in munged:munge slurmctld:slurmctld slurmd:slurmd sbatch:slurm-client \
-    mpirun:openmpi-bin mpicc:libopenmpi-dev; do
-    command -v "${pair%%:*}" >/dev/null || need+=("${pair##*:}")
-done
-if ((${#need[@]})); then
-    log "installing ${need[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    # all in one transaction: Open MPI (PMIx) is in place before slurmd is ever started
-    apt-get install -y -qq --no-install-recommends munge slurmctld slurmd slurm-client \
-        openmpi-bin libopenmpi-dev >/dev/null
-fi
+ensure_packages
 
 # ---------------------------------------------------------------- 2. slurm.conf
 if [[ -f $CONF ]] && ! grep -qF "$MARK" "$CONF"; then
@@ -108,17 +84,7 @@ EOF
 log "wrote $CONF (node $NODE, $cpus CPUs, ${mem} MB)"
 
 # ---------------------------------------------------------------- 3. daemons
-if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
-    if [[ ! -s /etc/munge/munge.key ]]; then
-        mungekey --create --keyfile /etc/munge/munge.key
-        chown munge:munge /etc/munge/munge.key
-        chmod 0400 /etc/munge/munge.key
-    fi
-    install -d -o munge -g munge -m 0755 /run/munge
-    runuser -u munge -- /usr/sbin/munged # as root it refuses ("Logfile is insecure")
-    wait_for "munged" bash -c 'munge -n | unmunge >/dev/null 2>&1'
-    log "munged up"
-fi
+ensure_munge
 
 if ! ctld_up; then
     slurmctld -c
