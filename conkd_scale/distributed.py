@@ -23,11 +23,13 @@ with a :class:`~conkd_scale.utils.errors.ConfigError` (exit 2) that says what to
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import re
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -156,11 +158,18 @@ def _set_cpu_threads(local_world_size: int) -> None:
     torch.set_num_threads(max(1, (cores or 1) // max(1, local_world_size)))
 
 
-def init_distributed(backend: str | None = None, *, timeout_minutes: float = 30.0) -> DistInfo:
+DEFAULT_TIMEOUT_MINUTES = 10.0
+
+
+def init_distributed(
+    backend: str | None = None, *, timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES
+) -> DistInfo:
     """Initialise torch.distributed through DeepSpeed for whatever launcher started us.
 
     Idempotent: a second call returns the same info. ``backend`` defaults to ``nccl`` with
-    CUDA and ``gloo`` without.
+    CUDA and ``gloo`` without. ``timeout_minutes`` bounds every collective (and the
+    rendezvous): a rank that waits longer for a hung or dead peer fails with an error
+    (the jobs: ``train.collective_timeout_minutes``).
     """
     import deepspeed
 
@@ -192,6 +201,7 @@ def init_distributed(backend: str | None = None, *, timeout_minutes: float = 30.
     )
     rank = int(env["RANK"])
     world = int(env["WORLD_SIZE"])
+    _unlink_shm_buffers(rank, world)
     local_rank = int(env.get("LOCAL_RANK", "0"))
     local_world = int(env.get("LOCAL_WORLD_SIZE", "0") or 0) or _count_local_ranks(world)
     if on_gpu:
@@ -201,6 +211,20 @@ def init_distributed(backend: str | None = None, *, timeout_minutes: float = 30.
         device = torch.device("cpu")
         _set_cpu_threads(local_world)
     return DistInfo(rank, world, local_rank, local_world, backend, device, launcher)
+
+
+def _unlink_shm_buffers(rank: int, world: int) -> None:
+    """Remove the names of DeepSpeed's shared-memory allreduce buffers right after start-up.
+
+    DeepSpeed's CPU communication op creates one buffer per rank in /dev/shm and maps every
+    peer's buffer before ``init_distributed`` returns; once every rank is past it (a
+    barrier), the names are no longer needed, and unlinking them now means that no exit,
+    SIGKILL included, can leave one behind (the memory goes with the last rank)."""
+    import torch.distributed as dist
+
+    if world > 1:
+        dist.barrier()
+    release_shm_buffer(rank)
 
 
 def _count_local_ranks(world: int) -> int:
@@ -292,29 +316,50 @@ def all_reduce_max(values: list[float]) -> list[float]:
     return t.cpu().tolist()
 
 
+_RUN_ON_MAIN_CALLS = itertools.count()
+
+
+def wait_for_key(store: Any, key: str, poll_s: float = 0.2) -> None:
+    """Poll the rendezvous store until ``key`` exists, however long that takes.
+
+    Outside any collective, so the collective timeout does not apply: rank 0 may work for
+    hours. The wait still ends if rank 0 dies: its process hosts the store under the
+    DeepSpeed launcher, ``torchrun`` and ``srun`` (the check then fails with a connection
+    error), and the launchers stop the remaining ranks."""
+    while not store.check([key]):
+        time.sleep(poll_s)
+
+
 def run_on_main(fn: Any, *args: Any, **kwargs: Any) -> Any:
     """Run ``fn`` on rank 0 only; every rank returns its result or raises its error.
 
-    The outcome is broadcast, so a failure on rank 0 never leaves the other ranks waiting
-    in a barrier (the error is re-raised everywhere, with rank 0's message).
+    The other ranks wait by polling the rendezvous store (:func:`wait_for_key`), not in a
+    collective, so rank-0-only work (training R, writing a checkpoint's manifest, an export)
+    may outlast the collective timeout. The outcome is passed on, so a failure on rank 0
+    is re-raised on every rank with rank 0's message.
     """
     import pickle
 
-    result: tuple[bool, Any] = (True, None)
-    error: BaseException | None = None
+    import torch.distributed as dist
+
+    if not is_initialized() or dist.get_world_size() == 1:
+        return fn(*args, **kwargs)
+    key = f"conkd/run_on_main/{next(_RUN_ON_MAIN_CALLS)}"
+    store = dist.distributed_c10d._get_default_store()
     if is_main():
         try:
-            result = (True, fn(*args, **kwargs))
+            value = fn(*args, **kwargs)
         except BaseException as e:  # KeyboardInterrupt too: the others must not wait
-            error = e
             try:
-                pickle.dumps(e)
-                result = (False, e)
+                blob = pickle.dumps((False, e))
             except Exception:
-                result = (False, RuntimeError(f"{type(e).__name__}: {e}"))
-    ok, value = broadcast_object(result)
-    if error is not None:
-        raise error
+                blob = pickle.dumps((False, RuntimeError(f"{type(e).__name__}: {e}")))
+            store.set(key, blob)
+            raise
+        store.set(key, pickle.dumps((True, value)))
+        return value
+    wait_for_key(store, key)
+    ok, value = pickle.loads(store.get(key))
     if not ok:
         raise value
     return value

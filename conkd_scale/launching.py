@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import faulthandler
 import os
 import sys
 import threading
@@ -82,6 +83,25 @@ def watch_launcher(interval_s: float = 2.0) -> bool:
     return True
 
 
+def is_collective_timeout(e: BaseException) -> bool:
+    """Whether ``e`` is a collective that gave up waiting (gloo: "Timed out waiting ...")."""
+    text = str(e).lower()
+    return "timed out" in text or "timeout" in text
+
+
+def report_collective_timeout(cfg: Any) -> None:
+    """Say that a peer rank is hung or dead and dump where every thread of this rank is
+    (the traceback that follows shows the collective it waited in)."""
+    minutes = getattr(getattr(cfg, "train", None), "collective_timeout_minutes", None)
+    sys.stderr.write(
+        f"error: [rank {os.environ.get('RANK', '?')}] a collective waited longer than "
+        f"train.collective_timeout_minutes ({minutes} min) for another rank, which is hung or "
+        "has died (its own stack follows when it is stopped). Where this rank's threads are:\n"
+    )
+    sys.stderr.flush()
+    faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+
+
 def launch_main(
     doc: str | None, config_cls: type, make_recipe: MakeRecipe, argv: list[str] | None = None
 ) -> int:
@@ -112,6 +132,10 @@ def launch_main(
         err = storage_error(e, f"into {getattr(e, 'filename', None) or cfg.output_dir}")
         print(f"error: {err}", file=sys.stderr, flush=True)
         return err.exit_code
+    except RuntimeError as e:
+        if is_collective_timeout(e):
+            report_collective_timeout(cfg)
+        raise
     finally:
         recipe.cleanup(success=ok)
     return 0

@@ -13,6 +13,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import time
@@ -29,7 +30,14 @@ from conkd_scale.training.data import sequence_collate
 from conkd_scale.training.divergence import nonfinite_params
 from conkd_scale.training.trainer import Trainer
 from conkd_scale.utils.errors import EXIT_DIVERGED, EXIT_RETRY, DivergenceError
-from tests.helpers_ds import ROOT, deepspeed_bin, free_port, read_jsonl, run_deepspeed
+from tests.helpers_ds import (
+    ROOT,
+    deepspeed_bin,
+    free_port,
+    read_jsonl,
+    run_deepspeed,
+    shm_buffers,
+)
 
 SCRIPT = "launch/distill.py"
 
@@ -662,3 +670,124 @@ def test_resume_on_another_world_size_2_1_2_continues_the_run(resharded) -> None
     a, b = rows(ref, "eval")[-1]["val_loss"], rows(out, "eval")[-1]["val_loss"]
     assert math.isfinite(b) and abs(a - b) < 0.02 * a, (a, b)
     assert (out / "hf" / "config.json").is_file()
+
+
+TIMEOUT_S = 12  # train.collective_timeout_minutes=0.2 in the hang test
+
+
+@pytest.fixture(scope="module")
+def hung_rank(root: Path, diverged) -> tuple[int, Path, float, str]:
+    """A job with a 12 s collective timeout whose R is trained first on rank 0 alone (longer
+    than the timeout); at step 2 rank 1 is stopped (SIGSTOP) and continued 16 s later:
+    (launcher exit code, out, seconds from the stop to the launcher's exit, output)."""
+    import psutil
+
+    out = root / "hung"
+    args = [
+        *preempt_args(root, out),
+        f"train.collective_timeout_minutes={TIMEOUT_S / 60}",
+        f"teachers.rec_dir={root}/rec_slow",
+        "teachers.rec_overrides=epochs=8",
+    ]
+    log = root / "hung.log"
+    proc = start_job(out, args, log)
+    wait_for_step(proc, out, 2, timeout=400)
+    # DeepSpeed's /dev/shm buffers are unlinked once every rank has mapped them, so no exit
+    # (the one below, or a SIGKILL) can leave them behind
+    assert not shm_buffers(proc)
+    pids = rank_pids(proc)
+    ranks = [psutil.Process(p) for p in pids.values()]
+    t0 = time.monotonic()
+    os.kill(pids[1], signal.SIGSTOP)
+    time.sleep(TIMEOUT_S + 4)
+    os.kill(pids[1], signal.SIGCONT)
+    rc = proc.wait(timeout=120)
+    elapsed = time.monotonic() - t0
+    _, alive = psutil.wait_procs(ranks, timeout=10)
+    for p in alive:
+        p.kill()
+    assert not alive, "ranks left running"
+    return rc, out, elapsed, log.read_text()
+
+
+@pytest.mark.slow
+def test_rank0_only_work_longer_than_the_timeout_does_not_kill_the_job(hung_rank) -> None:
+    """Training R on rank 0 took longer than the collective timeout, and the job went on."""
+    _, out, _, text = hung_rank
+    (secs,) = [
+        float(x) for x in re.findall(r"trained the recommendation teacher in ([\d.]+) s", text)
+    ]
+    assert secs > TIMEOUT_S, text[-3000:]
+    assert [r["step"] for r in rows(out, "train")][:2] == [1, 2]
+
+
+@pytest.mark.slow
+def test_a_hung_rank_ends_the_job_within_the_timeout_with_stacks(hung_rank) -> None:
+    """Rank 0 gives up after the collective timeout, says why and dumps its threads; rank 1,
+    told to stop by the launcher, dumps where it was; the job fails (not 75) within the bound."""
+    rc, _, elapsed, text = hung_rank
+    assert rc not in (0, 75), text[-3000:]
+    assert "a collective waited longer than train.collective_timeout_minutes (0.2 min)" in text
+    assert "Timed out" in text or "timed out" in text
+    # faulthandler dumps: rank 0's own report, rank 1's on the launcher's SIGTERM
+    assert text.count("most recent call first") >= 2, text[-4000:]
+    assert "received SIGTERM" in text
+    assert elapsed < TIMEOUT_S + 4 + 30, elapsed
+    print(f"hung rank: the launcher exited {elapsed:.1f} s after the stop (rc {rc})")
+
+
+# ----------------------------------------------------------------------------- smaller gaps
+def test_unknown_item_ids_and_an_empty_validation_split_are_named(
+    synthetic_dir: Path, tmp_path: Path, capsys
+) -> None:
+    import shutil
+
+    from conkd_scale.data.corpus import load_dataset
+
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_dir, data)
+    first, *rest = (data / "train_data.jsonl").read_text().splitlines()
+    conv = json.loads(first)
+    conv["messages"][0]["text"] += " and @99999999"
+    (data / "train_data.jsonl").write_text("\n".join([json.dumps(conv), *rest]) + "\n")
+    (data / "valid_data.jsonl").write_text("")
+    load_dataset("synthetic", data, kg="none", splits=("train", "valid"))
+    err = capsys.readouterr().err
+    assert f"warning: {data}/valid_data.jsonl: the valid split has no conversations" in err
+    assert f"warning: {data}/train_data.jsonl: 1 mention(s) of 1 item id(s)" in err
+    assert f"(e.g. @99999999 in conversation {conv['conversationId']})" in err
+
+
+def test_an_empty_training_split_is_a_clear_error(synthetic_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from conkd_scale.data.corpus import load_dataset
+    from conkd_scale.distill.config import DistillConfig
+    from conkd_scale.training.lm_recipe import LMRecipe
+    from conkd_scale.utils.errors import DataError
+
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_dir, data)
+    (data / "train_data.jsonl").write_text("")
+    corpus = load_dataset("synthetic", data, kg="none", splits=("train", "valid"))
+    recipe = LMRecipe(DistillConfig(data_dir=str(data), output_dir=str(tmp_path / "out")), {})
+    with pytest.raises(DataError, match="the training split has no conversations") as e:
+        recipe._require_training_split(corpus)
+    assert e.value.exit_code == 2 and str(data) in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_model_directory_without_config_json_is_a_clear_error(tmp_path: Path) -> None:
+    from conkd_scale.config import build_config
+    from conkd_scale.distill.config import DistillConfig
+    from conkd_scale.utils.errors import ConfigError
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "pytorch_model.bin").write_bytes(b"")
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match="the directory has no config.json") as e:
+        build_config(
+            DistillConfig, None, [f"student.pretrained={tmp_path}/model", f"output_dir={out}"]
+        )
+    assert "student.pretrained" in str(e.value) or "model.pretrained" in str(e.value)
+    assert not out.exists()

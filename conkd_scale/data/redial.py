@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import re
+import sys
 from pathlib import Path
 
 from conkd_scale.data.jsonl import get_field, iter_jsonl, require_file
@@ -113,6 +114,25 @@ def parse_conversation(obj: object, catalog: ItemCatalog, path: Path, line: int)
     )
 
 
+def _warn_unknown_and_empty(path: Path, split: str, convs: list[Conversation]) -> None:
+    """Warn (stderr, naming the file) about an empty split and about ``@id`` mentions of
+    items the movie list does not have (they stay plain text: never an item token)."""
+    if not convs:
+        print(f"warning: {path}: the {split} split has no conversations", file=sys.stderr)
+        return
+    unknown = [
+        (c.conv_id, m.group(1)) for c in convs for t in c.turns for m in MENTION_RE.finditer(t.text)
+    ]
+    if unknown:
+        ids = sorted({i for _, i in unknown})
+        print(
+            f"warning: {path}: {len(unknown)} mention(s) of {len(ids)} item id(s) that the "
+            f"movie list does not have (e.g. @{ids[0]} in conversation {unknown[0][0]}); they "
+            "stay plain text and are never an item token",
+            file=sys.stderr,
+        )
+
+
 def load_split(data_dir: str | Path, split: str, catalog: ItemCatalog) -> list[Conversation]:
     """All conversations of one split (``train``, ``valid`` or ``test``)."""
     if split not in SPLIT_FILES:
@@ -121,6 +141,7 @@ def load_split(data_dir: str | Path, split: str, catalog: ItemCatalog) -> list[C
         )
     path = require_file(Path(data_dir) / SPLIT_FILES[split], f"ReDial {split} split")
     convs = [parse_conversation(obj, catalog, path, n) for n, obj in iter_jsonl(path)]
+    _warn_unknown_and_empty(path, split, convs)
     ids = [c.conv_id for c in convs]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)

@@ -109,7 +109,7 @@ class DistillRecipe(LMRecipe):
     def setup(self) -> None:
         cfg = self.cfg
         T.check_teachers_present(cfg)  # every rank, before any collective
-        self.dist = init_distributed()
+        self.dist = init_distributed(timeout_minutes=cfg.train.collective_timeout_minutes)
         ds = self._resolve_ds_config()
         self._check_resume()  # before anything is written
         if cfg.dataset == "synthetic":
@@ -119,6 +119,7 @@ class DistillRecipe(LMRecipe):
         corpus = load_dataset(
             cfg.dataset, cfg.resolved_data_dir, kg=cfg.kg or "none", splits=("train", "valid")
         )
+        self._require_training_split(corpus)
         tok = T.load_teacher_tokenizer(cfg)
         if cfg.uses_teachers:
             from conkd_scale.rec.api import RecTeacher

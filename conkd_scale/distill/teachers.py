@@ -7,12 +7,14 @@
 - R, the recommendation teacher, is small: every rank holds a replica (eval, no grad).
 
 Missing teachers are trained first when ``teachers.auto_train`` is set (R on rank 0 while
-the others wait; D with the same DeepSpeed training core on every rank).
+the others wait outside any collective, so no collective timeout applies; D with the same
+DeepSpeed training core on every rank).
 """
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -116,7 +118,9 @@ def train_missing_teachers(cfg: DistillConfig) -> None:
 
         print0(f"training the recommendation teacher into {cfg.rec_dir}")
         rec_file = cfg.teachers.rec_config
+        t0 = time.monotonic()
         train_rec_teacher(build_config(RecTeacherConfig, rec_file, rec_teacher_overrides(cfg)))
+        print0(f"trained the recommendation teacher in {time.monotonic() - t0:.1f} s (rank 0)")
     if not dialog_ready(cfg):
         from conkd_scale.training.dialog_teacher import DialogTeacherConfig, DialogTeacherRecipe
         from conkd_scale.training.ds_config import load_ds_config

@@ -19,8 +19,9 @@ Output directory::
                       :meth:`conkd_scale.rec.api.RecTeacher.load`
 
 Distributed launch (torchrun / the DeepSpeed launcher, ``WORLD_SIZE > 1``; :func:`run_rec_teacher`):
-R is small, so **rank 0 trains alone** and the other ranks wait in a gloo collective until it
-finishes (``dist_timeout_minutes``); a failure on rank 0 is reported on every rank. Rank 0
+R is small, so **rank 0 trains alone** and the other ranks wait until it finishes, polling
+the rendezvous store outside any collective (no timeout applies; ``dist_timeout_minutes``
+bounds the group's collectives); a failure on rank 0 is reported on every rank. Rank 0
 then uses every CPU the process may run on (launchers set ``OMP_NUM_THREADS=1``), unless
 ``threads`` says otherwise.
 """
@@ -127,7 +128,7 @@ class RecTeacherConfig:
     threads: int = 0  # torch CPU threads; 0: torch's default, or on rank 0 of a
     # multi-process launch (where launchers set 1 per process) every CPU it may use
     progress: bool = True  # tqdm progress bars (rank 0 only)
-    dist_timeout_minutes: int = 120  # gloo timeout while ranks > 0 wait for rank 0
+    dist_timeout_minutes: int = 120  # gloo collective timeout of the group
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
@@ -595,8 +596,8 @@ def _train_here(cfg: RecTeacherConfig) -> dict[str, Any]:
 
 def run_rec_teacher(cfg: RecTeacherConfig) -> dict[str, Any]:
     """The CLI's entry: under a multi-rank launch (``WORLD_SIZE > 1``) joins a gloo group
-    whose timeout, ``dist_timeout_minutes``, bounds how long ranks > 0 wait for rank 0; then
-    :func:`train_rec_teacher`, and leaves the group."""
+    (collective timeout ``dist_timeout_minutes``); then :func:`train_rec_teacher` (rank 0
+    trains, the others wait outside any collective), and leaves the group."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         init_distributed("gloo", timeout_minutes=cfg.dist_timeout_minutes)
     try:

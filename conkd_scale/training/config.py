@@ -38,6 +38,9 @@ class TrainConfig:
     # before the job stops with exit code 3; such steps are not counted (training/divergence.py).
     # Above the ~16 skips fp16's dynamic loss scale may need at the start.
     max_nonfinite_steps: int = 25
+    # a collective that waits longer than this for a hung or dead rank fails on every live
+    # rank (exit 1, with where each rank waited); rank-0-only work does not count against it
+    collective_timeout_minutes: float = 10.0
     progress: bool = True  # tqdm progress bar on rank 0
 
     def __post_init__(self) -> None:
@@ -58,6 +61,11 @@ class TrainConfig:
         if not self.save_every_minutes >= 0:
             raise ConfigError(
                 f"train.save_every_minutes: expected >= 0 (0: off), got {self.save_every_minutes}"
+            )
+        if not self.collective_timeout_minutes > 0:
+            raise ConfigError(
+                "train.collective_timeout_minutes: expected > 0, got "
+                f"{self.collective_timeout_minutes}"
             )
         if self.lr <= 0:
             raise ConfigError(f"train.lr: expected > 0, got {self.lr}")

@@ -89,7 +89,7 @@ class DialogTeacherRecipe(LMRecipe):
 
     def setup(self) -> None:
         cfg = self.cfg
-        self.dist = init_distributed()
+        self.dist = init_distributed(timeout_minutes=cfg.train.collective_timeout_minutes)
         ds = self._resolve_ds_config()
         self._check_resume()  # before anything is written
         run_on_main(self._prepare_output, ds)

@@ -36,6 +36,7 @@ from conkd_scale.training.trainer import (
     make_scheduler_factory,
     plan_steps,
 )
+from conkd_scale.utils.errors import DataError
 from conkd_scale.utils.io import write_json
 
 
@@ -111,6 +112,16 @@ class LMRecipe:
         n = self.cfg.max_train_conversations
         return convs[:n] if n else convs
 
+    def _require_training_split(self, corpus: Corpus) -> None:
+        """A clear error (every rank, before the output directory is written) when the
+        training split is empty."""
+        if not self._train_conversations(corpus):
+            raise DataError(
+                corpus.data_dir,
+                "the training split has no conversations",
+                hint="check its train split file and data_dir",
+            )
+
     def _encode_splits(self, corpus: Corpus, tok: Any) -> None:
         """``train_data`` and ``eval_data``: whole-conversation sequences with loss."""
         cfg = self.cfg
@@ -121,6 +132,12 @@ class LMRecipe:
         }
         self.train_data = encode_split(self._train_conversations(corpus), tok, **kw)
         self.eval_data = encode_split(corpus.splits["valid"], tok, **kw)
+        if not self.train_data:
+            raise DataError(
+                corpus.data_dir,
+                "the training split has no conversations with a recommender turn to learn",
+                hint="check its train split file, data_dir and max_train_conversations",
+            )
 
     def _start_training(self, module: Any, ds: dict[str, Any], tok: Any, **hooks: Any) -> None:
         """The DeepSpeed engine around ``module`` (optimizer over the LM's parameters, the LR

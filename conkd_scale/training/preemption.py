@@ -31,6 +31,7 @@ A signal that arrives after the last training step is ignored: the run finishes 
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import signal
 import sys
@@ -92,6 +93,9 @@ def install() -> bool:
         return False
     for s in sigs:
         signal.signal(s, _handler)
+        # where every thread is when the signal comes, written at once from C (also when the
+        # main thread is stuck in a call): after a peer's failure the launchers send SIGTERM
+        faulthandler.register(s, file=sys.stderr, all_threads=True, chain=True)
     _state["installed"] = sigs
     return True
 
