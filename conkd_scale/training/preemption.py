@@ -130,9 +130,14 @@ def stop(step: int) -> NoReturn:
     SIGTERM is ignored from here on: a launcher that stops the remaining ranks as soon as one
     has exited non-zero (``srun --kill-on-bad-exit``, the DeepSpeed launcher) would otherwise
     turn this rank's 75 into 143 while it is tearing down, and the job script could no longer
-    tell a pre-emption from a crash. SIGKILL still ends a rank that hangs here.
+    tell a pre-emption from a crash. SIGKILL still ends a rank that hangs here. The stack
+    dumps registered on the pre-emption signals go first: faulthandler would otherwise put
+    its saved handler back while the interpreter shuts down, and a late SIGTERM could then
+    crash the rank (exit 139).
     """
     if threading.current_thread() is threading.main_thread():
+        for s in _state["installed"]:
+            faulthandler.unregister(s)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise Preempted(step, _state["signum"])
 
