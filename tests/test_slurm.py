@@ -222,10 +222,8 @@ def jobs():
     j.cancel_active()
 
 
-@pytest.fixture(scope="module")
-def teachers(tmp_path_factory, synthetic_dir, jobs) -> Path:
-    """Tiny R and D trained once by slurm/teachers.sh (R: 1 process; D: 2 ranks)."""
-    root = tmp_path_factory.mktemp("slurm")
+def train_teachers(jobs: Jobs, synthetic_dir: Path, root: Path) -> None:
+    """Tiny R and D trained by slurm/teachers.sh into ``root/teachers`` (logs in ``root/logs``)."""
     job = jobs.submit(
         "slurm/teachers.sh",
         [
@@ -251,6 +249,13 @@ def teachers(tmp_path_factory, synthetic_dir, jobs) -> Path:
         env={"CONKD_TEACHERS_DIR": str(root / "teachers")},
     )
     assert_completed(jobs, job, jobs.wait(job, timeout=800))
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory, synthetic_dir, jobs) -> Path:
+    """Tiny R and D trained once by slurm/teachers.sh (R: 1 process; D: 2 ranks)."""
+    root = tmp_path_factory.mktemp("slurm")
+    train_teachers(jobs, synthetic_dir, root)
     assert (root / "teachers" / "rec" / "checkpoint" / "rec_teacher.pt").is_file()
     assert (root / "teachers" / "dialog" / "hf" / "config.json").is_file()
     return root

@@ -41,6 +41,7 @@ from tests.test_slurm import (
     assert_completed,
     distill_args,
     rows,
+    train_teachers,
     wait_for_train_row,
 )
 
@@ -187,31 +188,7 @@ def teachers(tmp_path_factory, synthetic_dir, jobs) -> Path:
     """Tiny R and D trained once by slurm/teachers.sh (R: 1 process on one node; D: one rank
     on each node)."""
     root = tmp_path_factory.mktemp("slurm2")
-    job = jobs.submit(
-        "slurm/teachers.sh",
-        [
-            "dataset=synthetic",
-            f"data_dir={synthetic_dir}",
-            "--rec",
-            "epochs=1",
-            "progress=false",
-            "--dialog",
-            "--deepspeed",
-            "ds_configs/zero3.json",
-            "model.preset=tiny",
-            "model.vocab_size=500",
-            "train.max_steps=8",
-            "train.eval_every=0",
-            "train.eval_max_batches=1",
-            "train.lr=5e-3",
-            "max_length=128",
-            "max_train_conversations=60",
-            "train.progress=false",
-        ],
-        root / "logs",
-        env={"CONKD_TEACHERS_DIR": str(root / "teachers")},
-    )
-    assert_completed(jobs, job, jobs.wait(job, timeout=800))
+    train_teachers(jobs, synthetic_dir, root)
     info = json.loads((root / "teachers" / "dialog" / "run_info.json").read_text())
     assert info["hosts"] == list(NODES), info
     assert (root / "teachers" / "rec" / "checkpoint" / "rec_teacher.pt").is_file()

@@ -301,7 +301,6 @@ def load_checkpoint(engine: Any, path: str | Path) -> dict[str, Any]:
     universal = meta.get("world_size") not in (None, get_world_size())
     if universal:
         run_on_main(to_universal, path, int(meta["world_size"]))
-    if universal:
         try:
             load_universal(engine, path / UNIVERSAL)
         except Exception as e:
@@ -313,14 +312,7 @@ def load_checkpoint(engine: Any, path: str | Path) -> dict[str, Any]:
             ) from e
         return meta
     try:
-        load_path, _ = engine.load_checkpoint(
-            str(path.parent),
-            tag=path.name,
-            load_optimizer_states=True,
-            load_lr_scheduler_states=True,
-        )
-        if load_path is None:
-            raise RuntimeError("DeepSpeed found no checkpoint files there")
+        _load_engine_state(engine, path)
     except Exception as e:
         why = f"DeepSpeed could not load it ({type(e).__name__}: {str(e)[:300]})"
         barrier()
@@ -389,16 +381,21 @@ def load_universal(engine: Any, folder: Path) -> None:
     before = config.load_universal_checkpoint
     config.load_universal_checkpoint = True
     try:
-        load_path, _ = engine.load_checkpoint(
-            str(folder.parent),
-            tag=folder.name,
-            load_optimizer_states=True,
-            load_lr_scheduler_states=True,
-        )
+        _load_engine_state(engine, folder)
     finally:
         config.load_universal_checkpoint = before
+
+
+def _load_engine_state(engine: Any, folder: Path) -> None:
+    """DeepSpeed's model, optimizer and LR-scheduler state from ``folder`` (collective)."""
+    load_path, _ = engine.load_checkpoint(
+        str(folder.parent),
+        tag=folder.name,
+        load_optimizer_states=True,
+        load_lr_scheduler_states=True,
+    )
     if load_path is None:
-        raise RuntimeError(f"DeepSpeed found no universal checkpoint in {folder}")
+        raise RuntimeError(f"DeepSpeed found no checkpoint files in {folder}")
 
 
 def resolve_resume(resume: str, root: str | Path) -> Path | None:

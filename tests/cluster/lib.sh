@@ -7,6 +7,9 @@
 #                          so it serves every network namespace as well)
 #   stop_pidfile NAME FILE SIGTERM, then SIGKILL after 15 s, to the pid in FILE
 #   stop_munge_if_unused   stop munged unless a test-cluster controller still runs
+#   slurm_conf_common      the slurm.conf lines both test clusters share
+#   cancel_jobs            cancel every job of the cluster $SLURM_CONF names (if its controller
+#                          answers) and wait up to 30 s for them to end
 # Facts behind them: ../shared/docs/LOCAL_CLUSTER.md.
 
 TIMEOUT=${SLURM_START_TIMEOUT:-60}
@@ -101,4 +104,43 @@ stop_munge_if_unused() {
         fi
     done
     stop_pidfile munged /run/munge/munged.pid
+}
+
+slurm_conf_common() { # the slurm.conf settings of every test cluster
+    cat <<'EOF'
+SlurmUser=root
+AuthType=auth/munge
+CredType=cred/munge
+MpiDefault=none
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+ReturnToService=2
+SlurmdTimeout=60
+# a killed or cancelled job's processes get SIGKILL this many seconds after SIGTERM
+KillWait=10
+# test speed: a requeued job may start again after cred_expire s (default 120), and the
+# scheduler looks at pending jobs every few seconds (default 60; backfill 30)
+AuthInfo=cred_expire=10
+SchedulerParameters=sched_interval=2,bf_interval=5
+EOF
+}
+
+cancel_jobs() {
+    local jobs
+    if command -v scontrol >/dev/null && scontrol ping 2>/dev/null | grep -q "is UP"; then
+        jobs=$(squeue -h -o %A 2>/dev/null | tr '\n' ' ')
+        if [[ -n ${jobs// /} ]]; then
+            log "cancelling jobs $jobs"
+            # shellcheck disable=SC2086
+            scancel $jobs 2>/dev/null
+            for _ in $(seq 30); do
+                [[ -z $(squeue -h -t R,CG -o %A 2>/dev/null) ]] && break
+                sleep 1
+            done
+        fi
+    fi
 }

@@ -54,24 +54,7 @@ cat >"$CONF" <<EOF
 $MARK ($(date -u +%FT%TZ))
 ClusterName=ci
 SlurmctldHost=$NODE(127.0.0.1)
-SlurmUser=root
-AuthType=auth/munge
-CredType=cred/munge
-MpiDefault=none
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-ReturnToService=2
-SlurmdTimeout=60
-# a killed or cancelled job's processes get SIGKILL this many seconds after SIGTERM
-KillWait=10
-# test speed: a requeued job may start again after cred_expire s (default 120), and the
-# scheduler looks at pending jobs every few seconds (default 60; backfill 30)
-AuthInfo=cred_expire=10
-SchedulerParameters=sched_interval=2,bf_interval=5
+$(slurm_conf_common)
 StateSaveLocation=/var/spool/slurmctld
 SlurmdSpoolDir=/var/spool/slurmd
 SlurmctldPidFile=/run/slurmctld.pid

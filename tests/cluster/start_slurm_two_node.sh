@@ -116,24 +116,7 @@ ClusterName=ci2
 SlurmctldHost=$ctl_host($NET.1)
 SlurmctldPort=6917
 SlurmdPort=6818
-SlurmUser=root
-AuthType=auth/munge
-CredType=cred/munge
-MpiDefault=none
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-ReturnToService=2
-SlurmdTimeout=60
-# a killed or cancelled job's processes get SIGKILL this many seconds after SIGTERM
-KillWait=10
-# test speed: a requeued job may start again after cred_expire s (default 120), and the
-# scheduler looks at pending jobs every few seconds (default 60; backfill 30)
-AuthInfo=cred_expire=10
-SchedulerParameters=sched_interval=2,bf_interval=5
+$(slurm_conf_common)
 StateSaveLocation=/var/spool/slurmctld-two-node
 SlurmctldPidFile=$CTLD_PID
 SlurmctldLogFile=/var/log/slurm/slurmctld-two-node.log

@@ -20,18 +20,7 @@ if [[ ! -f $CONF ]] || ! grep -qF "$MARK" "$CONF"; then
     exit 0
 fi
 
-if command -v scontrol >/dev/null && scontrol ping 2>/dev/null | grep -q "is UP"; then
-    jobs=$(squeue -h -o %A 2>/dev/null | tr '\n' ' ')
-    if [[ -n ${jobs// /} ]]; then
-        log "cancelling jobs $jobs"
-        # shellcheck disable=SC2086
-        scancel $jobs 2>/dev/null
-        for _ in $(seq 30); do
-            [[ -z $(squeue -h -t R,CG -o %A 2>/dev/null) ]] && break
-            sleep 1
-        done
-    fi
-fi
+cancel_jobs
 
 stop_pidfile slurmd /run/slurmd.pid
 stop_pidfile slurmctld /run/slurmctld.pid
