@@ -115,7 +115,7 @@ def conkd_row_kernel_sparse(
             stl = stl * rescale + tl.where(in_tail, ezt, 0.0)
             mz = mz_new
         log_sz = tl.log(tl.sum(sz, 0))
-        if TEMPERED:
+        if TEMPERED:  # noqa: SIM108 (a compile-time branch)
             log_szt = tl.log(tl.sum(szt, 0))
         else:
             log_szt = log_sz
@@ -167,7 +167,7 @@ def conkd_row_kernel_sparse(
             z = tl.load(z_row + offs, mask=mask, other=NEG_INF).to(ACC)
             logps = (z - mz) * inv_tau - log_szt
             ps = tl.exp(logps)
-            if TEMPERED:  # noqa: SIM108 (a compile-time branch)
+            if TEMPERED:
                 g = w_ce * tl.exp((z - mz) - log_sz) + a_kd * ps * (1.0 - (1.0 - lam) * rho)
             else:
                 g = (w_ce + a_kd * (1.0 - (1.0 - lam) * rho)) * ps
@@ -189,7 +189,7 @@ def conkd_row_kernel_sparse(
         if WRITE_GRAD:
             tl.debug_barrier()
             ps_k = tl.exp(logs_k)
-            if TEMPERED:  # noqa: SIM108
+            if TEMPERED:
                 g_k = w_ce * tl.exp((z_k - mz) - log_sz) + a_kd * ps_k
             else:
                 g_k = (w_ce + a_kd) * ps_k
