@@ -7,12 +7,21 @@ then analyse the gate and write a report with figures.
         --dataset redial --data-dir ../shared/data/redial --launcher slurm \
         --output-dir runs/scaling/redial sbatch=--partition=gpu,--time=12:00:00
     python launch/scaling_study.py ... --ablations oracle,no_kg     # ablation runs by name
+    python launch/scaling_study.py ... seeds=0,1,2 seed_sizes=tiny eta=auto \
+        teachers_dir=runs/results/redial/teachers   # seed spread at tiny; the table's D, R
+    python launch/scaling_study.py --config configs/scaling_redial.yaml \
+        teachers_dir=runs/results/redial/teachers   # the ReDial study (its header says more)
 
 Finished runs are skipped, so the same command resumes a study (and, after a SLURM sweep,
-analyses it). Writes report.md, summary.json and figures/*.png into OUT (or report_dir=DIR);
-relative paths are taken from the project root. Options: conkd_scale/scaling/config.py
-(StudyConfig) and conkd_scale/jobs.py (JobOptions); per-student settings go in
-distill=key=value,... (launch/distill.py's), or distill='["k=v,w", ...]' when one holds a comma.
+analyses it); a trained student whose settings differ from the command's (η, seed, epochs,
+...) stops the study with an error instead of being reused. The report gives each metric
+as mean ± sd over seeds where several ran, and hard − soft per size with the seed sd and a
+paired-bootstrap interval over test turns, η (auto: the value chosen on the validation
+split) and whether D's hard gate opened at all. Writes report.md, summary.json and
+figures/*.png into OUT (or report_dir=DIR); relative paths are taken from the project root.
+Options: conkd_scale/scaling/config.py (StudyConfig) and conkd_scale/jobs.py (JobOptions);
+per-student settings go in distill=key=value,... (launch/distill.py's), or
+distill='["k=v,w", ...]' when one holds a comma.
 """
 
 from __future__ import annotations

@@ -22,7 +22,6 @@ from conkd_scale.scaling.analysis import (
     training_curves,
 )
 from conkd_scale.scaling.config import StudyConfig
-from conkd_scale.scaling.reading import compare, reading
 from conkd_scale.utils.errors import ConfigError, DataError
 from conkd_scale.utils.procs import ROOT
 
@@ -152,64 +151,6 @@ def test_size_trend() -> None:
     assert size_trend([1e6, 1e7], [0.1, None]) is None
 
 
-def _summary(f1: dict[tuple[str, str], float], n: int) -> dict:
-    gate = {
-        "m_gold": 0.6,
-        "m_other": 0.01,
-        "n_gold": 100,
-        "n_other": 2000,
-        "fires": 0.05,
-        "precision": 0.9,
-        "recall": 0.8,
-        "f1": 0.85,
-        "profile": {"mean_rec_turn": 0.9, "mean_chat_turn": 0.1},
-    }
-    params = {"tiny": 1_000_000, "small": 8_000_000}
-    runs = [
-        {
-            "name": f"{s}-{v}",
-            "size": s,
-            "variant": v,
-            "params": params[s],
-            "metrics": {"F1@1": x, "ReR@1": x, "R@10": 0.1, "PPL": 20.0, "Dist-2": 0.3},
-            "recommendation_turns": n,
-            "gate": {**gate, "f1": 0.5 if s == "tiny" else 0.7},
-        }
-        for (s, v), x in f1.items()
-    ]
-    return {
-        "eta": 0.5,
-        "sizes": ["tiny", "small"],
-        "variants": ["hard", "soft"],
-        "runs": runs,
-        "teacher": {"gate": gate, "metrics": {"PPL": 15.0}},
-    }
-
-
-def test_reading_states_whether_the_papers_pattern_appears() -> None:
-    pattern = {
-        ("tiny", "hard"): 0.20,
-        ("tiny", "soft"): 0.10,
-        ("small", "hard"): 0.10,
-        ("small", "soft"): 0.20,
-    }
-    cmp = compare(_summary(pattern, 2000), "hard", "soft", "F1@1")
-    assert [c["diff"] for c in cmp] == [pytest.approx(0.1), pytest.approx(-0.1)]
-    assert all(c["clear"] for c in cmp)  # SE ≈ 0.011 at n = 2000
-    text = "\n".join(reading(_summary(pattern, 2000)))
-    assert "appears, and both gaps exceed twice their standard error" in text
-    assert "D puts a mean item mass of 0.600" in text
-    assert "improves with size" in text  # student gate F1 0.5 -> 0.7
-    # the same gaps on 20 turns are within noise
-    assert "appears in direction, but not clearly" in "\n".join(reading(_summary(pattern, 20)))
-    reverse = {k: 0.3 - v for k, v in pattern.items()}
-    text = "\n".join(reading(_summary(reverse, 2000)))
-    assert "does not appear: on F1@1, the soft gate leads at the smallest size" in text
-    tie = {k: 0.1 for k in pattern}
-    text = "\n".join(reading(_summary(tie, 2000)))
-    assert "the two gates tie at the smallest size and the two gates tie at the largest" in text
-
-
 @pytest.mark.parametrize(
     ("override", "message"),
     [
@@ -218,6 +159,11 @@ def test_reading_states_whether_the_papers_pattern_appears() -> None:
         ("ablations=bogus", "unknown run 'bogus'"),
         ("dataset=redial", "data_dir is required"),
         ("nproc=0", "nproc: expected >= 1"),
+        ("seeds=", "seeds: give at least one seed"),
+        ("seeds=0,1,0", r"seeds: repeated seed in \[0, 1, 0\]"),
+        ("seed_sizes=", "seed_sizes: give at least one size"),
+        ("seed_sizes=tiny,medium", r"seed_sizes: 'medium' is not one of sizes \['tiny', 'mini'"),
+        ("bootstrap_resamples=0", "bootstrap_resamples: expected >= 1"),
     ],
 )
 def test_study_config_errors(override: str, message: str) -> None:
@@ -228,6 +174,86 @@ def test_study_config_errors(override: str, message: str) -> None:
 def test_study_runs_smallest_size_first() -> None:
     cfg = build_config(StudyConfig, None, ["sizes=small,tiny", "gates=soft", "ablations=no_kg"])
     assert [r.name for r in cfg.runs()] == ["tiny-soft", "tiny-no_kg", "small-soft", "small-no_kg"]
+    # no seeds given: every student runs the teachers' seed, under the unsuffixed name
+    cfg = build_config(StudyConfig, None, ["sizes=small,tiny", "seed=7"])
+    assert {r.seed for r in cfg.runs()} == {7} and cfg.student_seeds == [7]
+
+
+def test_study_runs_every_seed_at_the_seed_sizes_only() -> None:
+    from conkd_scale.scaling.sweep import Study
+
+    cfg = build_config(StudyConfig, None, ["sizes=small,tiny,mini", "seeds=3,1,2", "seed=5"])
+    assert cfg.seeded_sizes == ["tiny"]  # default: the smallest size
+    names = [(r.name, r.seed) for r in cfg.runs()]
+    assert names == [
+        ("tiny-hard", 3),  # the first seed keeps the name of a study without seeds
+        ("tiny-soft", 3),
+        ("tiny-hard-s1", 1),
+        ("tiny-soft-s1", 1),
+        ("tiny-hard-s2", 2),
+        ("tiny-soft-s2", 2),
+        ("mini-hard", 3),
+        ("mini-soft", 3),
+        ("small-hard", 3),
+        ("small-soft", 3),
+    ]
+    jobs = {j.name: j for j in Study(cfg).jobs()}
+    args = jobs["tiny-soft-s1"].distill
+    assert args is not None and "train.seed=1" in args and "student.preset=tiny" in args
+    assert 'teachers.rec_overrides=["seed=5"]' in args  # the teachers keep ``seed``
+    assert "train.seed=3" in (jobs["small-hard"].distill or [])
+    cfg = build_config(StudyConfig, None, ["sizes=tiny,small", "seeds=0,1", "seed_sizes=small"])
+    assert [r.name for r in cfg.runs()][-2:] == ["small-hard-s1", "small-soft-s1"]
+    assert len(cfg.runs()) == 6
+
+
+def test_study_finds_the_results_tables_teachers(tmp_path: Path) -> None:
+    """teachers_dir=<the table's work_dir>/teachers: R and D are read, not trained."""
+    from conkd_scale.jobs import ROW
+    from conkd_scale.rec.train import CHECKPOINT_DIR, CHECKPOINT_FILE
+    from conkd_scale.results.table import ResultsConfig, ResultsTable
+    from conkd_scale.scaling.sweep import Study
+
+    work = tmp_path / "results_work"
+    table = ResultsTable(build_config(ResultsConfig, None, [f"work_dir={work}"]))
+    rec, dialog = table._teacher_dirs(ROW["hard"])
+    (rec / CHECKPOINT_DIR).mkdir(parents=True)
+    (rec / CHECKPOINT_DIR / CHECKPOINT_FILE).write_bytes(b"")
+    (dialog / "hf").mkdir(parents=True)
+    (dialog / "hf" / "config.json").write_text("{}")
+    cfg = build_config(
+        StudyConfig, None, [f"teachers_dir={work / 'teachers'}", f"output_dir={tmp_path / 's'}"]
+    )
+    assert cfg.teacher_dirs(ROW["hard"]) == (rec, dialog)
+    jobs = Study(cfg).jobs()
+    assert not any(j.trains_teachers for j in jobs)
+    assert f"teachers.dialog_dir={dialog}" in (jobs[0].distill or [])
+    assert jobs[-1].evaluate[jobs[-1].evaluate.index("--model") + 1] == str(dialog / "hf")
+
+
+def test_a_trained_student_with_other_settings_is_not_reused(tmp_path: Path) -> None:
+    from conkd_scale.distill.config import DistillConfig
+    from conkd_scale.scaling.reuse import distill_config
+    from conkd_scale.scaling.sweep import Study
+
+    base = [f"output_dir={tmp_path}", "sizes=tiny", "gates=hard"]
+    old = Study(build_config(StudyConfig, None, [*base, "eta=0.5"]))
+    run = old.cfg.runs()[0]
+    out = old.cfg.run_dir(run)
+    (out / "hf").mkdir(parents=True)
+    (out / "hf" / "config.json").write_text("{}")
+    (out / "config.json").write_text(json.dumps(distill_config(old._distill_args(run))))
+    old.check_reuse()  # the same settings: reused
+    # cadence and logging may differ
+    Study(build_config(StudyConfig, None, [*base, "distill=train.eval_every=7"])).check_reuse()
+    new = Study(build_config(StudyConfig, None, [*base, "eta=auto", "distill=train.epochs=3"]))
+    with pytest.raises(ConfigError) as e:
+        new.check_reuse()
+    msg = str(e.value)
+    assert "student tiny-hard" in msg and "another output_dir" in msg
+    assert "loss.gate.eta: 0.5 when trained, 'auto' now" in msg
+    default = DistillConfig().train.epochs
+    assert f"train.epochs: {default!r} when trained, 3.0 now" in msg
 
 
 def test_study_paths_do_not_depend_on_the_working_directory(
@@ -263,3 +289,173 @@ def test_manifest_cli_prints_one_argument_per_line_and_names_a_bad_index(
     assert main([str(path), "2", "evaluate"]) == 2
     assert f"{path}: no line 2 (it has 2 jobs)" in capsys.readouterr().err
     assert main([str(path), "0", "train"]) == 2  # not a part of a job: the usage
+
+
+# ---------------------------------------------------------------- seeds and the verdict
+N_TURNS = 40  # recommendation turns of the hand-made test split
+
+
+def _generations(hits: int) -> list[dict]:
+    """Per-turn records as launch/evaluate.py writes them: the first ``hits`` turns name the
+    gold item (F1@1 = ReR@1 = R-agree@1 = hits / N), every turn has NLL 2 on 1 token."""
+    return [
+        {
+            "conv_id": f"c{n}",
+            "turn_index": 1,
+            "is_recommendation": True,
+            "gold_items": ["g"],
+            "items": ["g"] if n < hits else ["x"],
+            "r_top1": "g",
+            "nll": 2.0,
+            "ppl_tokens": 1,
+        }
+        for n in range(N_TURNS)
+    ]
+
+
+def _trace(masses: list[float]) -> str:
+    return "".join(
+        json.dumps({"conv_id": f"c{n}", "turn_index": 1, "is_recommendation": True,
+                    "item_mass": [m, 0.01], "gold_item_pos": [0]}) + "\n"
+        for n, m in enumerate(masses)
+    )  # fmt: skip
+
+
+def _write_run(ev: Path, run_dir: Path | None, hits: int, info: dict, gate: float) -> None:
+    ev.mkdir(parents=True)
+    rate = hits / N_TURNS
+    metrics = {"F1@1": rate, "ReR@1": rate, "R-agree@1": rate, "R@10": 0.1,
+               "PPL": float(np.exp(2.0)), "Dist-2": 0.3,
+               "counts": {"recommendation_turns": N_TURNS}}  # fmt: skip
+    (ev / "metrics.json").write_text(json.dumps(metrics))
+    (ev / "gate_trace.jsonl").write_text(_trace([0.2, 0.1, 0.05]))
+    (ev / "generations.jsonl").write_text("".join(json.dumps(g) + "\n" for g in _generations(hits)))
+    if run_dir is not None:
+        run_dir.mkdir(parents=True)
+        (run_dir / "run_info.json").write_text(json.dumps(info))
+        rows = [{"kind": "train", "step": s, "gate_mean": gate} for s in (1, 2)]
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+CALIBRATION = {
+    "split": "valid",
+    "eta": 0.23,
+    "at_eta": {"eta": 0.23, "precision": 0.57, "recall": 0.51, "f1": 0.54},
+    "at_0.5": {"eta": 0.5, "precision": 0.76, "recall": 0.21, "f1": 0.33},
+}
+
+
+def _fake_study(tmp_path: Path, hits: dict[tuple[str, str, int], int], extra: list[str]):
+    """A study directory with every run's outputs written by hand (no model): η = auto
+    chose 0.23 on the validation split; D's item mass stays below it (a closed gate)."""
+    cfg = build_config(
+        StudyConfig,
+        None,
+        [f"output_dir={tmp_path}", "sizes=tiny,small", "eta=auto", "bootstrap_resamples=300",
+         *extra],
+    )  # fmt: skip
+    params = {"tiny": 1_000_000, "small": 8_000_000}
+    for run in cfg.runs():
+        info = {"student_params": params[run.size], "eta": 0.23, "gate_calibration": CALIBRATION}
+        gate = 0.0 if run.row.key == "hard" else 0.1
+        _write_run(cfg.eval_dir(run.name), cfg.run_dir(run),
+                   hits[run.size, run.row.key, run.seed], info, gate)  # fmt: skip
+    _write_run(cfg.eval_dir("teacher-dialog"), None, 2, {}, 0.0)
+    return cfg
+
+
+PATTERN_HITS = {  # tiny: hard ahead at every seed; small (one seed): soft ahead
+    ("tiny", "hard", 0): 20,
+    ("tiny", "hard", 1): 21,
+    ("tiny", "hard", 2): 19,
+    ("tiny", "soft", 0): 10,
+    ("tiny", "soft", 1): 10,
+    ("tiny", "soft", 2): 10,
+    ("small", "hard", 0): 10,
+    ("small", "soft", 0): 20,
+}
+
+
+def test_report_with_seeds_gives_the_verdict_with_its_uncertainty(tmp_path: Path) -> None:
+    from conkd_scale.scaling.report import write_report
+
+    cfg = _fake_study(tmp_path, PATTERN_HITS, ["seeds=0,1,2"])
+    summary = write_report(cfg)
+    assert summary["eta"] == 0.23 and summary["eta_config"] == "auto"
+    assert summary["eta_calibration"]["at_eta"]["precision"] == 0.57
+    assert summary["seeds"] == [0, 1, 2] and summary["seed_sizes"] == ["tiny"]
+    tiny_hard = next(g for g in summary["groups"] if g["name"] == "tiny-hard")
+    assert tiny_hard["seeds"] == [0, 1, 2]
+    assert tiny_hard["metrics"]["F1@1"] == pytest.approx(0.5)  # (20 + 21 + 19) / 3 / 40
+    assert tiny_hard["metrics_sd"]["F1@1"] == pytest.approx(0.025)
+    small_hard = next(g for g in summary["groups"] if g["name"] == "small-hard")
+    assert small_hard["seeds"] == [0] and small_hard["metrics_sd"] == {}
+    # the gate: D's mass (≤ 0.2) never exceeds η = 0.23, and the hard runs logged λ = 0
+    st = summary["gate_status"]
+    assert st["closed"] and st["train_rate"] == 0.0 and st["test"]["fires"] == 0.0
+    v = summary["verdict"]
+    tiny, small = v["sizes"]
+    f1 = tiny["metrics"]["F1@1"]
+    assert tiny["seeds"] == [0, 1, 2]
+    assert f1["per_seed"] == {0: pytest.approx(0.25), 1: pytest.approx(0.275),
+                              2: pytest.approx(0.225)}  # fmt: skip
+    assert f1["diff"] == pytest.approx(0.25) and f1["sd"] == pytest.approx(0.025)
+    assert f1["bootstrap_diff"] == pytest.approx(0.25) and f1["turns"] == N_TURNS
+    assert f1["ci95"][0] > 0 and f1["clear"]
+    s1 = small["metrics"]["F1@1"]
+    assert s1["diff"] == pytest.approx(-0.25) and s1["sd"] is None
+    assert s1["seed_sd_borrowed"] and s1["seed_sd_ref"] == pytest.approx(0.025)
+    assert s1["ci95"][1] < 0 and s1["clear"]
+    assert small["metrics"]["PPL"]["diff"] == 0.0 and not small["metrics"]["PPL"]["clear"]
+    assert v["pattern"] == "appears" and v["closed_gate"]
+    report = (tmp_path / "report.md").read_text()
+    assert "it appears: both gaps are clear" in report
+    assert "tiny +0.250 ± 0.025 (3 seeds) [95% CI +0." in report
+    assert "small -0.250 (1 seed) [95% CI -0." in report
+    assert "Closed gate: hard row = dialogue-only KD" in report
+    assert "says nothing about the hard gate itself" in report
+    assert "The seed spread was measured at tiny (seeds 0, 1, 2" in report
+    assert "small ran seed 0 only (single-seed rows)" in report
+    assert "η = 0.230 (η = auto: the F1-best hard-gate threshold on the validation split" in report
+    assert "precision 0.570 and recall 0.510" in report
+    assert "| tiny | 1.00 M | hard | 0,1,2 | 0.500 ± 0.025 |" in report
+    assert json.loads((tmp_path / "summary.json").read_text())["eta"] == 0.23
+
+
+def test_verdict_when_the_gap_is_within_seed_noise_or_reversed(tmp_path: Path) -> None:
+    from conkd_scale.scaling.collect import collect
+    from conkd_scale.scaling.reading import reading
+
+    noisy = {**PATTERN_HITS, ("tiny", "hard", 1): 30, ("tiny", "hard", 2): 11}  # sd 0.24
+    v = collect(_fake_study(tmp_path / "a", noisy, ["seeds=0,1,2"]))["verdict"]
+    tiny, small = (c["metrics"]["F1@1"] for c in v["sizes"])
+    assert tiny["sd"] == pytest.approx(0.2386, abs=1e-3) and not tiny["clear"]
+    assert small["seed_noise"] == pytest.approx(2 * tiny["sd"]) and not small["clear"]
+    assert v["pattern"] == "direction"
+    reverse = {k: 30 - h for k, h in PATTERN_HITS.items()}
+    summary = collect(_fake_study(tmp_path / "b", reverse, ["seeds=0,1,2"]))
+    assert summary["verdict"]["pattern"] == "absent"
+    text = "\n".join(reading(summary))
+    assert "it does not appear" in text
+    assert "the soft gate leads at the smallest size and the hard gate leads at the largest" in text
+
+
+def test_single_seed_study_says_no_seed_spread_and_an_open_gate_is_not_closed(
+    tmp_path: Path,
+) -> None:
+    from conkd_scale.scaling.collect import collect
+    from conkd_scale.scaling.reading import reading
+    from conkd_scale.scaling.verdict import gate_status
+
+    summary = collect(_fake_study(tmp_path, PATTERN_HITS, []))
+    assert summary["seeds"] == [0]
+    tiny = summary["verdict"]["sizes"][0]["metrics"]["F1@1"]
+    assert tiny["sd"] is None and tiny["seed_noise"] is None  # only the interval decides
+    assert tiny["clear"] and summary["verdict"]["pattern"] == "appears"
+    text = "\n".join(reading(summary))
+    assert "no seed spread was measured" in text
+    gate = {"fires": 0.0, "precision": None, "recall": 0.0, "f1": None}
+    opened = [{"curves": {"train": {"gate_mean": [0.0, 0.02]}}}]
+    st = gate_status(gate, opened, 0.23, None)
+    assert not st["closed"] and st["train_rate"] == pytest.approx(0.01)
+    assert gate_status(gate, [], 0.5, None)["closed"]  # no training log: the test split

@@ -1,5 +1,6 @@
-"""launch/scaling_study.py end to end on the synthetic corpus (local launcher, DeepSpeed),
-and a resumed study that skips finished runs and re-runs only what is missing."""
+"""launch/scaling_study.py end to end on the synthetic corpus (local launcher, DeepSpeed):
+two seeds at the smallest size, η = auto; a resumed study that skips finished runs and
+re-runs only what is missing, and refuses to reuse them under another η."""
 
 from __future__ import annotations
 
@@ -45,6 +46,8 @@ def study_args(data: Path, out: Path) -> list[str]:
         str(out),
         "nproc=1",
         "max_turns=30",
+        "seeds=0,1",
+        "eta=auto",
         "rec=epochs=4",
         "dialog=model.preset=tiny,model.vocab_size=500,train.max_steps=40,train.eval_every=0,"
         "train.lr=5e-3,train.progress=false",
@@ -69,9 +72,26 @@ def test_study_writes_the_report_with_its_figures(study: Path) -> None:
     assert [r["name"] for r in summary["runs"]] == [
         "tiny-hard",
         "tiny-soft",
+        "tiny-hard-s1",
+        "tiny-soft-s1",
         "mini-hard",
         "mini-soft",
     ]
+    info = json.loads((study / "runs" / "tiny-hard-s1" / "run_info.json").read_text())
+    config = json.loads((study / "runs" / "tiny-hard-s1" / "config.json").read_text())
+    assert config["train"]["seed"] == 1 and config["loss"]["gate"]["eta"] == "auto"
+    # η = auto: the value chosen on the validation split, recorded by the runs
+    assert summary["eta_config"] == "auto" and summary["eta"] == info["eta"]
+    assert 0 <= summary["eta"] <= 1 and summary["eta_calibration"]["split"] == "valid"
+    groups = {g["name"]: g for g in summary["groups"]}
+    assert groups["tiny-hard"]["seeds"] == [0, 1] and groups["mini-hard"]["seeds"] == [0]
+    assert groups["tiny-hard"]["metrics_sd"]["PPL"] is not None
+    tiny, mini = summary["verdict"]["sizes"]
+    assert tiny["seeds"] == [0, 1] and mini["seeds"] == [0]
+    ppl = tiny["metrics"]["PPL"]
+    assert ppl["sd"] is not None and ppl["ci95"] is not None and ppl["turns"] == 30
+    assert ppl["bootstrap_diff"] == pytest.approx(ppl["diff"], rel=1e-3, abs=1e-3)
+    assert summary["gate_status"]["train_rate"] is not None
     params = {r["size"]: r["params"] for r in summary["runs"]}
     assert 0 < params["tiny"] < params["mini"]
     for r in summary["runs"]:
@@ -87,7 +107,9 @@ def test_study_writes_the_report_with_its_figures(study: Path) -> None:
     t = summary["teacher"]["gate"]
     assert t["turns"] == 30 and t["n_gold"] > 0
     report = (study / "report.md").read_text()
-    assert "D's gate." in report and "The paper's pattern" in report
+    assert "D's gate." in report and "Verdict on the paper's pattern" in report
+    assert "The seed spread was measured at tiny (seeds 0, 1" in report
+    assert "## Hard − soft" in report
     for name in FIGURES:
         assert f"figures/{name}" in report
     # the written reading quotes the measured numbers
@@ -104,10 +126,15 @@ def test_resumed_study_skips_finished_runs(
     assert _launcher().main(study_args(synthetic_dir, study)) == 0
     out = capsys.readouterr()
     text = out.out + out.err
-    assert text.count("finished before, skipped") == 4
+    assert text.count("finished before, skipped") == 6
     after = {p.name: p.stat().st_mtime_ns for p in logs.glob("*.log")}
     changed = sorted(n for n in after if after[n] != before.get(n))
     assert changed == ["mini-soft.eval.log"]  # no distillation ran again
     assert (study / "eval" / "mini-soft" / "gate_trace.jsonl").is_file()
     walls = json.loads((logs / "study.json").read_text())["run_walls_s"]
     assert "tiny-hard/train" in walls and "mini-soft/eval" in walls  # kept across invocations
+    # the paper's η = 0.5 into the same directory: the trained students are not reused
+    capsys.readouterr()
+    assert _launcher().main([*study_args(synthetic_dir, study), "eta=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "loss.gate.eta: 'auto' when trained, 0.5 now" in err

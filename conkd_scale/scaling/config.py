@@ -2,9 +2,13 @@
 
 Layout of ``OUT`` (``StudyConfig.output_dir``)::
 
-    teachers/{rec,dialog,...}      R and D (trained by the first student that needs them)
-    runs/<size>-<variant>/         each student's distillation (config, metrics.jsonl, hf/)
-    eval/<size>-<variant>/         its evaluation: metrics.json, generations.jsonl,
+    teachers/{rec,dialog,...}      R and D (trained by the first student that needs them);
+                                   teachers_dir=DIR reads them from DIR instead (the results
+                                   table's <work_dir>/teachers has this same layout)
+    runs/<size>-<variant>[-s<seed>]/  each student's distillation (config, metrics.jsonl,
+                                   run_info.json with the η it used, hf/); no suffix: the
+                                   first of ``seeds``
+    eval/<size>-<variant>[-s<seed>]/  its evaluation: metrics.json, generations.jsonl,
                                    gate_trace.jsonl (the student's own item mass per token)
     eval/teacher-dialog/           D's evaluation and gate trace (the gate λ the students saw)
     logs/                          one log per job; manifest.jsonl (SLURM); study.json
@@ -12,6 +16,10 @@ Layout of ``OUT`` (``StudyConfig.output_dir``)::
     figures/*.png                  report_dir instead when it is set
 
 A run is finished when its ``eval/<name>/metrics.json`` and ``gate_trace.jsonl`` exist.
+
+Seeds: every student of a size in ``seed_sizes`` (default: the smallest size) runs with each
+of ``seeds`` (default: ``[seed]``); the other sizes run the first seed only. ``seed`` is the
+teachers' seed (when the study trains them).
 """
 
 from __future__ import annotations
@@ -46,6 +54,11 @@ class StudyConfig(JobOptions):
     sbatch: list[str] = field(default_factory=list)  # slurm: extra sbatch options
     submit_only: bool = False  # slurm: submit and return (run again later to analyse)
     poll_s: float = 30.0  # slurm: how often to look at the queue
+    seeds: list[int] | None = None  # students' seeds; None: [seed]
+    seed_sizes: list[str] | None = None  # sizes that run every seed; None: the smallest size
+    bootstrap_unit: Literal["turn", "conversation"] = "turn"  # hard − soft intervals: units
+    bootstrap_resamples: int = 1000
+    bootstrap_seed: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -67,6 +80,43 @@ class StudyConfig(JobOptions):
             raise ConfigError("gates and ablations are both empty: nothing to run")
         if len(set(self.sizes)) != len(self.sizes):
             raise ConfigError(f"sizes: repeated preset in {self.sizes}")
+        if self.seeds is not None and not self.seeds:
+            raise ConfigError("seeds: give at least one seed (or leave it unset: [seed])")
+        if self.seeds is not None and len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"seeds: repeated seed in {self.seeds}")
+        if self.seed_sizes is not None:
+            if not self.seed_sizes:
+                raise ConfigError(
+                    "seed_sizes: give at least one size (or leave it unset: the smallest)"
+                )
+            for s in self.seed_sizes:
+                if s not in self.sizes:
+                    raise ConfigError(f"seed_sizes: {s!r} is not one of sizes {self.sizes}")
+        if self.bootstrap_unit not in ("turn", "conversation"):
+            raise ConfigError(f"bootstrap_unit: {self.bootstrap_unit!r} is not turn/conversation")
+        if self.bootstrap_resamples < 1:
+            raise ConfigError(f"bootstrap_resamples: expected >= 1, got {self.bootstrap_resamples}")
+
+    @property
+    def student_seeds(self) -> list[int]:
+        """The students' seeds (the first: every size; the others: ``seed_sizes``)."""
+        return list(self.seeds) if self.seeds is not None else [self.seed]
+
+    @property
+    def seeded_sizes(self) -> list[str]:
+        """The sizes whose students run every seed, smallest first."""
+        sizes = self.seed_sizes if self.seed_sizes is not None else self.sorted_sizes()[:1]
+        return [s for s in self.sorted_sizes() if s in sizes]
+
+    def sorted_sizes(self) -> list[str]:
+        """``sizes``, smallest preset first."""
+        order = {name: n for n, name in enumerate(PRESETS)}
+        return sorted(self.sizes, key=order.__getitem__)
+
+    def size_seeds(self, size: str) -> list[int]:
+        """The seeds the students of ``size`` run with."""
+        seeds = self.student_seeds
+        return seeds if size in self.seeded_sizes else seeds[:1]
 
     # ------------------------------------------------------------------ paths
     @property
@@ -107,19 +157,28 @@ class StudyConfig(JobOptions):
         return [STUDENT_ROWS[k] for k in keys]
 
     def runs(self) -> list[StudyRun]:
-        """Every (size, variant) of the study, smallest size first."""
-        order = {name: n for n, name in enumerate(PRESETS)}
-        sizes = sorted(self.sizes, key=order.__getitem__)
-        return [StudyRun(size, row) for size in sizes for row in self.variants()]
+        """Every (size, seed, variant) of the study: smallest size first, then by seed."""
+        first = self.student_seeds[0]
+        return [
+            StudyRun(size, row, seed, seed == first)
+            for size in self.sorted_sizes()
+            for seed in self.size_seeds(size)
+            for row in self.variants()
+        ]
 
 
 @dataclass(frozen=True)
 class StudyRun:
-    """One student of the study: a size preset and a results-table row (the variant)."""
+    """One student of the study: a size preset, a results-table row (the variant) and the
+    student's seed (``first``: the first of the study's seeds, whose runs keep the name
+    ``<size>-<variant>`` of a study without seeds, so that they are reused)."""
 
     size: str
     row: Row
+    seed: int = 0
+    first: bool = True
 
     @property
     def name(self) -> str:
-        return f"{self.size}-{self.row.key}"
+        base = f"{self.size}-{self.row.key}"
+        return base if self.first else f"{base}-s{self.seed}"

@@ -24,19 +24,31 @@ def _plt() -> Any:
 
 
 def _plot_variants(
-    ax: Any, summary: dict[str, Any], value: Callable[[dict], Any], prefix: str
+    ax: Any,
+    summary: dict[str, Any],
+    value: Callable[[dict], Any],
+    prefix: str,
+    sd: Callable[[dict], Any] | None = None,
 ) -> bool:
-    """One line per variant: ``value(run)`` against the student's parameters (runs where it
-    is undefined are left out); whether any point was drawn."""
+    """One line per variant: ``value(group)`` (the mean over a size's seeds) against the
+    student's parameters, with ``sd(group)`` as an error bar where several seeds ran
+    (sizes where it is undefined are left out); whether any point was drawn."""
     plotted = False
     for variant in summary["variants"]:
-        rs = [r for r in summary["runs"] if r["variant"] == variant and r["params"]]
-        pts = [(r["params"], value(r)) for r in rs]
-        pts = [(x, y) for x, y in pts if y is not None]
+        rs = [r for r in summary["groups"] if r["variant"] == variant and r["params"]]
+        pts = [(r["params"], value(r), sd(r) if sd else None) for r in rs]
+        pts = [(x, y, e or 0.0) for x, y, e in pts if y is not None]
         if pts:
-            ax.plot(*zip(*pts, strict=True), "o-", label=f"{prefix}{variant}")
+            xs, ys, es = zip(*pts, strict=True)
+            ax.errorbar(xs, ys, yerr=es, fmt="o-", capsize=3, label=f"{prefix}{variant}")
             plotted = True
     return plotted
+
+
+def first_seed_runs(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """The runs of the study's first seed (one per size and variant)."""
+    first = (summary.get("seeds") or [None])[0]
+    return [r for r in summary["runs"] if r.get("seed", first) == first]
 
 
 def plot_metrics(summary: dict[str, Any], path: Path) -> None:
@@ -44,7 +56,13 @@ def plot_metrics(summary: dict[str, Any], path: Path) -> None:
     plt = _plt()
     fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.4))
     for ax, metric in zip(axes, METRICS, strict=True):
-        plotted = _plot_variants(ax, summary, lambda r, m=metric: r["metrics"][m], "")
+        plotted = _plot_variants(
+            ax,
+            summary,
+            lambda r, m=metric: r["metrics"][m],
+            "",
+            lambda r, m=metric: r["metrics_sd"].get(m),
+        )
         d = summary["teacher"]["metrics"].get(metric)
         if d is not None:
             ax.axhline(d, ls="--", c="gray", lw=1, label="D")
@@ -55,7 +73,8 @@ def plot_metrics(summary: dict[str, Any], path: Path) -> None:
 
 
 def plot_histograms(summary: dict[str, Any], path: Path) -> None:
-    """Per size: the histogram of D's item mass (the soft gate) and of each student's."""
+    """Per size: the histogram of D's item mass (the soft gate) and of each student's (its
+    first seed)."""
     plt = _plt()
     sizes = summary["sizes"]
     fig, axes = plt.subplots(1, len(sizes), figsize=(4 * len(sizes), 3.2), squeeze=False)
@@ -63,7 +82,7 @@ def plot_histograms(summary: dict[str, Any], path: Path) -> None:
     for ax, size in zip(axes[0], sizes, strict=True):
         centers = _centers(t["edges"])
         ax.plot(centers, t["fraction"], "k--", lw=1.2, label="D (the gate λ, soft)")
-        for r in summary["runs"]:
+        for r in first_seed_runs(summary):
             if r["size"] == size:
                 h = r["gate"]["histogram"]
                 ax.plot(_centers(h["edges"]), h["fraction"], drawstyle="steps-mid",
@@ -81,25 +100,31 @@ def plot_gate_pr(summary: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     t = summary["teacher"]["gate"]
     for ax, key in zip(axes, ("precision", "recall"), strict=True):
-        plotted = _plot_variants(ax, summary, lambda r, k=key: r["gate"][k], "student ")
+        plotted = _plot_variants(
+            ax,
+            summary,
+            lambda r, k=key: r["gate"][k],
+            "student ",
+            lambda r, k=key: r["gate_sd"].get(k),
+        )
         if t[key] is not None:
             ax.axhline(t[key], ls="--", c="gray", lw=1, label="D")
         _log_x(ax, plotted, summary)
         ax.set_ylim(0, 1.02)
         ax.set_xlabel("student parameters")
-        ax.set_title(f"hard gate {key} vs gold item tokens (η = {summary['eta']})")
+        ax.set_title(f"hard gate {key} vs gold item tokens (η = {summary['eta']:.3g})")
     _finish(fig, axes[0], 8, path)
 
 
 def plot_profiles(summary: dict[str, Any], path: Path) -> None:
     """The mean turn gate over the recommender turns of a conversation: D, then each
-    student of the first variant."""
+    student of the first variant (its first seed)."""
     plt = _plt()
     first = summary["variants"][0]
     panels = [("D (teacher)", summary["teacher"]["gate"]["profile"])]
     panels += [
         (f"student {r['size']} {first}", r["gate"]["profile"])
-        for r in summary["runs"]
+        for r in first_seed_runs(summary)
         if r["variant"] == first
     ]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2), squeeze=False)

@@ -1,9 +1,11 @@
 """Run a scaling study's students: locally one after another, or as a SLURM job array.
 
-Each run distils one (size, variant) student and evaluates it; one more job evaluates D for
-its gate trace (layout of ``OUT``: conkd_scale/scaling/config.py; arguments:
+Each run distils one (size, variant, seed) student and evaluates it; one more job evaluates
+D for its gate trace (layout of ``OUT``: conkd_scale/scaling/config.py; arguments:
 conkd_scale/jobs.py). A study started again skips finished runs, and a distillation whose
-``hf/`` exists is not trained again (an interrupted one resumes from its newest checkpoint).
+``hf/`` exists is not trained again (an interrupted one resumes from its newest checkpoint)
+unless its recorded settings differ from the study's (:mod:`~conkd_scale.scaling.reuse`:
+then the study stops before running anything).
 
 SLURM: the unfinished runs go into ``logs/manifest.jsonl`` and ``slurm/sweep.sh`` runs line
 ``$SLURM_ARRAY_TASK_ID``. Runs that would train a missing teacher are submitted first, one
@@ -33,6 +35,7 @@ from conkd_scale.jobs import (
 from conkd_scale.scaling.config import TEACHER_EVAL, TEACHER_ROW, StudyConfig, StudyRun
 from conkd_scale.scaling.manifest import write_manifest
 from conkd_scale.scaling.report import write_report
+from conkd_scale.scaling.reuse import check_reusable
 from conkd_scale.utils.io import write_json
 from conkd_scale.utils.procs import ROOT, run_logged
 
@@ -59,15 +62,26 @@ class Study:
         self.walls: dict[str, float] = {}
 
     # ------------------------------------------------------------------ jobs
+    def _distill_args(self, run: StudyRun) -> list[str]:
+        cfg = self.cfg
+        rec_dir, dialog_dir = cfg.teacher_dirs(run.row)
+        extra = [f"student.preset={run.size}", "train.progress=false"]
+        return distill_args(
+            cfg,
+            run.row,
+            out=cfg.run_dir(run),
+            rec_dir=rec_dir,
+            dialog_dir=dialog_dir,
+            extra=extra,
+            seed=run.seed,
+        )
+
     def _student_job(self, run: StudyRun) -> Job:
         cfg = self.cfg
         teachers = cfg.teacher_dirs(run.row)
         out = cfg.run_dir(run)
         trained = student_trained(out)
-        extra = [f"student.preset={run.size}", "train.progress=false"]
-        dargs = distill_args(
-            cfg, run.row, out=out, rec_dir=teachers[0], dialog_dir=teachers[1], extra=extra
-        )
+        dargs = self._distill_args(run)
         eval_out = cfg.eval_dir(run.name)
         eargs = evaluate_args(
             cfg, run.row, out=eval_out, model=out / "hf", rec_dir=teachers[0], extra=TRACE
@@ -86,6 +100,12 @@ class Study:
         )
         jobs.append(Job(TEACHER_EVAL, None, eargs, (rec_dir, dialog_dir), False))
         return jobs
+
+    def check_reuse(self) -> None:
+        """Refuse to reuse a trained student whose settings differ from this study's."""
+        for run in self.cfg.runs():
+            if student_trained(self.cfg.run_dir(run)):
+                check_reusable(run.name, self.cfg.run_dir(run), self._distill_args(run))
 
     def pending(self) -> list[Job]:
         return [j for j in self.jobs() if not self.cfg.finished(j.name)]
@@ -176,6 +196,7 @@ class Study:
     # ------------------------------------------------------------------ entry
     def run(self) -> dict[str, Any] | None:
         """Run what is missing, then analyse; ``None`` when only submitted (SLURM)."""
+        self.check_reuse()
         t0 = time.perf_counter()
         try:
             if self.cfg.launcher == "local":
