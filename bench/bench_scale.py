@@ -64,22 +64,27 @@ def _mem_available_gib() -> float:
     return float("inf")
 
 
-def make_tokenizer(data_dir: Path, out: Path, max_conv: int) -> Path:
-    """The project's ReDial tokenizer (SentencePiece over the training texts + item tokens)."""
+def make_tokenizer(dataset: str, data_dir: Path, out: Path) -> Path:
+    """The project's tokenizer for ``dataset`` (SentencePiece over the training texts + item
+    tokens); the synthetic corpus is generated first if missing."""
     if out.is_dir():
         return out
     from conkd_scale.data.corpus import load_dataset
+    from conkd_scale.data.synthetic import ensure_synthetic
     from conkd_scale.models.builder import ModelConfig, prepare_tokenizer
 
-    corpus = load_dataset("redial", data_dir, kg="none", splits=("train",))
+    if dataset == "synthetic":
+        ensure_synthetic(data_dir, seed=0)
+    corpus = load_dataset(dataset, data_dir, kg="none", splits=("train",))
     texts = [t.text for c in corpus.splits["train"] for t in c.turns]
     prepare_tokenizer(ModelConfig(), corpus.catalog, texts, out)
     return out
 
 
-def make_teacher(spec: str, tok_dir: Path, out: Path) -> Path:
-    """A random-weight D of architecture ``spec`` over the tokenizer, as an HF directory
-    (built in a child process, so that this one stays small while the jobs run)."""
+def make_random_lm(spec: str, tok_dir: Path, out: Path) -> Path:
+    """A random-weight causal LM of architecture ``spec`` over the tokenizer, saved with it
+    as an HF directory (built in a child process, so that this one stays small while the
+    jobs run): D, or a student for ``student.pretrained``."""
     if (out / "config.json").is_file():
         return out
     code = f"""
@@ -224,6 +229,38 @@ def predict(args: argparse.Namespace, ds: str, vocab: int, teacher_dir: Path) ->
     }  # fmt: skip
 
 
+def gpu_report(out: Path, peak_tflops: float) -> dict[str, Any]:
+    """``scripts/gpu_scale.sh``'s summary: throughput, model FLOPs utilisation and peak
+    memory of its run beside the planner's prediction (``OUT/gpu_scale.{json,md}``)."""
+    plan = json.loads((out / "plan.json").read_text())
+    rows = [json.loads(x) for x in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r.get("kind") == "train"]
+    timed = train[1:] or train
+    inp = plan["input"]
+    tokens_per_step = inp["micro_batch"] * inp["seq_len"] * inp["grad_accum"]
+    tps = statistics.median(r["tokens_per_s"] for r in timed)
+    peak = max(r["peak_mem_mb"] for r in train)
+    all_flops_per_token = plan["flops_per_step"] / tokens_per_step
+    res = {
+        "tokens_per_s": tps,
+        "mfu_student": tps * plan["student_training_flops_per_token"] / (peak_tflops * 1e12),
+        "mfu_with_teacher": tps * all_flops_per_token / (peak_tflops * 1e12),
+        "peak_mem_mib": peak,
+        "planned_mib": plan["total_bytes"] / MIB_F,
+        "planned_tokens_per_s": plan["tokens_per_s"],
+        "peak_tflops": peak_tflops,
+        "run_info": json.loads((out / "run" / "run_info.json").read_text()),
+    }
+    write_json(out / "gpu_scale.json", res)
+    (out / "gpu_scale.md").write_text(
+        "| tokens/s | MFU (student 6P) | MFU (with D's forward) | peak memory (MiB, "
+        "max_memory_allocated) | planned (MiB) | planned tokens/s |\n|---|---|---|---|---|---|\n"
+        f"| {tps:,.0f} | {res['mfu_student']:.1%} | {res['mfu_with_teacher']:.1%} | {peak:,.0f}"
+        f" | {res['planned_mib']:,.0f} | {plan['tokens_per_s']:,.0f} |\n"
+    )
+    return res
+
+
 def table(res: dict[str, Any]) -> list[str]:
     lines = [
         "| config | rank | peak RSS (MiB) | peak anon RSS (MiB) | planned peak (MiB) | "
@@ -259,6 +296,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="OMP threads per rank")
     p.add_argument("--max-conversations", type=int, default=64)
     p.add_argument("--work", default="runs/bench_scale")
+    p.add_argument("--dataset", default="redial", choices=["redial", "synthetic"])
+    p.add_argument("--prepare-only", action="store_true", help="only build the models")
+    p.add_argument("--student-arch", default=None, help="with --prepare-only: WORK/student")
+    p.add_argument("--gpu-report", default=None, metavar="DIR", help="summarise gpu_scale.sh")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense peak")
     p.add_argument(
         "--min-available-gib",
         type=float,
@@ -268,12 +310,21 @@ def main() -> None:
     p.add_argument("--note", default="")
     p.add_argument("--out", default="bench/results/scale", help="writes OUT.json and OUT.md")
     args = p.parse_args()
+    if args.gpu_report:
+        gpu_report(Path(args.gpu_report), args.peak_tflops)
+        return
     work = (ROOT / args.work).resolve()
     data = Path(args.data_dir)
+    if args.prepare_only:  # scripts/gpu_scale.sh: the models for one GPU run
+        tok = make_tokenizer(args.dataset, data, work / "tokenizer")
+        make_random_lm(args.teacher, tok, work / "teacher")
+        if args.student_arch:
+            make_random_lm(args.student_arch, tok, work / "student")
+        return
     if not data.is_dir():
         raise SystemExit(f"ReDial not found at {data} (--data-dir)")
-    tok = make_tokenizer(data, work / "tokenizer", args.max_conversations)
-    teacher = make_teacher(args.teacher, tok, work / "teacher")
+    tok = make_tokenizer(args.dataset, data, work / "tokenizer")
+    teacher = make_random_lm(args.teacher, tok, work / "teacher")
     rec = ensure_rec(data, Path(args.rec_dir) if args.rec_dir else work / "rec")
     load0, t0 = os.getloadavg()[0], time.monotonic()
     runs = []

@@ -200,7 +200,12 @@ def test_too_few_gpus_names_the_fewest_that_fit(capsys):
     rc = main([*args, "--vocab", "32000", "--gpu-mem-gib", "80", "--gpus-per-node", "8"])
     text = capsys.readouterr().out
     assert rc == 1 and "does NOT fit" in text
-    assert "fits on 16 devices (2 node(s) of 8)" in text
+    # 70 B x 18 bytes of model states = 1.24 TB: a few 8 x 80 GiB nodes
+    assert "fits on 24 devices (3 node(s) of 8) at micro batch 1" in text
+    inp = PlanInput(
+        student=resolve_model(args[1], 32000), teacher=None, gpus_per_node=8, gpu_mem_gib=80
+    )
+    assert estimate(replace(inp, nodes=3)).fits and not estimate(replace(inp, nodes=2)).fits
 
 
 @pytest.mark.parametrize(
@@ -218,7 +223,14 @@ def test_too_few_gpus_names_the_fewest_that_fit(capsys):
         (["--student", "tiny", "--loss-rows-fraction", "1.5"], "--loss-rows-fraction"),
         (["--student", "tiny", "--deepspeed", "nope.json"], "does not exist"),
         (
-            ["--student", "llama:layers=80,hidden=8192,heads=64,intermediate=28672", "--gpu-mem-gib", "2", "--seq-len", "4096"],  # noqa: E501
+            [
+                "--student",
+                "llama:layers=80,hidden=8192,heads=64,intermediate=28672",
+                "--gpu-mem-gib",
+                "2",
+                "--seq-len",
+                "4096",
+            ],  # noqa: E501
             "does not fit on any number of 2 GiB devices",
         ),
     ],
@@ -249,3 +261,27 @@ def test_directory_without_config_json(tmp_path):
     (tmp_path / "config.json").write_text('{"hidden_size": 8}')
     with pytest.raises(ConfigError, match="no model_type"):
         resolve_model(str(tmp_path))
+
+
+def test_gpu_scale_dry_run(tmp_path):
+    """scripts/gpu_scale.sh --dry-run (no GPU needed): plans the run and shows its commands."""
+    import os
+
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable)
+    proc = subprocess.run(
+        ["bash", "scripts/gpu_scale.sh", "--dry-run"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    err = proc.stderr
+    assert "would run [prepare corpus, tokenizer, random student and D]" in err
+    assert "would run [distil 30 steps]" in err and "launch/distill.py" in err
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["input"]["student"]["params"] > 0.9e9  # the ~1 B student
+    assert plan["input"]["teacher"]["params"] > plan["input"]["student"]["params"]
+    assert plan["input"]["device"] == "gpu" and plan["fits"]
+    assert "total" in (tmp_path / "plan.txt").read_text()

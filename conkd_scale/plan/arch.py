@@ -134,8 +134,8 @@ def _hf_config_from_arch(spec: str, vocab: int | None) -> Any:
 def _hf_config_from_path(path: Path) -> Any:
     from transformers import AutoConfig
 
-    if path.is_dir() and not (path / "config.json").is_file() and (path / "hf").is_dir():
-        path = path / "hf"  # a training run's directory
+    if path.is_dir() and (path / "hf" / "config.json").is_file():
+        path = path / "hf"  # a training run's directory (its own config.json is the run's)
     cfg_file = path / "config.json" if path.is_dir() else path
     if not cfg_file.is_file():
         raise ConfigError(f"model {path}: no config.json there (a Hugging Face model directory?)")

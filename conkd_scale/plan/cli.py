@@ -31,6 +31,7 @@ from conkd_scale.plan.memory import (
     PlanInput,
     ZeroSettings,
     estimate,
+    training_flops_per_token,
 )
 from conkd_scale.training.ds_config import load_ds_config
 from conkd_scale.utils.errors import ConfigError, ConkdError
@@ -205,6 +206,7 @@ def plan_json(plan: Plan) -> dict[str, Any]:
         "max_micro_batch": plan.max_micro_batch,
         "min_world": plan.min_world,
         "flops_per_step": plan.flops_per_step,
+        "student_training_flops_per_token": training_flops_per_token(plan.inp),
         "step_time_s": plan.step_time_s,
         "tokens_per_s": plan.tokens_per_s,
     }

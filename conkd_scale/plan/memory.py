@@ -29,6 +29,7 @@ The rest is the job's own layout (``conkd_scale/distill/recipe.py``), per micro 
   (DeepSpeed's default 1e9) the backward's reuse keeps every gathered student parameter until
   it runs, so the whole student is gathered at the end of the forward, up to
   ``stage3_max_live_parameters``; else the prefetch bucket (:func:`live_gathered`);
+- **optimizer step**: the fp32 temporaries of AdamW's update on the rank's partition;
 - **communication buckets** from the DeepSpeed JSON (``reduce_bucket_size``, below stage 3
   ``allgather_bucket_size``): allocated whole on a GPU; on the CPU only the pages filled are
   resident, at most the model's own size;
@@ -192,7 +193,7 @@ class Plan:
 
     inp: PlanInput
     parts: dict[str, float]  # component -> bytes on one device at the peak
-    peak_phase: str  # "student" or "teacher forward"
+    peak_phase: str  # "student", "teacher forward" or "optimizer step"
     total: float  # bytes per device at the peak
     usable: float  # device memory minus the reserve
     host_per_node: float  # offloaded model states per node (DeepSpeed's estimate / 1.5)
@@ -258,6 +259,16 @@ def comm_buckets(inp: PlanInput) -> float:
     if z.stage in (1, 2):
         return sized(z.reduce_bucket_size) + sized(z.allgather_bucket_size)
     return 0.0
+
+
+def optimizer_step_bytes(inp: PlanInput) -> float:
+    """Temporaries of the optimizer step where the optimizer runs (not offloaded, or on the
+    CPU rank itself): torch's single-tensor AdamW on DeepSpeed's flat fp32 partition builds
+    two partition-sized fp32 tensors (the square root of the second moment, the update)."""
+    if inp.zero.offload_optimizer and inp.device == "gpu":
+        return 0.0
+    shard = inp.world if inp.zero.stage >= 1 else 1
+    return 2 * 4 * inp.student.params / shard
 
 
 def live_gathered(m: ModelSpec, z: ZeroSettings, e: int, training: bool) -> float:
@@ -388,16 +399,22 @@ def _total(inp: PlanInput, b: int) -> tuple[dict[str, float], str, float]:
         "teacher gathered": t_gathered,
         "teacher forward": t_trans,
         "comm buckets": comm_buckets(inp),
+        "optimizer step": optimizer_step_bytes(inp),
         "framework": overhead * MIB,
     }
     if inp.device == "cpu":  # offloaded states stay in the same process memory
         parts["offloaded states"] = st["host"]
-    student_phase = parts["activations"] + parts["logits"] + parts["loss buffers"]
-    phase = "student" if student_phase >= t_trans else "teacher forward"
-    if phase == "student":
-        parts["teacher forward"] = 0.0  # over before the student's forward
-    else:
-        parts["activations"] = parts["logits"] = parts["loss buffers"] = 0.0
+    phases = {  # transients that never coexist: the peak is the base plus the largest
+        "student": ("activations", "logits", "loss buffers"),
+        "teacher forward": ("teacher forward",),
+        "optimizer step": ("optimizer step",),
+    }
+    size = {k: sum(parts[x] for x in v) for k, v in phases.items()}
+    phase = max(size, key=lambda k: size[k])
+    for k, v in phases.items():
+        if k != phase:
+            for x in v:
+                parts[x] = 0.0
     return parts, phase, sum(parts.values())
 
 
