@@ -65,7 +65,7 @@ find_python() {
   return 1
 }
 PKGS='import deepspeed, transformers, accelerate, sentencepiece, torch_geometric'
-CUDA_CHECK="import sys, torch; $PKGS; sys.exit(0 if torch.cuda.is_available() else 1)"
+CUDA_CHECK="import sys, torch; torch.cuda.is_available() or sys.exit(1); $PKGS"
 
 # run_step NAME CAP_S CMD...: CMD under the smaller of CAP_S and the budget left
 run_step() {
@@ -91,7 +91,7 @@ run_step() {
 PY="$(find_python "$CUDA_CHECK")"
 if [[ -z "$PY" ]]; then
   if ((DRY_RUN)); then
-    PY="$(find_python "import torch; $PKGS")" || PY="$(find_python 'import torch')" || PY=python3
+    PY="$(find_python 'import torch, transformers, accelerate')" || PY=python3
     say "dry run without a CUDA Python: planning and showing the commands with $PY"
   else
     say "no CUDA: no Python here (\$PYTHON, .venv, python3) has a torch that sees a GPU and" \

@@ -230,7 +230,7 @@ def test_too_few_gpus_names_the_fewest_that_fit(capsys):
                 "2",
                 "--seq-len",
                 "4096",
-            ],  # noqa: E501
+            ],
             "does not fit on any number of 2 GiB devices",
         ),
     ],
