@@ -42,6 +42,11 @@ class TrainConfig:
     # rank (exit 1, with where each rank waited); rank-0-only work does not count against it
     collective_timeout_minutes: float = 10.0
     progress: bool = True  # tqdm progress bar on rank 0
+    # also send the train/eval rows to DeepSpeed's monitors (rank 0), written under the run
+    # dir: OUT/tensorboard (needs the tensorboard package) and OUT/csv_monitor/*.csv; a
+    # monitor block enabled in the DeepSpeed JSON works the same (ds_configs/README.md)
+    tensorboard: bool = False
+    csv_monitor: bool = False
 
     def __post_init__(self) -> None:
         for name in ("micro_batch", "grad_accum", "log_every", "keep_last", "max_nonfinite_steps"):

@@ -131,6 +131,40 @@ def resolve_ds_config(
     return cfg
 
 
+MONITOR_BLOCKS = ("tensorboard", "csv_monitor")
+
+
+def apply_monitors(
+    cfg: dict[str, Any],
+    out_dir: str | Path,
+    *,
+    tensorboard: bool = False,
+    csv_monitor: bool = False,
+) -> dict[str, Any]:
+    """Enable DeepSpeed's ``tensorboard`` / ``csv_monitor`` blocks (``train.tensorboard``,
+    ``train.csv_monitor``) in the resolved ``cfg``, in place; an enabled block without an
+    ``output_path`` (the JSON's own, too) writes under the run dir: ``OUT/<block>``."""
+    for block, on in (("tensorboard", tensorboard), ("csv_monitor", csv_monitor)):
+        if on:
+            cfg[block] = {**(cfg.get(block) or {}), "enabled": True}
+        b = cfg.get(block)
+        if not (isinstance(b, dict) and b.get("enabled")):
+            continue
+        if not b.get("output_path"):
+            b["output_path"] = str(out_dir)
+            b["job_name"] = block
+    if (cfg.get("tensorboard") or {}).get("enabled"):
+        try:
+            import tensorboard  # torch.utils.tensorboard needs it
+        except ImportError:
+            raise ConfigError(
+                "the tensorboard monitor (train.tensorboard=true or an enabled 'tensorboard' "
+                "block in the DeepSpeed config) needs the tensorboard package: "
+                "pip install tensorboard, or use train.csv_monitor=true"
+            ) from None
+    return cfg
+
+
 def zero_stage(cfg: dict[str, Any]) -> int:
     """The ZeRO stage of a DeepSpeed config (0 without ``zero_optimization``)."""
     return int(cfg.get("zero_optimization", {}).get("stage", 0))

@@ -28,7 +28,7 @@ from conkd_scale.models.builder import BuiltModel
 from conkd_scale.models.export import export_hf
 from conkd_scale.training.config import TrainConfig
 from conkd_scale.training.data import sequence_collate
-from conkd_scale.training.ds_config import resolve_ds_config
+from conkd_scale.training.ds_config import apply_monitors, resolve_ds_config
 from conkd_scale.training.resume_check import check_resume_drift
 from conkd_scale.training.trainer import (
     Trainer,
@@ -86,6 +86,7 @@ class LMRecipe:
             world_size=self.dist.world_size,
             where=self.ds_path,
         )
+        apply_monitors(ds, self.out, tensorboard=train.tensorboard, csv_monitor=train.csv_monitor)
         self.ds_resolved = copy.deepcopy(ds)
         return ds
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -53,6 +54,27 @@ class JsonlLogger:
 
     def close(self) -> None:
         pass
+
+
+MONITOR_PREFIX = {"train": "Train", "eval": "Eval"}
+MONITOR_SKIP = ("kind", "step", "epoch")
+
+
+def monitor_events(row: dict[str, Any]) -> list[tuple[str, float, int]]:
+    """A train/eval row as DeepSpeed monitor events ``(name, value, step)``: every finite
+    number of the row, named ``Train/<key>`` or ``Eval/<key>`` (other kinds: none)."""
+    prefix = MONITOR_PREFIX.get(str(row.get("kind")))
+    if prefix is None:
+        return []
+    step = int(row.get("step", 0))
+    return [
+        (f"{prefix}/{k}", float(v), step)
+        for k, v in row.items()
+        if k not in MONITOR_SKIP
+        and isinstance(v, int | float)
+        and not isinstance(v, bool)
+        and math.isfinite(v)
+    ]
 
 
 def read_metrics(path: str | Path, kind: str | None = None) -> list[dict[str, Any]]:

@@ -41,6 +41,8 @@ MAY_CHANGE = (
     "train.keep_last",
     "train.log_every",
     "train.progress",
+    "train.tensorboard",
+    "train.csv_monitor",
     "train.resume",
     "train.stop_at_step",
     "train.max_nonfinite_steps",
@@ -55,6 +57,8 @@ MAY_CHANGE = (
 )
 # DeepSpeed keys that are derived from the run config or only affect logging.
 DS_IGNORED = (
+    "tensorboard",
+    "csv_monitor",
     "train_batch_size",
     "train_micro_batch_size_per_gpu",
     "gradient_accumulation_steps",

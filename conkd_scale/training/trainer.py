@@ -74,7 +74,7 @@ from conkd_scale.training.divergence import (
     is_finite,
     nonfinite_params,
 )
-from conkd_scale.training.metrics import JsonlLogger, MetricLogger, NullLogger
+from conkd_scale.training.metrics import JsonlLogger, MetricLogger, NullLogger, monitor_events
 from conkd_scale.utils.errors import DivergenceError
 
 LossStep = Callable[[Any, Batch], tuple[torch.Tensor, dict[str, Any]]]
@@ -239,6 +239,9 @@ class Trainer:
         if logger is None:
             logger = JsonlLogger(self.out_dir / "metrics.jsonl") if dist.is_main else NullLogger()
         self.logger = logger
+        # DeepSpeed's monitors (tensorboard / csv_monitor blocks of its config), rank 0
+        monitor = getattr(engine, "monitor", None)
+        self.monitor = monitor if dist.is_main and getattr(monitor, "enabled", False) else None
         self.step = 0
         self.samples_seen = 0.0  # global (all ranks), padded duplicates included
         self.tokens_seen = 0.0  # global non-padding input tokens
@@ -345,6 +348,13 @@ class Trainer:
         barrier()
         preemption.stop(self.step)  # raises SystemExit(75) on every rank
 
+    def _log(self, row: dict[str, Any]) -> None:
+        """A train/eval row to metrics.jsonl, then (as the logger completed it) to the
+        DeepSpeed monitors when the config enables one."""
+        self.logger.log(row)
+        if self.monitor is not None:
+            self.monitor.write_events(monitor_events(row))
+
     # -- evaluation ----------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
         """Validation metrics over the whole eval split (every sample once). Collective."""
@@ -371,7 +381,7 @@ class Trainer:
         total = dict(zip(keys, all_reduce_sum([sums[k] for k in keys]), strict=True))
         metrics = self.eval_metrics(total)
         self.last_eval = metrics
-        self.logger.log(
+        self._log(
             {
                 "kind": "eval",
                 "step": self.step,
@@ -541,7 +551,7 @@ class Trainer:
             "elapsed_s": time.perf_counter() - window.t_start,
             "nonfinite_steps": self.divergence.total,
         }
-        self.logger.log(row)
+        self._log(row)
         window.reset()
         return row
 
