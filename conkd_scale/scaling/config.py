@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from conkd_scale.jobs import ROW, ROWS, JobOptions, Row, project_path
+from conkd_scale.jobs import ROW, ROWS, JobOptions, Row, StudentSize, parse_size, project_path
 from conkd_scale.models.presets import PRESETS
 from conkd_scale.utils.errors import ConfigError
 
@@ -38,7 +38,8 @@ class StudyConfig(JobOptions):
 
     output_dir: str | None = None  # None: runs/scaling/<dataset>
     report_dir: str | None = None  # report.md, summary.json, figures/; None: output_dir
-    sizes: list[str] = field(default_factory=lambda: ["tiny", "mini", "small"])  # presets
+    sizes: list[str] = field(default_factory=lambda: ["tiny", "mini", "small"])  # student
+    # sizes: presets, or local pretrained directories as pretrained:DIR (or a path)
     gates: list[str] = field(default_factory=lambda: ["hard", "soft"])
     ablations: list[str] = field(default_factory=list)  # e.g. static,oracle,no_kg,onehot
     launcher: Literal["local", "slurm"] = "local"
@@ -50,10 +51,11 @@ class StudyConfig(JobOptions):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.sizes:
-            raise ConfigError("sizes: give at least one student preset (e.g. tiny,mini,small)")
-        for s in self.sizes:
-            if s not in PRESETS:
-                raise ConfigError(f"sizes: unknown preset {s!r} (presets: {list(PRESETS)})")
+            raise ConfigError(
+                "sizes: give at least one student size: presets (e.g. tiny,mini,small) or "
+                "pretrained:DIR"
+            )
+        labels = [s.label for s in self.student_sizes()]  # checks each size
         for g in self.gates:
             if g not in GATES:
                 raise ConfigError(
@@ -65,8 +67,19 @@ class StudyConfig(JobOptions):
                 raise ConfigError(f"ablations: unknown run {a!r} (one of {sorted(STUDENT_ROWS)})")
         if not self.gates and not self.ablations:
             raise ConfigError("gates and ablations are both empty: nothing to run")
-        if len(set(self.sizes)) != len(self.sizes):
-            raise ConfigError(f"sizes: repeated preset in {self.sizes}")
+        if len(set(labels)) != len(labels):
+            raise ConfigError(
+                f"sizes: two sizes share a run name in {self.sizes} (names {labels}): give each "
+                "once; a pretrained size is named after its directory (rename one to tell apart)"
+            )
+
+    def student_sizes(self) -> list[StudentSize]:
+        """The sizes, smallest first: presets in size order, then pretrained directories
+        in the order given (list them smallest first)."""
+        order = {name: n for n, name in enumerate(PRESETS)}
+        parsed = [parse_size(s) for s in self.sizes]
+        presets = sorted((s for s in parsed if s.pretrained is None), key=lambda s: order[s.label])
+        return presets + [s for s in parsed if s.pretrained is not None]
 
     # ------------------------------------------------------------------ paths
     @property
@@ -108,17 +121,20 @@ class StudyConfig(JobOptions):
 
     def runs(self) -> list[StudyRun]:
         """Every (size, variant) of the study, smallest size first."""
-        order = {name: n for n, name in enumerate(PRESETS)}
-        sizes = sorted(self.sizes, key=order.__getitem__)
-        return [StudyRun(size, row) for size in sizes for row in self.variants()]
+        sizes = self.student_sizes()
+        return [
+            StudyRun(s.label, row, tuple(s.overrides)) for s in sizes for row in self.variants()
+        ]
 
 
 @dataclass(frozen=True)
 class StudyRun:
-    """One student of the study: a size preset and a results-table row (the variant)."""
+    """One student of the study: a size (preset or pretrained directory) and a results-table
+    row (the variant)."""
 
-    size: str
+    size: str  # the size's label (preset name, or the pretrained directory's name)
     row: Row
+    student: tuple[str, ...] = ()  # distill.py overrides selecting it (default: the preset)
 
     @property
     def name(self) -> str:

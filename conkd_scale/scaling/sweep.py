@@ -64,7 +64,8 @@ class Study:
         teachers = cfg.teacher_dirs(run.row)
         out = cfg.run_dir(run)
         trained = student_trained(out)
-        extra = [f"student.preset={run.size}", "train.progress=false"]
+        student = list(run.student) or [f"student.preset={run.size}"]
+        extra = [*student, "train.progress=false"]
         dargs = distill_args(
             cfg, run.row, out=out, rec_dir=teachers[0], dialog_dir=teachers[1], extra=extra
         )
