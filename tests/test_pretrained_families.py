@@ -194,6 +194,9 @@ def test_bad_checkpoint_directories(ckpts, tmp_path: Path) -> None:
     cfg = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps({**cfg, "model_type": "opt"}))
     cases.append((other, r"architecture 'opt' .* supported families: gpt2, llama"))
+    broken = shutil.copytree(good, tmp_path / "broken")
+    (broken / "config.json").write_text('{"model_type": "gpt2",')
+    cases.append((broken, "config.json is not valid JSON"))
     for path, needle in cases:
         with pytest.raises(ConfigError, match=needle):
             build_config(DistillConfig, None, [f"student.pretrained={path}"])
