@@ -280,6 +280,31 @@ def test_precision_story() -> None:
             load_dtype(ModelConfig(dtype=dtype), ds)
 
 
+def test_a_resume_may_switch_the_memory_levers() -> None:
+    """The levers compute the same function: a checkpoint written without them (or before
+    they existed) resumes with them; the model itself may not change."""
+    import copy
+
+    from conkd_scale.config import config_to_dict
+    from conkd_scale.distill.config import DistillConfig
+    from conkd_scale.training.resume_check import config_drift
+
+    now = config_to_dict(
+        build_config(
+            DistillConfig,
+            None,
+            ["train.activation_checkpointing=true", "student.attn_implementation=eager"],
+        )
+    )
+    old = copy.deepcopy(now)
+    del old["train"]["activation_checkpointing"], old["student"]["attn_implementation"]
+    del old["teachers"]["dialog_pretrained"], old["teachers"]["dialog_attn_implementation"]
+    old["student"]["dtype"] = "float32"
+    assert config_drift(old, now) == []
+    old["student"]["preset"] = "mini"
+    assert [k for k, *_ in config_drift(old, now)] == ["student.preset"]
+
+
 def _shipped(name: str, ckpts: dict[str, Path], family: str, extra: list[str] = ()) -> Any:
     from conkd_scale.distill.config import DistillConfig
 
