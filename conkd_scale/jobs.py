@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -99,6 +100,46 @@ def project_path(path: str | Path) -> Path:
     return ROOT / Path(path).expanduser()
 
 
+@dataclass(frozen=True)
+class StudentSize:
+    """A student size: a preset (``tiny`` ... ``large``, from scratch) or a local pretrained
+    model directory (``pretrained:DIR``, or a path such as ``/models/DialoGPT-small`` or
+    ``./ckpt``; relative paths are taken from the project root)."""
+
+    spec: str  # as given
+    label: str  # in run names and reports: the preset, or the directory's name
+    pretrained: str | None = None  # the directory, absolute
+
+    @property
+    def overrides(self) -> list[str]:
+        """``launch/distill.py`` overrides that select this student."""
+        if self.pretrained is not None:
+            return [f"student.pretrained={self.pretrained}"]
+        return [f"student.preset={self.label}"]
+
+
+def parse_size(spec: str, key: str = "sizes") -> StudentSize:
+    """A :class:`StudentSize` from ``spec``; a pretrained directory is checked now (config,
+    weights, tokenizer, supported family), naming ``key`` in the error."""
+    from conkd_scale.models.families import check_pretrained_dir, looks_like_path
+    from conkd_scale.models.presets import PRESETS
+
+    if spec in PRESETS:
+        return StudentSize(spec, spec)
+    if spec.startswith("pretrained:") or looks_like_path(spec) or "/" in spec:
+        path = spec.removeprefix("pretrained:")
+        if not path:
+            raise ConfigError(f"{key}: {spec!r} names no directory (pretrained:DIR)")
+        d = project_path(path)
+        check_pretrained_dir(d, f"{key}: {spec!r}, directory")
+        label = re.sub(r"[^A-Za-z0-9._+-]+", "_", d.name) or "pretrained"
+        return StudentSize(spec, label, str(d))
+    raise ConfigError(
+        f"{key}: unknown preset {spec!r} (presets: {', '.join(PRESETS)}; or a local "
+        "pretrained model directory as pretrained:DIR, or a path such as ./DIR)"
+    )
+
+
 @dataclass
 class JobOptions:
     """What every child job of an orchestrator shares (``key=value`` overrides too)."""
@@ -122,6 +163,8 @@ class JobOptions:
             raise ConfigError(f"data_dir is required for dataset={self.dataset!r}")
         if self.nproc < 1:
             raise ConfigError(f"nproc: expected >= 1, got {self.nproc}")
+        check_pretrained_overrides(self.distill, "student.pretrained", "distill")
+        check_pretrained_overrides(self.dialog, "model.pretrained", "dialog")
 
     @property
     def data_given(self) -> str:
@@ -132,6 +175,18 @@ class JobOptions:
     def data(self) -> str:
         """The data directory, absolute."""
         return str(project_path(self.data_given))
+
+
+def check_pretrained_overrides(overrides: Sequence[str], name: str, key: str) -> None:
+    """A local directory given as ``name=DIR`` in the ``key`` overrides is a supported
+    pretrained model directory (checked before any child job starts)."""
+    from conkd_scale.models.families import check_pretrained_dir, looks_like_path
+
+    for ov in overrides:
+        k, _, value = ov.partition("=")
+        value = value.strip()
+        if k.strip() == name and value and (looks_like_path(value) or Path(value).is_dir()):
+            check_pretrained_dir(project_path(value), f"{key}: {name}")
 
 
 def check_eta(eta: object, key: str = "eta") -> None:

@@ -84,9 +84,11 @@ def make_tiny_gpt2(
     vocab_size: int = 400,
     n_embd: int = 32,
     tie_word_embeddings: bool = True,
+    dropout: float | None = None,
 ) -> Path:
     """A tiny GPT-2 (2 layers) with a byte-level BPE ``GPT2TokenizerFast`` trained on
-    ``texts``, saved with ``save_pretrained`` (a local stand-in for DialoGPT)."""
+    ``texts``, saved with ``save_pretrained`` (a local stand-in for DialoGPT); ``dropout``:
+    resid/embd/attn dropout (None: GPT-2's 0.1)."""
     import torch
     from tokenizers import ByteLevelBPETokenizer
     from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
@@ -114,8 +116,67 @@ def make_tiny_gpt2(
         bos_token_id=tok.eos_token_id,
         eos_token_id=tok.eos_token_id,
         tie_word_embeddings=tie_word_embeddings,
+        **(
+            {}
+            if dropout is None
+            else dict.fromkeys(("resid_pdrop", "embd_pdrop", "attn_pdrop"), dropout)
+        ),
     )
     GPT2LMHeadModel(cfg).save_pretrained(out_dir)
+    return out_dir
+
+
+def make_tiny_llama(
+    out_dir: Path,
+    texts: Sequence[str],
+    *,
+    vocab_size: int = 600,
+    hidden_size: int = 32,
+    tie_word_embeddings: bool = False,
+) -> Path:
+    """A tiny Llama (2 layers, RoPE, RMSNorm, grouped-query attention, untied lm_head) with
+    a SentencePiece BPE tokenizer (byte fallback) trained on ``texts`` and loaded as
+    ``LlamaTokenizer``, saved with ``save_pretrained`` (a local stand-in for Llama-2 /
+    TinyLlama)."""
+    import sentencepiece as spm
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spm_dir = out_dir / "spm"
+    spm_dir.mkdir(exist_ok=True)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(list(texts)),
+        model_prefix=str(spm_dir / "tokenizer"),
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        character_coverage=1.0,
+        hard_vocab_limit=False,
+        minloglevel=2,
+        num_threads=1,
+    )
+    tok = LlamaTokenizer.from_pretrained(spm_dir)  # tokenizer.model, as in the Llama-2 repos
+    shutil.rmtree(spm_dir)
+    tok.save_pretrained(out_dir)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=tie_word_embeddings,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(out_dir)
     return out_dir
 
 

@@ -13,6 +13,7 @@ from typing import Literal
 from conkd_scale.data.synthetic import DEFAULT_DIR as DEFAULT_SYNTHETIC_DIR
 from conkd_scale.loss.config import LossConfig
 from conkd_scale.models.builder import ModelConfig
+from conkd_scale.models.families import check_pretrained_dir, looks_like_path
 from conkd_scale.training.config import TrainConfig, check_sequence_run
 
 
@@ -40,10 +41,14 @@ class TeacherConfig:
     # configs/rec_teacher_redial.json, chosen on validation); the run's data and rec_overrides win
     rec_overrides: list[str] = field(default_factory=list)  # key=value for R's training
     dialog_preset: str = "mini"  # D's size preset when auto-trained (a larger D than the student)
+    dialog_pretrained: str | None = None  # or the local checkpoint an auto-trained D starts
+    # from (model.pretrained of D's training, e.g. DialoGPT-large); the preset is then unused
     dialog_overrides: list[str] = field(default_factory=list)  # key=value for D's training
     # (e.g. train.epochs=8,model.vocab_size=8000)
     dialog_train_ds_config: str = "ds_configs/zero3.json"  # DeepSpeed config to train D
     inference_ds_config: str = "ds_configs/zero3_inference.json"  # D's frozen, sharded engine
+    dialog_attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"  # D's
+    # attention kernel in the distillation job (its training uses model.attn_implementation)
     mode: Literal["online"] = "online"  # online: D runs in lockstep with the student
 
 
@@ -64,13 +69,33 @@ class DistillConfig:
     debug_dump_dir: str | None = None  # write the initial student (gathered), each rank's
     # micro batches of the first optimizer step with their losses, and the accumulated
     # gradient before that step there, to check against the reference loss and gradient
-    student: ModelConfig = field(default_factory=ModelConfig)  # tokenizer always D's
+    student: ModelConfig = field(default_factory=lambda: ModelConfig.for_key("student"))
+    # a preset or a pretrained directory; the tokenizer is always D's, so a pretrained student
+    # must share D's base vocabulary (models/families.py)
     teachers: TeacherConfig = field(default_factory=TeacherConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=_default_train)
 
     def __post_init__(self) -> None:
         check_sequence_run(self.dataset, self.data_dir, self.max_length, self.student, "student")
+        self._check_dialog_source()
+
+    def _check_dialog_source(self) -> None:
+        """A D still to be trained from a local checkpoint (``teachers.dialog_pretrained``,
+        or ``model.pretrained=DIR`` in ``teachers.dialog_overrides``) is checked now, on every
+        rank, not after the first collective."""
+        from conkd_scale.distill.teachers import dialog_trained
+
+        if not self.teachers.auto_train or dialog_trained(self.dialog_dir):
+            return
+        sources = [("teachers.dialog_pretrained", self.teachers.dialog_pretrained)]
+        for ov in self.teachers.dialog_overrides:
+            key, _, value = ov.partition("=")
+            if key.strip() == "model.pretrained":
+                sources.append(("teachers.dialog_overrides: model.pretrained", value.strip()))
+        for key, value in sources:
+            if value and (Path(value).expanduser().is_dir() or looks_like_path(value)):
+                check_pretrained_dir(value, key)
 
     @property
     def resolved_data_dir(self) -> str:

@@ -182,6 +182,7 @@ class DistillRecipe(LMRecipe):
                 "world_size": self.dist.world_size,
                 "launcher": self.dist.launcher,
                 "student_params": self.built.num_params,
+                "student_params_this_rank": self.built.num_params_local,
                 "student": self.built.source,
                 "teacher": str(T.dialog_model_dir(cfg.dialog_dir)) if self.teacher else None,
                 "teacher_params": _count(self.teacher),
@@ -215,7 +216,12 @@ class DistillRecipe(LMRecipe):
             client_optimizer=False,
             where=cfg.teachers.inference_ds_config,
         )
-        return T.build_dialog_engine(T.dialog_model_dir(cfg.dialog_dir), ds_inf, self.vocab)
+        return T.build_dialog_engine(
+            T.dialog_model_dir(cfg.dialog_dir),
+            ds_inf,
+            self.vocab,
+            cfg.teachers.dialog_attn_implementation,
+        )
 
     @torch.no_grad()
     def _resolve_eta(self, collate: Any) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from conkd_scale.config import build_config
 from conkd_scale.data.tokenizer import load_tokenizer, tokenizer_item_ids
 from conkd_scale.distill.config import DistillConfig
 from conkd_scale.distributed import barrier, print0
+from conkd_scale.models.families import check_pretrained_dir
 from conkd_scale.utils.errors import ConfigError
 
 
@@ -97,7 +98,11 @@ def rec_teacher_overrides(cfg: DistillConfig) -> list[str]:
 
 def dialog_teacher_overrides(cfg: DistillConfig) -> list[str]:
     """``key=value`` settings of an auto-trained D: the run's data and sequence layout, the
-    size ``teachers.dialog_preset``, then ``teachers.dialog_overrides`` (which win)."""
+    size ``teachers.dialog_preset`` or the checkpoint ``teachers.dialog_pretrained``, then
+    ``teachers.dialog_overrides`` (which win)."""
+    source = [f"model.preset={cfg.teachers.dialog_preset}"]
+    if cfg.teachers.dialog_pretrained:
+        source.append(f"model.pretrained={cfg.teachers.dialog_pretrained}")
     return [
         f"dataset={cfg.dataset}",
         f"data_dir={cfg.resolved_data_dir}",
@@ -106,7 +111,7 @@ def dialog_teacher_overrides(cfg: DistillConfig) -> list[str]:
         f"use_mode_tokens={cfg.use_mode_tokens}",
         f"train.progress={cfg.train.progress}",
         f"max_train_conversations={cfg.max_train_conversations}",
-        f"model.preset={cfg.teachers.dialog_preset}",
+        *source,
         *cfg.teachers.dialog_overrides,
     ]
 
@@ -163,8 +168,13 @@ def check_alignment(tok: Any, rec: Any | None, catalog_ids: list[str]) -> list[s
     return items
 
 
-def build_dialog_engine(model_dir: Path, ds_config: dict[str, Any], vocab: int) -> Any:
+def build_dialog_engine(
+    model_dir: Path, ds_config: dict[str, Any], vocab: int, attn_implementation: str = "sdpa"
+) -> Any:
     """D as a ZeRO-3 inference engine (sharded parameters, no optimizer), in eval mode.
+
+    Loaded in fp32; ZeRO-3 creates the partitions in the config's precision (bf16 on a GPU
+    that supports it with ``"auto"``, fp32 on the CPU).
 
     transformers keeps one global DeepSpeed config (a weak reference); D's is registered only
     while D loads, and the previous one (the student's, if any) is put back afterwards, so a
@@ -175,11 +185,14 @@ def build_dialog_engine(model_dir: Path, ds_config: dict[str, Any], vocab: int) 
     from transformers.integrations import HfDeepSpeedConfig
     from transformers.integrations import deepspeed as hf_ds
 
+    check_pretrained_dir(model_dir, "teachers.dialog_dir")
     previous = hf_ds._hf_deepspeed_config_weak_ref
     previous = previous() if previous is not None else None
     try:
         keep = HfDeepSpeedConfig(ds_config)  # from_pretrained loads straight into partitions
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=torch.float32, attn_implementation=attn_implementation
+        )
         del keep
     finally:
         if previous is not None:

@@ -25,6 +25,11 @@ two things are needed (the failure mode behind Liger-Kernel #480/#1048 and TRL #
    from a module that declares the weight as an external parameter, so that ZeRO-3's
    pre-backward hook re-gathers it. :class:`ConKDFusedLinearLoss` is that module: give it to
    ``deepspeed.initialize`` in place of the causal LM and call ``engine(...)``.
+
+This holds for a tied lm_head (GPT-2: the input embedding's weight, released after the
+embedding's forward) and for an untied one whose module is never called (Llama's
+``lm_head``): both are gathered as the wrapper's external parameter, and both are tested
+against the logits path under 2-rank ZeRO-3 (``tests/test_pretrained_families.py``).
 """
 
 from __future__ import annotations

@@ -40,6 +40,7 @@ from conkd_scale.jobs import (
     deepspeed_command,
     distill_args,
     evaluate_args,
+    parse_size,
     project_path,
     python_command,
     student_trained,
@@ -83,6 +84,8 @@ class ResultsConfig(JobOptions):
     taken from the project root."""
 
     work_dir: str | None = None  # runs and teachers; None: runs/results/<dataset>
+    student: str | None = None  # the students' size: a preset (tiny ... large) or a local
+    # pretrained directory as pretrained:DIR (or a path); None: launch/distill.py's default
     results_dir: str | None = None  # results.md/json; None: results/<dataset>
     ablations: bool = False  # also the ablation rows (7a-7f)
     only: list[str] = field(default_factory=list)  # run just these row keys
@@ -96,6 +99,8 @@ class ResultsConfig(JobOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.student is not None:
+            parse_size(self.student, "student")  # checks a pretrained directory now
         for k in self.only:
             if k not in ROW:
                 raise ConfigError(f"only: unknown row {k!r} (rows: {sorted(ROW)})")
@@ -156,8 +161,9 @@ class ResultsTable:
         rec_dir, dialog_dir = self._teacher_dirs(row)
         seed = self.cfg.seeds[0] if seed is None else seed
         out = self.cfg.work / self._name(row, seed)
+        student = parse_size(self.cfg.student, "student").overrides if self.cfg.student else []
         return distill_args(
-            self.cfg, row, out=out, rec_dir=rec_dir, dialog_dir=dialog_dir, seed=seed
+            self.cfg, row, out=out, rec_dir=rec_dir, dialog_dir=dialog_dir, seed=seed, extra=student
         )
 
     def _distill(self, row: Row, seed: int | None = None) -> Path:
@@ -219,8 +225,11 @@ class ResultsTable:
         info = _read_json(run / "run_info.json")
         loss = cfg.get("loss", {})
         train = cfg.get("train", {})
+        student = cfg.get("student", {})
+        if student.get("pretrained"):
+            out["student_pretrained"] = student["pretrained"]
         out.update(
-            student_preset=cfg.get("student", {}).get("preset"),
+            student_preset=None if student.get("pretrained") else student.get("preset"),
             student_params=info.get("student_params"),
             max_steps=train.get("max_steps"),
             epochs=train.get("epochs"),
@@ -451,6 +460,8 @@ def _row_note(row: dict[str, Any]) -> str:
         notes.append(f"η = {d['eta']:.3g}" if isinstance(d["eta"], float) else f"η = {d['eta']}")
     if d.get("student_preset"):
         notes.append(str(d["student_preset"]))
+    elif d.get("student_pretrained"):
+        notes.append(Path(str(d["student_pretrained"])).name)
     return ", ".join(notes)
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from conkd_scale.jobs import ROW, ROWS, JobOptions, Row, project_path
+from conkd_scale.jobs import ROW, ROWS, JobOptions, Row, StudentSize, parse_size, project_path
 from conkd_scale.models.presets import PRESETS
 from conkd_scale.utils.errors import ConfigError
 
@@ -46,7 +46,8 @@ class StudyConfig(JobOptions):
 
     output_dir: str | None = None  # None: runs/scaling/<dataset>
     report_dir: str | None = None  # report.md, summary.json, figures/; None: output_dir
-    sizes: list[str] = field(default_factory=lambda: ["tiny", "mini", "small"])  # presets
+    sizes: list[str] = field(default_factory=lambda: ["tiny", "mini", "small"])  # student
+    # sizes: presets, or local pretrained directories as pretrained:DIR (or a path)
     gates: list[str] = field(default_factory=lambda: ["hard", "soft"])
     ablations: list[str] = field(default_factory=list)  # e.g. static,oracle,no_kg,onehot
     launcher: Literal["local", "slurm"] = "local"
@@ -63,10 +64,11 @@ class StudyConfig(JobOptions):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.sizes:
-            raise ConfigError("sizes: give at least one student preset (e.g. tiny,mini,small)")
-        for s in self.sizes:
-            if s not in PRESETS:
-                raise ConfigError(f"sizes: unknown preset {s!r} (presets: {list(PRESETS)})")
+            raise ConfigError(
+                "sizes: give at least one student size: presets (e.g. tiny,mini,small) or "
+                "pretrained:DIR"
+            )
+        labels = [s.label for s in self.student_sizes()]  # checks each size
         for g in self.gates:
             if g not in GATES:
                 raise ConfigError(
@@ -78,8 +80,11 @@ class StudyConfig(JobOptions):
                 raise ConfigError(f"ablations: unknown run {a!r} (one of {sorted(STUDENT_ROWS)})")
         if not self.gates and not self.ablations:
             raise ConfigError("gates and ablations are both empty: nothing to run")
-        if len(set(self.sizes)) != len(self.sizes):
-            raise ConfigError(f"sizes: repeated preset in {self.sizes}")
+        if len(set(labels)) != len(labels):
+            raise ConfigError(
+                f"sizes: two sizes share a run name in {self.sizes} (names {labels}): give each "
+                "once; a pretrained size is named after its directory (rename one to tell apart)"
+            )
         if self.seeds is not None and not self.seeds:
             raise ConfigError("seeds: give at least one seed (or leave it unset: [seed])")
         if self.seeds is not None and len(set(self.seeds)) != len(self.seeds):
@@ -90,12 +95,20 @@ class StudyConfig(JobOptions):
                     "seed_sizes: give at least one size (or leave it unset: the smallest)"
                 )
             for s in self.seed_sizes:
-                if s not in self.sizes:
+                if s not in self.sizes and s not in labels:
                     raise ConfigError(f"seed_sizes: {s!r} is not one of sizes {self.sizes}")
         if self.bootstrap_unit not in ("turn", "conversation"):
             raise ConfigError(f"bootstrap_unit: {self.bootstrap_unit!r} is not turn/conversation")
         if self.bootstrap_resamples < 1:
             raise ConfigError(f"bootstrap_resamples: expected >= 1, got {self.bootstrap_resamples}")
+
+    def student_sizes(self) -> list[StudentSize]:
+        """The sizes, smallest first: presets in size order, then pretrained directories
+        in the order given (list them smallest first)."""
+        order = {name: n for n, name in enumerate(PRESETS)}
+        parsed = [parse_size(s) for s in self.sizes]
+        presets = sorted((s for s in parsed if s.pretrained is None), key=lambda s: order[s.label])
+        return presets + [s for s in parsed if s.pretrained is not None]
 
     @property
     def student_seeds(self) -> list[int]:
@@ -104,17 +117,19 @@ class StudyConfig(JobOptions):
 
     @property
     def seeded_sizes(self) -> list[str]:
-        """The sizes whose students run every seed, smallest first."""
-        sizes = self.seed_sizes if self.seed_sizes is not None else self.sorted_sizes()[:1]
-        return [s for s in self.sorted_sizes() if s in sizes]
+        """The labels of the sizes whose students run every seed, smallest first."""
+        sizes = self.student_sizes()
+        if self.seed_sizes is None:
+            return [sizes[0].label]
+        given = {parse_size(s).label for s in self.seed_sizes}
+        return [s.label for s in sizes if s.label in given]
 
     def sorted_sizes(self) -> list[str]:
-        """``sizes``, smallest preset first."""
-        order = {name: n for n, name in enumerate(PRESETS)}
-        return sorted(self.sizes, key=order.__getitem__)
+        """The sizes' labels, smallest first (:meth:`student_sizes`)."""
+        return [s.label for s in self.student_sizes()]
 
     def size_seeds(self, size: str) -> list[int]:
-        """The seeds the students of ``size`` run with."""
+        """The seeds the students of ``size`` (a label) run with."""
         seeds = self.student_seeds
         return seeds if size in self.seeded_sizes else seeds[:1]
 
@@ -160,23 +175,25 @@ class StudyConfig(JobOptions):
         """Every (size, seed, variant) of the study: smallest size first, then by seed."""
         first = self.student_seeds[0]
         return [
-            StudyRun(size, row, seed, seed == first)
-            for size in self.sorted_sizes()
-            for seed in self.size_seeds(size)
+            StudyRun(s.label, row, seed, seed == first, tuple(s.overrides))
+            for s in self.student_sizes()
+            for seed in self.size_seeds(s.label)
             for row in self.variants()
         ]
 
 
 @dataclass(frozen=True)
 class StudyRun:
-    """One student of the study: a size preset, a results-table row (the variant) and the
-    student's seed (``first``: the first of the study's seeds, whose runs keep the name
-    ``<size>-<variant>`` of a study without seeds, so that they are reused)."""
+    """One student of the study: a size (preset or pretrained directory), a results-table
+    row (the variant) and the student's seed (``first``: the first of the study's seeds, whose
+    runs keep the name ``<size>-<variant>`` of a study without seeds, so that they are
+    reused)."""
 
-    size: str
+    size: str  # the size's label (preset name, or the pretrained directory's name)
     row: Row
     seed: int = 0
     first: bool = True
+    student: tuple[str, ...] = ()  # distill.py overrides selecting it (default: the preset)
 
     @property
     def name(self) -> str:

@@ -65,7 +65,8 @@ class Study:
     def _distill_args(self, run: StudyRun) -> list[str]:
         cfg = self.cfg
         rec_dir, dialog_dir = cfg.teacher_dirs(run.row)
-        extra = [f"student.preset={run.size}", "train.progress=false"]
+        student = list(run.student) or [f"student.preset={run.size}"]
+        extra = [*student, "train.progress=false"]
         return distill_args(
             cfg,
             run.row,

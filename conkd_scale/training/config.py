@@ -47,6 +47,9 @@ class TrainConfig:
     # monitor block enabled in the DeepSpeed JSON works the same (ds_configs/README.md)
     tensorboard: bool = False
     csv_monitor: bool = False
+    # recompute each transformer block in the backward instead of keeping its activations
+    # (the model's own activation checkpointing): less memory, ~1/3 more compute, same math
+    activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         for name in ("micro_batch", "grad_accum", "log_every", "keep_last", "max_nonfinite_steps"):
@@ -90,7 +93,7 @@ def check_sequence_run(
         raise ConfigError(f"data_dir is required for dataset={dataset!r}")
     if max_length < 16:
         raise ConfigError(f"max_length: expected >= 16, got {max_length}")
-    if model.pretrained is None and max_length > model.n_positions:
-        raise ConfigError(
-            f"max_length {max_length} exceeds {model_key}.n_positions {model.n_positions}"
-        )
+    limit = model.max_positions
+    if limit is not None and max_length > limit:
+        what = "n_positions" if model.pretrained is None else "pretrained's context length"
+        raise ConfigError(f"max_length {max_length} exceeds {model_key}.{what} {limit}")

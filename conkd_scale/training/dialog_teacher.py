@@ -109,6 +109,7 @@ class DialogTeacherRecipe(LMRecipe):
                 "launcher": self.dist.launcher,
                 "backend": self.dist.backend,
                 "num_params": self.built.num_params,
+                "num_params_this_rank": self.built.num_params_local,
                 "source": self.built.source,
                 "vocab": len(tok),
                 "items": len(corpus.catalog),

@@ -165,6 +165,19 @@ def apply_monitors(
     return cfg
 
 
+def precision(cfg: dict[str, Any]) -> str:
+    """The training precision of a *resolved* DeepSpeed config: ``bfloat16``, ``float16`` or
+    ``float32`` (the dtype ZeRO-3 creates the partitioned parameters in, and the one a
+    ZeRO-0/1/2 engine casts the model to; the optimizer keeps fp32 master weights)."""
+    for block, name in (("bf16", "bfloat16"), ("fp16", "float16")):
+        enabled = cfg.get(block, {}).get("enabled", False)
+        if enabled == "auto":
+            raise ValueError(f"{block}.enabled is still 'auto': resolve the config first")
+        if enabled is True:
+            return name
+    return "float32"
+
+
 def zero_stage(cfg: dict[str, Any]) -> int:
     """The ZeRO stage of a DeepSpeed config (0 without ``zero_optimization``)."""
     return int(cfg.get("zero_optimization", {}).get("stage", 0))

@@ -24,7 +24,7 @@ from conkd_scale.data.corpus import Corpus
 from conkd_scale.data.schema import Conversation
 from conkd_scale.data.sequences import encode_split
 from conkd_scale.distributed import DistInfo, print0, rank_hosts, run_on_main, teardown
-from conkd_scale.models.builder import BuiltModel
+from conkd_scale.models.builder import BuiltModel, enable_activation_checkpointing
 from conkd_scale.models.export import export_hf
 from conkd_scale.training.config import TrainConfig
 from conkd_scale.training.data import sequence_collate
@@ -147,6 +147,8 @@ class LMRecipe:
 
         train = self.cfg.train
         self.total_steps = plan_steps(train, len(self.train_data), self.dist.world_size)
+        if train.activation_checkpointing:
+            enable_activation_checkpointing(self.built.model)
         self.engine, *_ = deepspeed.initialize(
             model=module,
             optimizer=make_optimizer(self.built.model, train),

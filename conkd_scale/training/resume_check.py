@@ -7,7 +7,9 @@ was written under (``run_config``; an older checkpoint without them is compared 
 this run's, on every rank (files only, no collective):
 
 - fields in :data:`MAY_CHANGE` (schedule length, cadence of evaluation, saving and logging,
-  progress, output and export settings, how a missing teacher would be trained) may differ;
+  progress, output and export settings, how a missing teacher would be trained, and the
+  memory levers that compute the same function: activation checkpointing, the attention
+  kernel, the dtype a checkpoint is read in) may differ;
 - any other difference (micro batch, accumulation, seed, learning rate, loss and gate,
   data, sequence layout, model, DeepSpeed settings) is refused with a :class:`ConfigError`
   (exit 2) that names each field with both values;
@@ -48,10 +50,17 @@ MAY_CHANGE = (
     "train.max_nonfinite_steps",
     "train.num_workers",
     "train.collective_timeout_minutes",
+    "train.activation_checkpointing",  # memory levers: the same function, computed otherwise
+    "model.attn_implementation",
+    "student.attn_implementation",
+    "model.dtype",  # the dtype a checkpoint is read in (training runs in DeepSpeed's)
+    "student.dtype",
     "teachers.auto_train",
     "teachers.rec_config",
     "teachers.rec_overrides",
     "teachers.dialog_preset",
+    "teachers.dialog_pretrained",
+    "teachers.dialog_attn_implementation",
     "teachers.dialog_overrides",
     "teachers.dialog_train_ds_config",
 )
