@@ -759,7 +759,48 @@ def test_unknown_item_ids_and_an_empty_validation_split_are_named(
     assert f"(e.g. @99999999 in conversation {conv['conversationId']})" in err
 
 
-def test_an_empty_training_split_is_a_clear_error(synthetic_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "script",
+    ["launch/distill.py", "launch/train_dialog_teacher.py"],
+    ids=["distill", "dialog_teacher"],
+)
+def test_an_empty_training_split_is_a_clear_error_and_writes_nothing(
+    script: str, synthetic_dir: Path, tmp_path: Path
+) -> None:
+    """The real entry script, one process: exit 2 naming the data directory, before the
+    output directory is created and before a missing teacher is trained on the split."""
+    import shutil
+    import sys
+
+    data, out = tmp_path / "data", tmp_path / "out"
+    shutil.copytree(synthetic_dir, data)
+    (data / "train_data.jsonl").write_text("")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    args = [f"data_dir={data}", f"output_dir={out}"]
+    if script == "launch/distill.py":
+        args += ["student.preset=tiny", f"teachers.rec_dir={tmp_path}/rec"]
+        args += [f"teachers.dialog_dir={tmp_path}/dialog"]
+    else:
+        args += ["model.preset=tiny"]
+    proc = subprocess.run(
+        [sys.executable, script, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr[-3000:]
+    assert f"error: {data}: the training split has no conversations" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no output, no teacher
+
+
+def test_a_training_split_without_recommender_turns_is_a_clear_error(
+    synthetic_dir: Path, tmp_path: Path
+) -> None:
     import shutil
 
     from conkd_scale.data.corpus import load_dataset
@@ -769,13 +810,15 @@ def test_an_empty_training_split_is_a_clear_error(synthetic_dir: Path, tmp_path:
 
     data = tmp_path / "data"
     shutil.copytree(synthetic_dir, data)
-    (data / "train_data.jsonl").write_text("")
-    corpus = load_dataset("synthetic", data, kg="none", splits=("train", "valid"))
+    convs = [json.loads(x) for x in (data / "train_data.jsonl").read_text().splitlines()]
+    for c in convs:  # every message from the seeker
+        c["messages"] = [{**m, "senderWorkerId": c["initiatorWorkerId"]} for m in c["messages"]]
+    (data / "train_data.jsonl").write_text("".join(json.dumps(c) + "\n" for c in convs))
+    corpus = load_dataset("synthetic", data, kg="none", splits=("train",))
     recipe = LMRecipe(DistillConfig(data_dir=str(data), output_dir=str(tmp_path / "out")), {})
-    with pytest.raises(DataError, match="the training split has no conversations") as e:
+    with pytest.raises(DataError, match="the training split has no recommender turn") as e:
         recipe._require_training_split(corpus)
     assert e.value.exit_code == 2 and str(data) in str(e.value)
-    assert not (tmp_path / "out").exists()
 
 
 def test_a_model_directory_without_config_json_is_a_clear_error(tmp_path: Path) -> None:

@@ -114,12 +114,12 @@ class DistillRecipe(LMRecipe):
         self._check_resume()  # before anything is written
         if cfg.dataset == "synthetic":
             run_on_main(ensure_synthetic, cfg.resolved_data_dir, seed=cfg.synthetic_seed)
-        if cfg.teachers.auto_train:
-            T.train_missing_teachers(cfg)
         corpus = load_dataset(
             cfg.dataset, cfg.resolved_data_dir, kg=cfg.kg or "none", splits=("train", "valid")
         )
-        self._require_training_split(corpus)
+        self._require_training_split(corpus)  # before a missing teacher is trained on it
+        if cfg.teachers.auto_train:
+            T.train_missing_teachers(cfg)
         tok = T.load_teacher_tokenizer(cfg)
         if cfg.uses_teachers:
             from conkd_scale.rec.api import RecTeacher
