@@ -737,6 +737,124 @@ def test_a_hung_rank_ends_the_job_within_the_timeout_with_stacks(hung_rank) -> N
     print(f"hung rank: the launcher exited {elapsed:.1f} s after the stop (rc {rc})")
 
 
+# ----------------------------------------------------------------------------- rank-0-only work
+RANK0_JOB = """
+import os, signal, sys, threading, time
+from datetime import timedelta
+import torch.distributed as dist
+from conkd_scale import distributed as D
+
+rank, store_at, port = int(os.environ["RANK"]), sys.argv[1], int(sys.argv[2])
+silence, limit, modes = float(sys.argv[3]), float(sys.argv[4]), sys.argv[5:]
+if store_at == "agent":  # the store outside rank 0 (as torchrun's agent hosts it)
+    store = dist.TCPStore("127.0.0.1", port, None, False, timeout=timedelta(seconds=60))
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=2)
+else:  # the store in rank 0's process (the DeepSpeed launcher, srun)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+        timeout=timedelta(seconds=60),
+    )
+D.set_rank0_wait(silence_s=silence, limit_s=limit)
+
+def work(mode):
+    if mode == "slow":  # longer than the heartbeat's silence bound, but alive
+        time.sleep(2 * silence)
+        return 42
+    if mode == "hung":  # alive, its heartbeat going, never done
+        threading.Event().wait()
+    os.kill(os.getpid(), signal.SIGSTOP)  # frozen: no heartbeat, no store
+
+for mode in modes:
+    t0 = time.monotonic()
+    try:
+        out = D.run_on_main(work, mode, phase=f"a {mode} phase")
+    except D.PeerLostError as e:
+        print(f"error: {e} after {time.monotonic() - t0:.1f} s", file=sys.stderr, flush=True)
+        D.teardown()  # as the jobs do after an error
+        sys.exit(e.exit_code)
+    print(f"rank {rank}: {mode} {out}", flush=True)
+"""
+
+
+def start_rank0_job(store_at: str, silence: float, limit: float, *modes: str) -> list:
+    """Two gloo ranks (no DeepSpeed) whose rank-0-only work is each of ``modes`` in turn:
+    slow, hung or frozen. ``store_at``: the rendezvous store in rank 0 (``rank0``) or in
+    the calling process (``agent``; returned last, to be kept alive)."""
+    import sys
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    port = free_port()
+    out: list[Any] = []
+    if store_at == "agent":
+        host = dist.TCPStore(
+            "127.0.0.1", port, None, True, timedelta(seconds=60), wait_for_workers=False
+        )
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    for rank in (0, 1):
+        cmd = [sys.executable, "-c", RANK0_JOB, store_at, str(port), str(silence), str(limit)]
+        out.append(
+            subprocess.Popen(
+                [*cmd, *modes],
+                env={**env, "RANK": str(rank), "WORLD_SIZE": "2"},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    return [*out, host] if store_at == "agent" else out
+
+
+def finish_rank0_job(procs: list) -> tuple[int, str, str, float]:
+    """Rank 1's exit code and output, rank 0's output (rank 0 is killed once rank 1 has
+    ended, as a launcher would) and how long rank 1 waited in its last phase."""
+    rank0, rank1 = procs[:2]
+    rc1 = rank1.wait(timeout=120)
+    if rank0.poll() is None:
+        time.sleep(1.0)  # a hung rank 0 dumps its stacks at the limit: written by now
+        rank0.kill()
+    rank0.wait(timeout=30)
+    out1 = rank1.stdout.read()
+    took = [float(x) for x in re.findall(r"after ([\d.]+) s$", out1, re.M)]
+    return rc1, out1, rank0.stdout.read(), (took or [math.nan])[-1]
+
+
+@pytest.mark.slow
+def test_rank0_only_work_is_bounded_with_a_clear_error() -> None:
+    """Rank-0-only work (``run_on_main``), three 2-rank jobs at once: work longer than the
+    heartbeat's silence bound goes on while rank 0 is alive; a hung rank 0 (alive) is given
+    up at train.rank0_timeout_minutes; a frozen one (SIGSTOP) at the silence bound
+    (train.collective_timeout_minutes), whether the rendezvous store is in its process
+    (which then answers no call) or elsewhere (its heartbeat stops). The waiting rank exits
+    1 naming the phase and why, with its threads' stacks; a hung rank 0 dumps where it is
+    stuck."""
+    jobs = {
+        "hung": start_rank0_job("rank0", 1.5, 4.0, "slow", "hung"),
+        "frozen": start_rank0_job("rank0", 3.0, 0.0, "frozen"),
+        "frozen_agent": start_rank0_job("agent", 3.0, 0.0, "frozen"),
+    }
+    results = {name: finish_rank0_job(procs) for name, procs in jobs.items()}
+    for name, (rc1, out1, _, _) in results.items():
+        assert rc1 == 1, (name, out1)
+        assert "Traceback" not in out1, (name, out1)
+        phase = "a hung phase" if name == "hung" else "a frozen phase"
+        assert f"stopped waiting for rank 0 ({phase})" in out1, (name, out1)
+        assert f"rank 0 did not finish {phase}" in out1, (name, out1)
+        assert "most recent call first" in out1 and "wait_for_key" in out1  # its stacks
+    rc1, out1, out0, took = results["hung"]
+    assert "rank 1: slow 42" in out1 and "rank 0: slow 42" in out0  # 3 s > 1.5 s silence
+    assert "longer than train.rank0_timeout_minutes (0.0666667 min)" in out1, out1
+    assert 4.0 <= took < 4.0 + 5, took
+    assert "Timeout (0:00:04)!" in out0 and "in work" in out0, out0  # rank 0's own stacks
+    rc1, out1, _, took = results["frozen"]
+    assert "no heartbeat for 3 s (train.collective_timeout_minutes: 0.05 min)" in out1, out1
+    assert 3.0 <= took < 3.0 + 5, took
+    rc1, out1, _, took = results["frozen_agent"]
+    assert "no heartbeat for 3 s (train.collective_timeout_minutes: 0.05 min)" in out1, out1
+    assert 3.0 <= took < 3.0 + 5, took
+
+
 # ----------------------------------------------------------------------------- smaller gaps
 def test_unknown_item_ids_and_an_empty_validation_split_are_named(
     synthetic_dir: Path, tmp_path: Path, capsys

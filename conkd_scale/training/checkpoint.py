@@ -237,7 +237,7 @@ def save_checkpoint(
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
 
-    run_on_main(clear)
+    run_on_main(clear, phase=f"clearing an unfinished save of {tag}")
     try:
         engine.save_checkpoint(
             str(root), tag=tmp.name, client_state={"conkd_step": step}, save_latest=False
@@ -276,7 +276,7 @@ def save_checkpoint(
             raise storage_error(e, f"checkpoint {root / tag}") from e
         prune_checkpoints(root, keep_last)
 
-    run_on_main(finish)
+    run_on_main(finish, phase=f"finishing checkpoint {tag} (manifest, rename, pruning)")
     return root / tag
 
 
@@ -300,7 +300,12 @@ def load_checkpoint(engine: Any, path: str | Path) -> dict[str, Any]:
     meta = read_meta(path)
     universal = meta.get("world_size") not in (None, get_world_size())
     if universal:
-        run_on_main(to_universal, path, int(meta["world_size"]))
+        run_on_main(
+            to_universal,
+            path,
+            int(meta["world_size"]),
+            phase=f"converting {path.name} to a universal checkpoint",
+        )
         try:
             load_universal(engine, path / UNIVERSAL)
         except Exception as e:
@@ -316,7 +321,10 @@ def load_checkpoint(engine: Any, path: str | Path) -> dict[str, Any]:
     except Exception as e:
         why = f"DeepSpeed could not load it ({type(e).__name__}: {str(e)[:300]})"
         barrier()
-        run_on_main(lambda: path.is_dir() and _quarantine(path, why))
+        run_on_main(
+            lambda: path.is_dir() and _quarantine(path, why),
+            phase=f"moving {path.name} aside",
+        )
         older = [p for s, p in list_checkpoints(path.parent) if s < int(meta["step"])]
         msg = f"checkpoint {path}: {why}; moved it to {path.name}{CORRUPT_SUFFIX}. "
         if older:

@@ -41,6 +41,11 @@ class TrainConfig:
     # a collective that waits longer than this for a hung or dead rank fails on every live
     # rank (exit 1, with where each rank waited); rank-0-only work does not count against it
     collective_timeout_minutes: float = 10.0
+    # rank-0-only work (training a missing R, a checkpoint's manifest, a universal conversion,
+    # the export's writes) that runs longer than this ends the job on every rank (exit 1;
+    # rank 0 dumps its threads); 0: no limit. A rank 0 that stops sending its heartbeat
+    # (frozen, stopped) is given up after collective_timeout_minutes either way.
+    rank0_timeout_minutes: float = 120.0
     progress: bool = True  # tqdm progress bar on rank 0
 
     def __post_init__(self) -> None:
@@ -66,6 +71,11 @@ class TrainConfig:
             raise ConfigError(
                 "train.collective_timeout_minutes: expected > 0, got "
                 f"{self.collective_timeout_minutes}"
+            )
+        if not self.rank0_timeout_minutes >= 0:
+            raise ConfigError(
+                "train.rank0_timeout_minutes: expected >= 0 (0: no limit), got "
+                f"{self.rank0_timeout_minutes}"
             )
         if self.lr <= 0:
             raise ConfigError(f"train.lr: expected > 0, got {self.lr}")

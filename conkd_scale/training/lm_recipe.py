@@ -178,7 +178,7 @@ class LMRecipe:
         rendezvous address. Called on every rank (it gathers the host names)."""
         master = f"{os.environ.get('MASTER_ADDR', '')}:{os.environ.get('MASTER_PORT', '')}"
         info = {**info, "hosts": rank_hosts(), "master": master}
-        run_on_main(write_json, self.out / "run_info.json", info)
+        run_on_main(write_json, self.out / "run_info.json", info, phase="writing run_info.json")
         print0(json.dumps(info))
 
     # ---------------------------------------------------------------------------- run

@@ -46,6 +46,7 @@ MAY_CHANGE = (
     "train.max_nonfinite_steps",
     "train.num_workers",
     "train.collective_timeout_minutes",
+    "train.rank0_timeout_minutes",
     "teachers.auto_train",
     "teachers.rec_config",
     "teachers.rec_overrides",
