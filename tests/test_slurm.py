@@ -500,6 +500,33 @@ def test_killed_rank_fails_the_job_quickly(teachers, synthetic_dir, jobs):
     print(f"rank 1 killed -> job {job} FAILED after {took:.1f} s")
 
 
+@cluster_test
+def test_invalid_config_fails_the_job_with_exit_code_2(tmp_path, jobs):
+    """A config error ends every rank with 2, but srun --kill-on-bad-exit reports the rank
+    it terminated (143) once the first has exited: the job script reports the first rank's
+    code. Rank 1 is held back 5 s (a slow start), so that srun always terminates it."""
+    slow = tmp_path / "python"
+    slow.write_text(
+        f'#!/bin/bash\n[[ ${{SLURM_PROCID:-0}} == 1 ]] && sleep 5\nexec {sys.executable} "$@"\n'
+    )
+    slow.chmod(0o755)
+    out = tmp_path / "out"
+    job = jobs.submit(
+        "slurm/distill.sh",
+        ["train.micro_batch=0", f"output_dir={out}"],
+        tmp_path / "logs",
+        env={"CONKD_PYTHON": str(slow)},
+    )
+    info = jobs.wait(job, timeout=300, poll=0.5)
+    log = jobs.log(job)
+    assert info["JobState"] == "FAILED" and info.get("ExitCode") == "2:0", f"{info}\n{log}"
+    assert info.get("Restarts") == "0", info
+    assert "error: train.micro_batch: expected >= 1, got 0" in log, log
+    assert "step exited with 143" in log, log  # what srun said: the fix below applied
+    assert "the first rank to fail, rank 0, exited with 2" in log, log
+    assert not out.exists() and not list((ROOT / "slurm" / "logs").glob(f".exit-{job}-*"))
+
+
 # ----------------------------------------------------------------------------- no cluster
 class _FakeEngine(torch.nn.Module):
     """The part of a DeepSpeed engine the Trainer uses (one process, no process group)."""
