@@ -284,11 +284,38 @@ def test_keep_last_keeps_the_new_checkpoint_and_clears_unfinished_saves(tmp_path
     root = tmp_path / "checkpoints"
     assert ckpt_steps(tmp_path) == [6]  # the one just written survives keep_last=1
     (root / ".step_00000007.tmp").mkdir()  # a save cut short by a crash
-    assert prune_checkpoints(root, keep_last=1) != [root / "step_00000006"]
-    assert ckpt_steps(tmp_path) == [6]
+    (root / "step_00000005").mkdir()  # an older save that never got its meta.json
+    removed = prune_checkpoints(root, keep_last=1)
+    assert sorted(p.name for p in removed) == [".step_00000007.tmp", "step_00000005"]
+    assert ckpt_steps(tmp_path) == [6] and not (root / ".step_00000007.tmp").exists()
     os.replace(root / "step_00000006", root / "step_00000006.corrupt")
     assert prune_checkpoints(root, keep_last=1) == []  # nothing complete: nothing deleted
     assert (root / "step_00000006.corrupt").is_dir()
+
+
+def test_a_resave_of_an_existing_step_replaces_it_whole(tmp_path: Path) -> None:
+    """Resumed from an older checkpoint on purpose, the run saves step 6 again: the new one
+    replaces the old (moved aside first, removed once the new one is in place)."""
+    from conkd_scale.training.checkpoint import verify_checkpoint
+
+    make_trainer(tmp_path, counting_loss(set()), save_every=2, keep_last=3).train()
+    root = tmp_path / "checkpoints"
+    old_meta = json.loads((root / "step_00000006" / "meta.json").read_text())
+    t = make_trainer(
+        tmp_path,
+        counting_loss(set()),
+        save_every=2,
+        keep_last=3,
+        resume=str(root / "step_00000004"),
+    )
+    assert t.step == 4
+    time.sleep(1.1)  # meta.json's time has one-second resolution
+    t.train()
+    assert ckpt_steps(tmp_path) == [2, 4, 6] and verify_checkpoint(root / "step_00000006") is None
+    assert (
+        json.loads((root / "step_00000006" / "meta.json").read_text())["time"] != old_meta["time"]
+    )
+    assert not list(root.glob(".step_*"))
 
 
 def test_torn_metrics_line_is_dropped_on_resume(tmp_path: Path, capsys) -> None:
@@ -553,22 +580,81 @@ def test_sigterm_to_one_rank_saves_and_exits_75(sigterm_rank) -> None:
 
 
 @pytest.mark.slow
-def test_sigterm_to_the_deepspeed_launcher_leaves_no_orphans(root: Path, diverged) -> None:
+def test_a_killed_deepspeed_launcher_leaves_no_orphans(root: Path, diverged) -> None:
+    """SIGKILL to the ``deepspeed`` command (on one node it has no handler for SIGTERM
+    either, so that signal ends it the same way): the ranks notice, save and stop."""
     import psutil
 
-    out = root / "sigterm_launcher"
-    proc = start_job(out, preempt_args(root, out), root / "sigterm_launcher.log")
+    out = root / "killed_launcher"
+    proc = start_job(out, preempt_args(root, out), root / "killed_launcher.log")
     wait_for_step(proc, out, 3)
     ranks = [psutil.Process(p) for p in rank_pids(proc).values()]
     assert len(ranks) == 2
-    proc.send_signal(signal.SIGTERM)  # the `deepspeed` command dies of it (no handler)
+    t0 = time.monotonic()
+    proc.kill()
     proc.wait(timeout=30)
     _, alive = psutil.wait_procs(ranks, timeout=90)
+    took = time.monotonic() - t0
     for p in alive:
         p.kill()
     assert not alive, "ranks still running after the launcher was killed"
     (row,) = rows(out, "preempted")  # they saved and stopped as if pre-empted
     assert (out / "checkpoints" / f"step_{row['step']:08d}" / "meta.json").is_file()
+    assert took < 2 + 30, took  # the watch's 2 s poll, one step and a save
+    print(f"killed launcher: its ranks saved and exited {took:.1f} s after the kill")
+
+
+@pytest.fixture(scope="module")
+def killed_mid_save(root: Path, diverged) -> tuple[int, Path, float, int, str]:
+    """SIGKILL to rank 1 while a checkpoint after step 2 is being written (its temp
+    directory exists): (launcher exit code, out, seconds from the kill until every rank had
+    exited, the last step logged before the crash, the resumed run's output)."""
+    import psutil
+
+    out = root / "killed_mid_save"
+    proc = start_job(out, preempt_args(root, out), root / "killed_mid_save.log")
+    wait_for_step(proc, out, 3)
+    pids = rank_pids(proc)
+    ranks = [psutil.Process(p) for p in pids.values()]
+    t_end = time.monotonic() + 120
+    while not any(int(p.name[6:14]) > 2 for p in (out / "checkpoints").glob(".step_*.tmp")):
+        assert time.monotonic() < t_end and proc.poll() is None, "no save seen in progress"
+        time.sleep(0.005)
+    t0 = time.monotonic()
+    os.kill(pids[1], signal.SIGKILL)
+    rc = proc.wait(timeout=120)
+    _, alive = psutil.wait_procs(ranks, timeout=30)
+    took = time.monotonic() - t0
+    for p in alive:
+        p.kill()
+    assert not alive, "ranks left running"
+    assert not shm_buffers(proc)  # unlinked at start-up: a SIGKILL leaves none behind
+    last = max(r["step"] for r in rows(out, "train"))
+    args = [*preempt_args(root, out), f"train.stop_at_step={last + 1}"]
+    resumed = run_deepspeed(SCRIPT, args, timeout=300, log=root / "resume_mid_save.log")
+    return rc, out, took, last, resumed.stdout + resumed.stderr
+
+
+@pytest.mark.slow
+def test_a_rank_killed_mid_save_ends_the_job_and_the_resume_redoes_at_most_save_every(
+    killed_mid_save,
+) -> None:
+    """A crash in the middle of a checkpoint write (rank 1 SIGKILLed): the launcher stops
+    the other rank and exits non-zero at once; the unfinished save is never resumed from,
+    the run resumes from the checkpoint before it and redoes at most train.save_every (2)
+    steps, each logged once."""
+    rc, out, took, last, text = killed_mid_save
+    assert rc not in (0, 75)
+    assert took < 1 + 30, took  # the launcher's 1 s poll, then SIGTERM (SIGKILL 30 s later)
+    (k,) = [int(x) for x in re.findall(r"resumed from \S+/step_(\d+) at step", text)]
+    lost = last - k
+    assert 0 <= lost <= 2, (last, k)
+    assert [r["step"] for r in rows(out, "train")] == list(range(1, last + 2))
+    assert not list((out / "checkpoints").glob(".step_*.tmp"))  # cleared by the next save
+    print(
+        f"rank killed mid-save: every rank gone {took:.1f} s after the kill (launcher exit "
+        f"{rc}); resumed at step {k}, {lost} of {last} steps redone"
+    )
 
 
 @pytest.mark.slow
@@ -939,17 +1025,19 @@ def test_a_training_split_without_recommender_turns_is_a_clear_error(
     assert e.value.exit_code == 2 and str(data) in str(e.value)
 
 
-def test_a_model_directory_without_config_json_is_a_clear_error(tmp_path: Path) -> None:
+@pytest.mark.parametrize("key", ["student", "model"])
+def test_a_model_directory_without_config_json_is_a_clear_error(key: str, tmp_path: Path) -> None:
+    """Named by the key the user set (the distillation job's student, D's model)."""
     from conkd_scale.config import build_config
     from conkd_scale.distill.config import DistillConfig
+    from conkd_scale.training.dialog_teacher import DialogTeacherConfig
     from conkd_scale.utils.errors import ConfigError
 
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "pytorch_model.bin").write_bytes(b"")
     out = tmp_path / "out"
+    cls = DistillConfig if key == "student" else DialogTeacherConfig
     with pytest.raises(ConfigError, match="the directory has no config.json") as e:
-        build_config(
-            DistillConfig, None, [f"student.pretrained={tmp_path}/model", f"output_dir={out}"]
-        )
-    assert "student.pretrained" in str(e.value) or "model.pretrained" in str(e.value)
+        build_config(cls, None, [f"{key}.pretrained={tmp_path}/model", f"output_dir={out}"])
+    assert str(e.value).startswith(f"{key}.pretrained={tmp_path}/model: "), str(e.value)
     assert not out.exists()

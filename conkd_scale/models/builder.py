@@ -57,13 +57,6 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # dtype to load weights in
 
     def __post_init__(self) -> None:
-        local = self.pretrained is not None and Path(self.pretrained).is_dir()
-        if local and not (Path(str(self.pretrained)) / "config.json").is_file():
-            raise ConfigError(
-                f"model.pretrained={self.pretrained}: the directory has no config.json, so it "
-                "is not a Hugging Face model directory; point it at one (e.g. the hf/ folder "
-                "of a training run) or at a hub model name"
-            )
         if self.pretrained is None:
             get_preset(self.preset)
             if self.tokenizer == "pretrained" and self.tokenizer_path is None:

@@ -94,7 +94,8 @@ def latest_checkpoint(root: str | Path) -> Path | None:
 
 def prune_checkpoints(root: str | Path, keep_last: int) -> list[Path]:
     """Delete all but the ``keep_last`` newest complete checkpoints, incomplete ones older
-    than the newest complete one, and stale temp directories. Returns what was removed
+    than the newest complete one, and stale temp directories (unfinished saves, replaced
+    checkpoints). Returns what was removed
     (rank 0 calls this)."""
     root = Path(root)
     complete = list_checkpoints(root)
@@ -107,7 +108,7 @@ def prune_checkpoints(root: str | Path, keep_last: int) -> list[Path]:
         for s, p in list_checkpoints(root, complete_only=False)
         if not (p / META).is_file() and s < newest
     ]
-    doomed += [p for p in root.glob(".step_*.tmp") if p.is_dir()]
+    doomed += [p for p in (*root.glob(".step_*.tmp"), *root.glob(".step_*.old")) if p.is_dir()]
     for p in doomed:
         shutil.rmtree(p, ignore_errors=True)
     return doomed
@@ -265,13 +266,15 @@ def save_checkpoint(
             files[META] = {"size": (tmp / META).stat().st_size, "sha256": _sha256(tmp / META)}
             write_json(tmp / MANIFEST, {"step": step, "files": files})
             _fsync(tmp)
-            final = root / tag
+            final, old = root / tag, root / f".{tag}.old"
             if final.exists():  # a re-save of the same step (e.g. after a fallback)
-                shutil.rmtree(final)
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)  # kept until the new one is in place
             os.replace(tmp, final)
             _fsync(root)
             with atomic_open(root / "latest", "w") as f:
                 f.write(tag)
+            shutil.rmtree(old, ignore_errors=True)
         except OSError as e:
             raise storage_error(e, f"checkpoint {root / tag}") from e
         prune_checkpoints(root, keep_last)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from conkd_scale.utils.errors import ConfigError
@@ -90,7 +91,15 @@ class TrainConfig:
 def check_sequence_run(
     dataset: str, data_dir: str | None, max_length: int, model: Any, model_key: str
 ) -> None:
-    """Checks shared by the LM jobs' configs: data dir, sequence length vs the model's."""
+    """Checks shared by the LM jobs' configs: data dir, a local model directory, sequence
+    length vs the model's (errors name the model's key, ``model_key``)."""
+    local = model.pretrained is not None and Path(model.pretrained).is_dir()
+    if local and not (Path(str(model.pretrained)) / "config.json").is_file():
+        raise ConfigError(
+            f"{model_key}.pretrained={model.pretrained}: the directory has no config.json, so "
+            "it is not a Hugging Face model directory; point it at one (e.g. the hf/ folder "
+            "of a training run) or at a hub model name"
+        )
     if dataset != "synthetic" and data_dir is None:
         raise ConfigError(f"data_dir is required for dataset={dataset!r}")
     if max_length < 16:
