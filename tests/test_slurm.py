@@ -617,6 +617,35 @@ def test_preemption_signal_saves_exits_75_and_resumes(tmp_path, monkeypatch):
     ]
 
 
+def test_each_rank_records_its_exit_code_and_the_script_picks_the_first_failure(
+    tmp_path, monkeypatch
+):
+    """The two halves of the job scripts' exit code (no cluster): launch_main writes the
+    rank's code into CONKD_EXIT_DIR; slurm/common.sh picks the earliest non-zero one."""
+    from conkd_scale.distill.config import DistillConfig
+    from conkd_scale.launching import launch_main
+
+    monkeypatch.setenv("CONKD_EXIT_DIR", str(tmp_path))
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    monkeypatch.delenv("RANK", raising=False)
+    assert launch_main(None, DistillConfig, None, ["train.micro_batch=0"]) == 2
+    code, stamp = (tmp_path / "rank1").read_text().split()
+    assert code == "2" and abs(float(stamp) - time.time()) < 60
+    (tmp_path / "rank0").write_text(f"143 {float(stamp) + 1}\n")  # terminated after rank 1
+    (tmp_path / "rank2").write_text(f"0 {float(stamp) - 1}\n")  # a success is no failure
+    pick = 'source slurm/common.sh; _conkd_first_failure "$1"'
+    run = subprocess.run(
+        ["bash", "-c", pick, "_", str(tmp_path)], cwd=ROOT, capture_output=True, text=True
+    )
+    assert run.stdout.strip() == "2 rank 1", run
+    for f in tmp_path.iterdir():
+        f.write_text("0 1.0\n")
+    run = subprocess.run(
+        ["bash", "-c", pick, "_", str(tmp_path)], cwd=ROOT, capture_output=True, text=True
+    )
+    assert run.stdout == "" and run.returncode == 0, run
+
+
 def test_preemption_signals_from_env():
     from conkd_scale.training.preemption import signals_from_env
 
