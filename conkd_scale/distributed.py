@@ -30,6 +30,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -37,7 +38,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from conkd_scale.utils.errors import ConfigError
+from conkd_scale.utils.errors import ConfigError, ConkdError
 from conkd_scale.utils.procs import free_port
 
 T = TypeVar("T")
@@ -159,20 +160,29 @@ def _set_cpu_threads(local_world_size: int) -> None:
 
 
 DEFAULT_TIMEOUT_MINUTES = 10.0
+DEFAULT_RANK0_TIMEOUT_MINUTES = 120.0
 
 
 def init_distributed(
-    backend: str | None = None, *, timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES
+    backend: str | None = None,
+    *,
+    timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES,
+    rank0_timeout_minutes: float = DEFAULT_RANK0_TIMEOUT_MINUTES,
 ) -> DistInfo:
     """Initialise torch.distributed through DeepSpeed for whatever launcher started us.
 
-    Idempotent: a second call returns the same info. ``backend`` defaults to ``nccl`` with
-    CUDA and ``gloo`` without. ``timeout_minutes`` bounds every collective (and the
-    rendezvous): a rank that waits longer for a hung or dead peer fails with an error
-    (the jobs: ``train.collective_timeout_minutes``).
+    Idempotent: a second call returns the same info (the first call's timeouts hold).
+    ``backend`` defaults to ``nccl`` with CUDA and ``gloo`` without. ``timeout_minutes``
+    bounds every collective (and the rendezvous): a rank that waits longer for a hung or
+    dead peer fails with an error (the jobs: ``train.collective_timeout_minutes``); it also
+    bounds how long rank 0's heartbeat may be silent during rank-0-only work.
+    ``rank0_timeout_minutes`` bounds each piece of rank-0-only work (:func:`run_on_main`;
+    0: no limit; the jobs: ``train.rank0_timeout_minutes``).
     """
     import deepspeed
 
+    if not is_initialized():  # a later call (a teacher trained inside a job) keeps them
+        set_rank0_wait(silence_s=60 * timeout_minutes, limit_s=60 * rank0_timeout_minutes)
     env = os.environ
     launcher = detect_launcher(env)
     if launcher == "slurm":
@@ -317,36 +327,138 @@ def all_reduce_max(values: list[float]) -> list[float]:
 
 
 _RUN_ON_MAIN_CALLS = itertools.count()
+# how long the other ranks wait for rank-0-only work (init_distributed sets them)
+_RANK0_WAIT = {
+    "silence_s": 60 * DEFAULT_TIMEOUT_MINUTES,
+    "limit_s": 60 * DEFAULT_RANK0_TIMEOUT_MINUTES,
+}
+_ON_MAIN_DEPTH = [0]  # > 0 while rank 0 runs run_on_main work (a nested call runs inline)
 
 
-def wait_for_key(store: Any, key: str, poll_s: float = 0.2) -> None:
-    """Poll the rendezvous store until ``key`` exists, however long that takes.
+class PeerLostError(ConkdError):
+    """Rank 0 hung, stopped or died while the other ranks waited for its rank-0-only work
+    (exit code 1, as for a peer lost in a collective)."""
 
-    Outside any collective, so the collective timeout does not apply: rank 0 may work for
-    hours. The wait still ends if rank 0 dies: its process hosts the store under the
-    DeepSpeed launcher, ``torchrun`` and ``srun`` (the check then fails with a connection
-    error), and the launchers stop the remaining ranks."""
-    while not store.check([key]):
-        time.sleep(poll_s)
+    exit_code = 1
 
 
-def run_on_main(fn: Any, *args: Any, **kwargs: Any) -> Any:
+def set_rank0_wait(*, silence_s: float, limit_s: float) -> None:
+    """How the other ranks wait for rank-0-only work (:func:`run_on_main`): they give up
+    when rank 0's heartbeat has been silent for ``silence_s`` seconds (it is stopped, frozen
+    or unreachable), or when the work has run for ``limit_s`` seconds (it is hung while
+    alive; 0: no limit)."""
+    _RANK0_WAIT.update(silence_s=float(silence_s), limit_s=float(limit_s))
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:g} min"
+
+
+def wait_for_key(store: Any, key: str, phase: str, poll_s: float = 0.2) -> None:
+    """Poll the rendezvous store until rank 0 has published ``key`` (the outcome of its
+    work ``phase``), outside any collective, so the collective timeout does not apply.
+
+    Gives up with :class:`PeerLostError` (after dumping this rank's threads) when rank 0's
+    heartbeat (``key + "/beat"``, bumped by a thread of rank 0 while it works) has not moved
+    for ``silence_s``, also because the store stopped answering (it lives in rank 0's
+    process under the DeepSpeed launcher and ``srun``, and a frozen process answers no
+    call); when the work has taken longer than ``limit_s``; or when the store fails (rank 0
+    has died). The store is polled from a daemon thread, so a call that never returns
+    cannot hold this rank."""
+    import threading
+
+    silence_s, limit_s = _RANK0_WAIT["silence_s"], _RANK0_WAIT["limit_s"]
+    start = time.monotonic()
+    state: dict[str, Any] = {"done": False, "error": None, "changed": start}
+
+    def poll() -> None:
+        seen = None
+        while True:
+            try:
+                if store.check([key]):
+                    state["done"] = True
+                    return
+                beat = store.add(key + "/beat", 0)
+            except RuntimeError as e:  # torch's DistStoreError / DistNetworkError
+                state["error"] = e
+                return
+            if beat != seen:
+                seen, state["changed"] = beat, time.monotonic()
+            time.sleep(poll_s)
+
+    poller = threading.Thread(target=poll, name="conkd-rank0-wait", daemon=True)
+    poller.start()
+    while True:
+        poller.join(timeout=poll_s)
+        if state["done"]:
+            return
+        if state["error"] is not None:
+            e = state["error"]
+            _give_up(
+                f"the rendezvous store failed ({type(e).__name__}: {str(e)[:200]}): rank 0 "
+                "has died or cannot be reached",
+                phase,
+                e,
+            )
+        now = time.monotonic()
+        if now - state["changed"] > silence_s:
+            _give_up(
+                f"rank 0 sent no heartbeat for {now - state['changed']:.0f} s "
+                f"(train.collective_timeout_minutes: {_minutes(silence_s)}): it is stopped, "
+                "frozen or cannot be reached",
+                phase,
+            )
+        if limit_s > 0 and now - start > limit_s:
+            _give_up(
+                f"it has run for longer than train.rank0_timeout_minutes "
+                f"({_minutes(limit_s)}): rank 0 is hung, or the work needs a larger "
+                "train.rank0_timeout_minutes (0: no limit); rank 0 dumps its own threads "
+                "at the limit",
+                phase,
+            )
+
+
+def _give_up(why: str, phase: str, cause: BaseException | None = None) -> None:
+    """Say why this rank stops waiting for rank 0, dump its threads, raise PeerLostError."""
+    import faulthandler
+
+    rank = get_rank()
+    sys.stderr.write(
+        f"[rank {rank}] stopped waiting for rank 0 ({phase}): {why}. "
+        "Where this rank's threads are:\n"
+    )
+    sys.stderr.flush()
+    faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+    raise PeerLostError(f"[rank {rank}] rank 0 did not finish {phase}: {why}") from cause
+
+
+def run_on_main(fn: Any, /, *args: Any, phase: str | None = None, **kwargs: Any) -> Any:
     """Run ``fn`` on rank 0 only; every rank returns its result or raises its error.
 
     The other ranks wait by polling the rendezvous store (:func:`wait_for_key`), not in a
     collective, so rank-0-only work (training R, writing a checkpoint's manifest, an export)
-    may outlast the collective timeout. The outcome is passed on, so a failure on rank 0
-    is re-raised on every rank with rank 0's message.
+    may outlast the collective timeout; it is still bounded (:func:`set_rank0_wait`): a
+    thread of rank 0 publishes a heartbeat while ``fn`` runs, and rank 0 dumps its threads
+    if ``fn`` outlasts the limit. ``phase`` names the work in those errors (default: the
+    function's name). The outcome is passed on, so a failure on rank 0 is re-raised on
+    every rank with rank 0's message. Called again inside ``fn``, it just runs (rank 0).
     """
     import pickle
 
     import torch.distributed as dist
 
-    if not is_initialized() or dist.get_world_size() == 1:
+    if not is_initialized() or dist.get_world_size() == 1 or _ON_MAIN_DEPTH[0]:
         return fn(*args, **kwargs)
+    phase = phase or getattr(fn, "__qualname__", repr(fn))
     key = f"conkd/run_on_main/{next(_RUN_ON_MAIN_CALLS)}"
     store = dist.distributed_c10d._get_default_store()
-    if is_main():
+    if not is_main():
+        wait_for_key(store, key, phase)
+        ok, value = pickle.loads(store.get(key))
+        if not ok:
+            raise value
+        return value
+    with _rank0_watch(store, key + "/beat"):
         try:
             value = fn(*args, **kwargs)
         except BaseException as e:  # KeyboardInterrupt too: the others must not wait
@@ -357,12 +469,39 @@ def run_on_main(fn: Any, *args: Any, **kwargs: Any) -> Any:
             store.set(key, blob)
             raise
         store.set(key, pickle.dumps((True, value)))
-        return value
-    wait_for_key(store, key)
-    ok, value = pickle.loads(store.get(key))
-    if not ok:
-        raise value
     return value
+
+
+@contextlib.contextmanager
+def _rank0_watch(store: Any, beat_key: str) -> Iterator[None]:
+    """While rank 0 works alone: a heartbeat thread bumps ``beat_key`` in the store, and
+    faulthandler dumps every thread of rank 0 once the work outlasts the limit."""
+    import faulthandler
+    import threading
+
+    silence_s, limit_s = _RANK0_WAIT["silence_s"], _RANK0_WAIT["limit_s"]
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(min(5.0, silence_s / 4)):
+            try:
+                store.add(beat_key, 1)
+            except RuntimeError:
+                return
+
+    thread = threading.Thread(target=beat, name="conkd-rank0-heartbeat", daemon=True)
+    thread.start()
+    if limit_s > 0:
+        faulthandler.dump_traceback_later(limit_s, file=sys.stderr)
+    _ON_MAIN_DEPTH[0] += 1
+    try:
+        yield
+    finally:
+        _ON_MAIN_DEPTH[0] -= 1
+        if limit_s > 0:
+            faulthandler.cancel_dump_traceback_later()
+        stop.set()
+        thread.join(timeout=5.0)
 
 
 def teardown(*, barrier: bool = False) -> None:

@@ -9,6 +9,9 @@ Every user-facing error exits with its class's code (``utils/errors.py``: 2 conf
 data, 3 divergence, 74 storage, 75 try again); a pre-emption exits with 75
 (``training/preemption.py``).
 
+Where ``CONKD_EXIT_DIR`` is set (the SLURM job scripts), each rank also writes its exit code
+there (:func:`record_exit_code`), for the script to report the first rank's code.
+
 Under the local ``deepspeed`` launcher, a signal that kills the ``deepspeed`` command itself
 (it forwards none on a single node) would leave the ranks training under its orphaned
 ``deepspeed.launcher.launch`` child: :func:`watch_launcher` notices that the command is gone
@@ -18,11 +21,13 @@ and asks the ranks to save and stop as if pre-empted (exit 75).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import faulthandler
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -102,10 +107,42 @@ def report_collective_timeout(cfg: Any) -> None:
     faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
 
 
+ENV_EXIT_DIR = "CONKD_EXIT_DIR"
+
+
+def record_exit_code(code: int) -> None:
+    """Write ``$CONKD_EXIT_DIR/rank<R>`` (``"<code> <unix time>"``) when the variable is set.
+
+    The SLURM job scripts set it (slurm/common.sh): ``srun --kill-on-bad-exit`` reports the
+    other ranks it terminated (143) rather than the code of the rank that failed first, e.g.
+    2 for a bad config, and the job script reads the first code back from here."""
+    folder = os.environ.get(ENV_EXIT_DIR)
+    if not folder:
+        return
+    rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or f"pid{os.getpid()}"
+    with contextlib.suppress(OSError):
+        Path(folder, f"rank{rank}").write_text(f"{code} {time.time():.6f}\n")
+
+
 def launch_main(
     doc: str | None, config_cls: type, make_recipe: MakeRecipe, argv: list[str] | None = None
 ) -> int:
-    """Run a recipe (``setup/train/export/cleanup``) from the command line; the exit code."""
+    """Run a recipe (``setup/train/export/cleanup``) from the command line; the exit code
+    (also recorded for the job scripts: :func:`record_exit_code`)."""
+    code = 1  # an exception that escapes: Python exits with 1
+    try:
+        code = _launch(doc, config_cls, make_recipe, argv)
+    except SystemExit as e:  # a pre-emption (75), argparse's usage error (2)
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        raise
+    finally:
+        record_exit_code(code)
+    return code
+
+
+def _launch(
+    doc: str | None, config_cls: type, make_recipe: MakeRecipe, argv: list[str] | None
+) -> int:
     args = parse_launch_args(doc, argv)
     overrides = list(args.overrides)
     if args.output_dir:

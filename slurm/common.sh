@@ -21,7 +21,10 @@
 # site's MpiDefault=pmix/pmi2 from switching the ranks to MPI discovery (mpi4py), which needs
 # an MPI built for that plugin (Debian's Open MPI aborts under pmi2) and is not needed here;
 # --kill-on-bad-exit=1 ends the whole step as soon as one rank dies, instead of leaving the
-# others blocked in a collective.
+# others blocked in a collective. srun then exits with the code of the ranks it terminated
+# (143), so every rank also records its own exit code (CONKD_EXIT_DIR, a folder under
+# slurm/logs/ removed after the step) and the step returns the code of the first to fail
+# (2 for a bad config, not 143).
 #
 # Pre-emption: the job scripts ask for `--signal=B:USR1@<s>`, i.e. SIGUSR1 to the batch shell
 # only, <s> seconds before the time limit (Slurm checks about once a minute: leave margin).
@@ -132,6 +135,17 @@ conkd_step() {
         # every rank sees all GPUs of its node and uses LOCAL_RANK (distributed.py)
         opts+=(--gpu-bind=none)
     fi
+    # each rank records its exit code here (conkd_scale/launching.py): once one rank has
+    # failed, srun terminates the others and reports their 143, not the first rank's code
+    CONKD_STEPS=$((${CONKD_STEPS:-0} + 1))
+    local exit_dir="$CONKD_ROOT/slurm/logs/.exit-${SLURM_JOB_ID:-$$}-$CONKD_STEPS"
+    rm -rf "$exit_dir"
+    if mkdir -p "$exit_dir" 2>/dev/null; then
+        export CONKD_EXIT_DIR=$exit_dir
+    else
+        unset CONKD_EXIT_DIR
+        exit_dir=
+    fi
     echo "[$(date +%FT%T)] srun ${opts[*]} $*"
     srun --mpi=none --kill-on-bad-exit=1 "${opts[@]}" "$@" &
     CONKD_STEP_PID=$!
@@ -148,7 +162,33 @@ conkd_step() {
     done
     CONKD_STEP_PID=
     echo "[$(date +%FT%T)] step exited with $rc"
+    if ((rc > 128 && rc != 138)) && [[ -n $exit_dir ]]; then
+        local first
+        first=$(_conkd_first_failure "$exit_dir")
+        if [[ -n $first ]]; then
+            rc=${first%% *}
+            echo "[$(date +%FT%T)] the first rank to fail, ${first#* }, exited with $rc" \
+                "(srun then terminated the others): the step's exit code is $rc"
+        fi
+    fi
+    [[ -z $exit_dir ]] || rm -rf "$exit_dir"
     return "$rc"
+}
+
+# _conkd_first_failure DIR: "CODE rank R" of the earliest non-zero exit code the ranks
+# recorded in DIR (files rank<R>: "CODE UNIXTIME"); nothing if none failed on its own.
+_conkd_first_failure() {
+    local f code t best_t= best=
+    for f in "$1"/rank*; do
+        [[ -f $f ]] || continue
+        read -r code t <"$f" || continue
+        [[ $code =~ ^[0-9]+$ && $code != 0 ]] || continue
+        if [[ -z $best_t ]] || awk -v a="$t" -v b="$best_t" 'BEGIN { exit !(a < b) }'; then
+            best_t=$t
+            best="$code rank ${f##*/rank}"
+        fi
+    done
+    [[ -z $best ]] || echo "$best"
 }
 
 # ----------------------------------------------------------------------------- the end

@@ -70,6 +70,31 @@ def test_inspired_unknown_movie_link(tmp_path):
         load_dataset("inspired", tmp_path)
 
 
+def test_inspired_unknown_entity_links_and_an_empty_split_are_named(tmp_path, capsys):
+    _kg(tmp_path)
+    stray = "<http://dbpedia.org/resource/Not_In_The_KG>"
+    conv = [
+        _turn(
+            "SEEKER",
+            "I like action movies",
+            ents=[stray, "<http://dbpedia.org/resource/Action_film>"],
+        ),
+        _turn("RECOMMENDER", "Try this", ents=[stray]),
+    ]
+    (tmp_path / "train_data_dbpedia.jsonl").write_text(json.dumps(conv) + "\n")
+    (tmp_path / "valid_data_dbpedia.jsonl").write_text("")
+    c = load_dataset("inspired", tmp_path, splits=("train", "test"))
+    (conv0,) = c.splits["train"]
+    assert [t.entities for t in conv0.turns] == [("<http://dbpedia.org/resource/Action_film>",), ()]
+    err = capsys.readouterr().err
+    train, valid = tmp_path / "train_data_dbpedia.jsonl", tmp_path / "valid_data_dbpedia.jsonl"
+    assert (
+        f"warning: {train}: 2 link(s) to 1 entity id(s) that entity2id.json does not have in "
+        f"the train split (e.g. {stray} in conversation inspired-train-1)"
+    ) in err
+    assert f"warning: {valid}: the test split has no conversations" in err
+
+
 def test_inspired_not_a_list(tmp_path):
     _kg(tmp_path)
     (tmp_path / "train_data_dbpedia.jsonl").write_text("[]\n{}\n")

@@ -284,11 +284,38 @@ def test_keep_last_keeps_the_new_checkpoint_and_clears_unfinished_saves(tmp_path
     root = tmp_path / "checkpoints"
     assert ckpt_steps(tmp_path) == [6]  # the one just written survives keep_last=1
     (root / ".step_00000007.tmp").mkdir()  # a save cut short by a crash
-    assert prune_checkpoints(root, keep_last=1) != [root / "step_00000006"]
-    assert ckpt_steps(tmp_path) == [6]
+    (root / "step_00000005").mkdir()  # an older save that never got its meta.json
+    removed = prune_checkpoints(root, keep_last=1)
+    assert sorted(p.name for p in removed) == [".step_00000007.tmp", "step_00000005"]
+    assert ckpt_steps(tmp_path) == [6] and not (root / ".step_00000007.tmp").exists()
     os.replace(root / "step_00000006", root / "step_00000006.corrupt")
     assert prune_checkpoints(root, keep_last=1) == []  # nothing complete: nothing deleted
     assert (root / "step_00000006.corrupt").is_dir()
+
+
+def test_a_resave_of_an_existing_step_replaces_it_whole(tmp_path: Path) -> None:
+    """Resumed from an older checkpoint on purpose, the run saves step 6 again: the new one
+    replaces the old (moved aside first, removed once the new one is in place)."""
+    from conkd_scale.training.checkpoint import verify_checkpoint
+
+    make_trainer(tmp_path, counting_loss(set()), save_every=2, keep_last=3).train()
+    root = tmp_path / "checkpoints"
+    old_meta = json.loads((root / "step_00000006" / "meta.json").read_text())
+    t = make_trainer(
+        tmp_path,
+        counting_loss(set()),
+        save_every=2,
+        keep_last=3,
+        resume=str(root / "step_00000004"),
+    )
+    assert t.step == 4
+    time.sleep(1.1)  # meta.json's time has one-second resolution
+    t.train()
+    assert ckpt_steps(tmp_path) == [2, 4, 6] and verify_checkpoint(root / "step_00000006") is None
+    assert (
+        json.loads((root / "step_00000006" / "meta.json").read_text())["time"] != old_meta["time"]
+    )
+    assert not list(root.glob(".step_*"))
 
 
 def test_torn_metrics_line_is_dropped_on_resume(tmp_path: Path, capsys) -> None:
@@ -553,22 +580,83 @@ def test_sigterm_to_one_rank_saves_and_exits_75(sigterm_rank) -> None:
 
 
 @pytest.mark.slow
-def test_sigterm_to_the_deepspeed_launcher_leaves_no_orphans(root: Path, diverged) -> None:
+def test_a_killed_deepspeed_launcher_leaves_no_orphans(root: Path, diverged) -> None:
+    """SIGKILL to the ``deepspeed`` command (on one node it has no handler for SIGTERM
+    either, so that signal ends it the same way): the ranks notice, save and stop."""
     import psutil
 
-    out = root / "sigterm_launcher"
-    proc = start_job(out, preempt_args(root, out), root / "sigterm_launcher.log")
+    out = root / "killed_launcher"
+    proc = start_job(out, preempt_args(root, out), root / "killed_launcher.log")
     wait_for_step(proc, out, 3)
     ranks = [psutil.Process(p) for p in rank_pids(proc).values()]
     assert len(ranks) == 2
-    proc.send_signal(signal.SIGTERM)  # the `deepspeed` command dies of it (no handler)
+    t0 = time.monotonic()
+    proc.kill()
     proc.wait(timeout=30)
     _, alive = psutil.wait_procs(ranks, timeout=90)
+    took = time.monotonic() - t0
     for p in alive:
         p.kill()
     assert not alive, "ranks still running after the launcher was killed"
     (row,) = rows(out, "preempted")  # they saved and stopped as if pre-empted
     assert (out / "checkpoints" / f"step_{row['step']:08d}" / "meta.json").is_file()
+    assert took < 2 + 30, took  # the watch's 2 s poll, one step and a save
+    print(f"killed launcher: its ranks saved and exited {took:.1f} s after the kill")
+
+
+@pytest.fixture(scope="module")
+def killed_mid_save(root: Path, diverged) -> tuple[int, Path, float]:
+    """SIGKILL to rank 1 while a checkpoint after step 2 is being written (its temp
+    directory exists): (launcher exit code, out, seconds from the kill until every rank had
+    exited)."""
+    import psutil
+
+    out = root / "killed_mid_save"
+    proc = start_job(out, preempt_args(root, out), root / "killed_mid_save.log")
+    wait_for_step(proc, out, 3)
+    pids = rank_pids(proc)
+    ranks = [psutil.Process(p) for p in pids.values()]
+    t_end = time.monotonic() + 120
+    while not any(int(p.name[6:14]) > 2 for p in (out / "checkpoints").glob(".step_*.tmp")):
+        assert time.monotonic() < t_end and proc.poll() is None, "no save seen in progress"
+        time.sleep(0.005)
+    t0 = time.monotonic()
+    os.kill(pids[1], signal.SIGKILL)
+    rc = proc.wait(timeout=120)
+    _, alive = psutil.wait_procs(ranks, timeout=30)
+    took = time.monotonic() - t0
+    for p in alive:
+        p.kill()
+    assert not alive, "ranks left running"
+    assert not shm_buffers(proc)  # unlinked at start-up: a SIGKILL leaves none behind
+    return rc, out, took
+
+
+@pytest.mark.slow
+def test_a_rank_killed_mid_save_ends_the_job_and_the_resume_redoes_at_most_save_every(
+    killed_mid_save,
+) -> None:
+    """A crash in the middle of a checkpoint write (rank 1 SIGKILLed): the launcher stops
+    the other rank and exits non-zero at once; the unfinished save is never resumed from: a
+    resume starts from the intact checkpoint before it and redoes at most train.save_every
+    (2) steps. (The resume itself is the one every other resume test runs.)"""
+    from conkd_scale.training.checkpoint import resolve_resume
+
+    rc, out, took = killed_mid_save
+    assert rc not in (0, 75)
+    assert took < 1 + 30, took  # the launcher's 1 s poll, then SIGTERM (SIGKILL 30 s later)
+    last = max(r["step"] for r in rows(out, "train"))
+    ckpt = resolve_resume("auto", out / "checkpoints")  # verifies it against its manifest
+    assert ckpt is not None
+    k = int(ckpt.name[5:])
+    lost = last - k
+    assert 0 <= lost <= 2, (last, k)
+    unfinished = list((out / "checkpoints").glob(".step_*.tmp"))
+    assert unfinished or k == last  # the interrupted save is hidden, or it had finished
+    print(
+        f"rank killed mid-save: every rank gone {took:.1f} s after the kill (launcher exit "
+        f"{rc}); a resume starts at step {k}: {lost} of {last} steps redone"
+    )
 
 
 @pytest.mark.slow
@@ -737,6 +825,125 @@ def test_a_hung_rank_ends_the_job_within_the_timeout_with_stacks(hung_rank) -> N
     print(f"hung rank: the launcher exited {elapsed:.1f} s after the stop (rc {rc})")
 
 
+# ----------------------------------------------------------------------------- rank-0-only work
+RANK0_JOB = """
+import os, signal, sys, threading, time
+from datetime import timedelta
+import torch.distributed as dist
+from conkd_scale import distributed as D
+
+rank, store_at, port = int(os.environ["RANK"]), sys.argv[1], int(sys.argv[2])
+silence, limit, modes = float(sys.argv[3]), float(sys.argv[4]), sys.argv[5:]
+if store_at == "agent":  # the store outside rank 0 (as torchrun's agent hosts it)
+    store = dist.TCPStore("127.0.0.1", port, None, False, timeout=timedelta(seconds=60))
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=2)
+else:  # the store in rank 0's process (the DeepSpeed launcher, srun)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+        timeout=timedelta(seconds=60),
+    )
+D.set_rank0_wait(silence_s=silence, limit_s=limit)
+
+def work(mode):
+    if mode == "slow":  # longer than the heartbeat's silence bound, but alive
+        time.sleep(2 * silence)
+        return 42
+    if mode == "hung":  # alive, its heartbeat going, never done
+        threading.Event().wait()
+    os.kill(os.getpid(), signal.SIGSTOP)  # frozen: no heartbeat, no store
+
+for mode in modes:
+    t0 = time.monotonic()
+    try:
+        out = D.run_on_main(work, mode, phase=f"a {mode} phase")
+    except D.PeerLostError as e:
+        print(f"error: {e} after {time.monotonic() - t0:.1f} s", file=sys.stderr, flush=True)
+        D.teardown()  # as the jobs do after an error
+        sys.exit(e.exit_code)
+    print(f"rank {rank}: {mode} {out}", flush=True)
+"""
+
+
+def start_rank0_job(store_at: str, silence: float, limit: float, *modes: str) -> list:
+    """Two gloo ranks (no DeepSpeed) whose rank-0-only work is each of ``modes`` in turn:
+    slow, hung or frozen. ``store_at``: the rendezvous store in rank 0 (``rank0``) or in
+    the calling process (``agent``; returned last, to be kept alive)."""
+    import sys
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    port = free_port()
+    out: list[Any] = []
+    if store_at == "agent":
+        host = dist.TCPStore(
+            "127.0.0.1", port, None, True, timedelta(seconds=60), wait_for_workers=False
+        )
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    for rank in (0, 1):
+        cmd = [sys.executable, "-c", RANK0_JOB, store_at, str(port), str(silence), str(limit)]
+        out.append(
+            subprocess.Popen(
+                [*cmd, *modes],
+                env={**env, "RANK": str(rank), "WORLD_SIZE": "2"},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    return [*out, host] if store_at == "agent" else out
+
+
+def finish_rank0_job(procs: list) -> tuple[int, str, str, float]:
+    """Rank 1's exit code and output, rank 0's output (rank 0 is killed once rank 1 has
+    ended, as a launcher would) and how long rank 1 waited in its last phase."""
+    rank0, rank1 = procs[:2]
+    rc1 = rank1.wait(timeout=120)
+    if rank0.poll() is None:
+        time.sleep(1.0)  # a hung rank 0 dumps its stacks at the limit: written by now
+        rank0.kill()
+    rank0.wait(timeout=30)
+    out1 = rank1.stdout.read()
+    took = [float(x) for x in re.findall(r"after ([\d.]+) s$", out1, re.M)]
+    return rc1, out1, rank0.stdout.read(), (took or [math.nan])[-1]
+
+
+@pytest.mark.slow
+def test_rank0_only_work_is_bounded_with_a_clear_error() -> None:
+    """Rank-0-only work (``run_on_main``), three 2-rank jobs at once: work longer than the
+    heartbeat's silence bound goes on while rank 0 is alive; a hung rank 0 (alive) is given
+    up at train.rank0_timeout_minutes; a frozen one (SIGSTOP) at the silence bound
+    (train.collective_timeout_minutes), whether the rendezvous store is in its process
+    (which then answers no call) or elsewhere (its heartbeat stops). The waiting rank exits
+    1 naming the phase and why, with its threads' stacks; a hung rank 0 dumps where it is
+    stuck."""
+    jobs = {
+        "hung": start_rank0_job("rank0", 1.5, 4.0, "slow", "hung"),
+        "frozen": start_rank0_job("rank0", 3.0, 0.0, "frozen"),
+        "frozen_agent": start_rank0_job("agent", 3.0, 0.0, "frozen"),
+    }
+    results = {name: finish_rank0_job(procs) for name, procs in jobs.items()}
+    for name, (rc1, out1, _, _) in results.items():
+        assert rc1 == 1, (name, out1)
+        assert "Traceback" not in out1, (name, out1)
+        phase = "a hung phase" if name == "hung" else "a frozen phase"
+        assert f"stopped waiting for rank 0 ({phase})" in out1, (name, out1)
+        assert f"rank 0 did not finish {phase}" in out1, (name, out1)
+        assert "most recent call first" in out1 and "wait_for_key" in out1  # its stacks
+    rc1, out1, out0, took = results["hung"]
+    assert "rank 1: slow 42" in out1 and "rank 0: slow 42" in out0  # 3 s > 1.5 s silence
+    assert "longer than train.rank0_timeout_minutes (0.0666667 min)" in out1, out1
+    assert 4.0 <= took < 4.0 + 5, took
+    assert "Timeout (0:00:04)!" in out0 and "in work" in out0, out0  # rank 0's own stacks
+    rc1, out1, _, took = results["frozen"]
+    assert "no heartbeat for 3 s (train.collective_timeout_minutes: 0.05 min)" in out1, out1
+    assert 3.0 <= took < 3.0 + 5, took
+    rc1, out1, _, took = results["frozen_agent"]
+    assert "no heartbeat for 3 s (train.collective_timeout_minutes: 0.05 min)" in out1, out1
+    assert 3.0 <= took < 3.0 + 5, took
+    print("rank 1 gave up after: " + ", ".join(f"{k} {v[3]:.1f} s" for k, v in results.items()))
+
+
 # ----------------------------------------------------------------------------- smaller gaps
 def test_unknown_item_ids_and_an_empty_validation_split_are_named(
     synthetic_dir: Path, tmp_path: Path, capsys
@@ -759,7 +966,48 @@ def test_unknown_item_ids_and_an_empty_validation_split_are_named(
     assert f"(e.g. @99999999 in conversation {conv['conversationId']})" in err
 
 
-def test_an_empty_training_split_is_a_clear_error(synthetic_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "script",
+    ["launch/distill.py", "launch/train_dialog_teacher.py"],
+    ids=["distill", "dialog_teacher"],
+)
+def test_an_empty_training_split_is_a_clear_error_and_writes_nothing(
+    script: str, synthetic_dir: Path, tmp_path: Path
+) -> None:
+    """The real entry script, one process: exit 2 naming the data directory, before the
+    output directory is created and before a missing teacher is trained on the split."""
+    import shutil
+    import sys
+
+    data, out = tmp_path / "data", tmp_path / "out"
+    shutil.copytree(synthetic_dir, data)
+    (data / "train_data.jsonl").write_text("")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    args = [f"data_dir={data}", f"output_dir={out}"]
+    if script == "launch/distill.py":
+        args += ["student.preset=tiny", f"teachers.rec_dir={tmp_path}/rec"]
+        args += [f"teachers.dialog_dir={tmp_path}/dialog"]
+    else:
+        args += ["model.preset=tiny"]
+    proc = subprocess.run(
+        [sys.executable, script, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr[-3000:]
+    assert f"error: {data}: the training split has no conversations" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no output, no teacher
+
+
+def test_a_training_split_without_recommender_turns_is_a_clear_error(
+    synthetic_dir: Path, tmp_path: Path
+) -> None:
     import shutil
 
     from conkd_scale.data.corpus import load_dataset
@@ -769,26 +1017,30 @@ def test_an_empty_training_split_is_a_clear_error(synthetic_dir: Path, tmp_path:
 
     data = tmp_path / "data"
     shutil.copytree(synthetic_dir, data)
-    (data / "train_data.jsonl").write_text("")
-    corpus = load_dataset("synthetic", data, kg="none", splits=("train", "valid"))
+    convs = [json.loads(x) for x in (data / "train_data.jsonl").read_text().splitlines()]
+    for c in convs:  # every message from the seeker
+        c["messages"] = [{**m, "senderWorkerId": c["initiatorWorkerId"]} for m in c["messages"]]
+    (data / "train_data.jsonl").write_text("".join(json.dumps(c) + "\n" for c in convs))
+    corpus = load_dataset("synthetic", data, kg="none", splits=("train",))
     recipe = LMRecipe(DistillConfig(data_dir=str(data), output_dir=str(tmp_path / "out")), {})
-    with pytest.raises(DataError, match="the training split has no conversations") as e:
+    with pytest.raises(DataError, match="the training split has no recommender turn") as e:
         recipe._require_training_split(corpus)
     assert e.value.exit_code == 2 and str(data) in str(e.value)
-    assert not (tmp_path / "out").exists()
 
 
-def test_a_model_directory_without_config_json_is_a_clear_error(tmp_path: Path) -> None:
+@pytest.mark.parametrize("key", ["student", "model"])
+def test_a_model_directory_without_config_json_is_a_clear_error(key: str, tmp_path: Path) -> None:
+    """Named by the key the user set (the distillation job's student, D's model)."""
     from conkd_scale.config import build_config
     from conkd_scale.distill.config import DistillConfig
+    from conkd_scale.training.dialog_teacher import DialogTeacherConfig
     from conkd_scale.utils.errors import ConfigError
 
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "pytorch_model.bin").write_bytes(b"")
     out = tmp_path / "out"
+    cls = DistillConfig if key == "student" else DialogTeacherConfig
     with pytest.raises(ConfigError, match="the directory has no config.json") as e:
-        build_config(
-            DistillConfig, None, [f"student.pretrained={tmp_path}/model", f"output_dir={out}"]
-        )
-    assert "student.pretrained" in str(e.value) or "model.pretrained" in str(e.value)
+        build_config(cls, None, [f"{key}.pretrained={tmp_path}/model", f"output_dir={out}"])
+    assert str(e.value).startswith(f"{key}.pretrained={tmp_path}/model: "), str(e.value)
     assert not out.exists()

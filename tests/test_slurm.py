@@ -500,6 +500,33 @@ def test_killed_rank_fails_the_job_quickly(teachers, synthetic_dir, jobs):
     print(f"rank 1 killed -> job {job} FAILED after {took:.1f} s")
 
 
+@cluster_test
+def test_invalid_config_fails_the_job_with_exit_code_2(tmp_path, jobs):
+    """A config error ends every rank with 2, but srun --kill-on-bad-exit reports the rank
+    it terminated (143) once the first has exited: the job script reports the first rank's
+    code. Rank 1 is held back 5 s (a slow start), so that srun always terminates it."""
+    slow = tmp_path / "python"
+    slow.write_text(
+        f'#!/bin/bash\n[[ ${{SLURM_PROCID:-0}} == 1 ]] && sleep 5\nexec {sys.executable} "$@"\n'
+    )
+    slow.chmod(0o755)
+    out = tmp_path / "out"
+    job = jobs.submit(
+        "slurm/distill.sh",
+        ["train.micro_batch=0", f"output_dir={out}"],
+        tmp_path / "logs",
+        env={"CONKD_PYTHON": str(slow)},
+    )
+    info = jobs.wait(job, timeout=300, poll=0.5)
+    log = jobs.log(job)
+    assert info["JobState"] == "FAILED" and info.get("ExitCode") == "2:0", f"{info}\n{log}"
+    assert info.get("Restarts") == "0", info
+    assert "error: train.micro_batch: expected >= 1, got 0" in log, log
+    assert "step exited with 143" in log, log  # what srun said: the fix below applied
+    assert "the first rank to fail, rank 0, exited with 2" in log, log
+    assert not out.exists() and not list((ROOT / "slurm" / "logs").glob(f".exit-{job}-*"))
+
+
 # ----------------------------------------------------------------------------- no cluster
 class _FakeEngine(torch.nn.Module):
     """The part of a DeepSpeed engine the Trainer uses (one process, no process group)."""
@@ -588,6 +615,35 @@ def test_preemption_signal_saves_exits_75_and_resumes(tmp_path, monkeypatch):
     assert got == [("train", 1), ("train", 2), ("train", 3), ("preempted", 3)] + [
         ("train", s) for s in (4, 5, 6)
     ]
+
+
+def test_each_rank_records_its_exit_code_and_the_script_picks_the_first_failure(
+    tmp_path, monkeypatch
+):
+    """The two halves of the job scripts' exit code (no cluster): launch_main writes the
+    rank's code into CONKD_EXIT_DIR; slurm/common.sh picks the earliest non-zero one."""
+    from conkd_scale.distill.config import DistillConfig
+    from conkd_scale.launching import launch_main
+
+    monkeypatch.setenv("CONKD_EXIT_DIR", str(tmp_path))
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    monkeypatch.delenv("RANK", raising=False)
+    assert launch_main(None, DistillConfig, None, ["train.micro_batch=0"]) == 2
+    code, stamp = (tmp_path / "rank1").read_text().split()
+    assert code == "2" and abs(float(stamp) - time.time()) < 60
+    (tmp_path / "rank0").write_text(f"143 {float(stamp) + 1}\n")  # terminated after rank 1
+    (tmp_path / "rank2").write_text(f"0 {float(stamp) - 1}\n")  # a success is no failure
+    pick = 'source slurm/common.sh; _conkd_first_failure "$1"'
+    run = subprocess.run(
+        ["bash", "-c", pick, "_", str(tmp_path)], cwd=ROOT, capture_output=True, text=True
+    )
+    assert run.stdout.strip() == "2 rank 1", run
+    for f in tmp_path.iterdir():
+        f.write_text("0 1.0\n")
+    run = subprocess.run(
+        ["bash", "-c", pick, "_", str(tmp_path)], cwd=ROOT, capture_output=True, text=True
+    )
+    assert run.stdout == "" and run.returncode == 0, run
 
 
 def test_preemption_signals_from_env():

@@ -308,8 +308,9 @@ def test_killed_rank_on_one_node_ends_the_job_on_both(teachers, synthetic_dir, j
 def test_unresolvable_rendezvous_host_fails_fast_with_what_to_do(teachers, synthetic_dir, jobs):
     """MASTER_ADDR names a host the nodes cannot resolve: the ranks stop at once with exit 2
     and say what to do (instead of retrying their rendezvous until the collective timeout);
-    srun --kill-on-bad-exit ends the step (its exit code is then that of the last rank it
-    terminated); a configuration error is not requeued and writes nothing."""
+    srun --kill-on-bad-exit ends the step, and the job exits with the first rank's 2 (not
+    the 143 of a rank srun terminated); a configuration error is not requeued and writes
+    nothing."""
     out = teachers / "bad_master"
     job = jobs.submit(
         "slurm/distill.sh",
@@ -318,7 +319,7 @@ def test_unresolvable_rendezvous_host_fails_fast_with_what_to_do(teachers, synth
         env={"MASTER_ADDR": "conkd-n9"},
     )
     info = jobs.wait(job, timeout=300)
-    assert info["JobState"] == "FAILED" and info["ExitCode"] != "0:0", f"{info}\n{jobs.log(job)}"
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", f"{info}\n{jobs.log(job)}"
     assert info.get("Restarts") == "0", info
     log = jobs.log(job)
     assert "Exited with exit code 2" in log, log

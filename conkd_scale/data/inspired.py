@@ -3,7 +3,9 @@
 Items are the movies linked to DBpedia: the item id is the movie's entity id in
 ``entity2id.json`` (so ``<item_1234>``), and the vocabulary is ``item_ids.json`` plus every
 movie link seen in the conversations. Movie names found in a turn's text are replaced by the
-item token; a linked movie whose name is not in the text still counts as mentioned.
+item token; a linked movie whose name is not in the text still counts as mentioned. A movie
+link that ``entity2id.json`` lacks is an error (files of different releases); an entity link
+it lacks is dropped with a warning that counts them, as is an empty split.
 
 Splits **[decision]**: the public UniCRS release has train (801) and valid (99) files only.
 ``test`` is the whole valid file (the split every INSPIRED number is reported on);
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import random
 import re
+import sys
 from pathlib import Path
 
 from conkd_scale.data.jsonl import get_field, iter_jsonl, load_json, require_file
@@ -97,8 +100,15 @@ def load_catalog(data_dir: str | Path, entity2id: dict[str, int]) -> ItemCatalog
 
 
 def _parse(
-    turns: list, entity2id: dict[str, int], path: Path, line: int, conv_id: str
+    turns: list,
+    entity2id: dict[str, int],
+    path: Path,
+    line: int,
+    conv_id: str,
+    unknown: list[tuple[str, str]],
 ) -> Conversation:
+    """One conversation; ``(conv_id, uri)`` of each entity link that ``entity2id`` lacks is
+    appended to ``unknown`` (the link is dropped)."""
     merged: list[tuple[str, list[str], list[str], list[str]]] = []
     for turn in turns:
         text = get_field(turn, "text", str, path, line)
@@ -135,7 +145,12 @@ def _parse(
                     if hit:
                         text = new
                         break
-        ents = [u for u in turn.get("entity_link", []) if u in entity2id]
+        ents = []
+        for u in turn.get("entity_link", []):
+            if u in entity2id:
+                ents.append(u)
+            else:
+                unknown.append((conv_id, u))
         text = _SPACES.sub(" ", text).strip()
         if not text and not items:
             continue
@@ -162,9 +177,29 @@ def load_split(data_dir: str | Path, split: str, entity2id: dict[str, int]) -> l
     path = data_dir / FILES[key]
     raw = _raw_conversations(data_dir, key)
     draw = selection_draw(len(raw)) if selected is not None else set()
-    out = []
+    out: list[Conversation] = []
+    unknown: list[tuple[str, str]] = []
     for k, (n, turns) in enumerate(raw):
         if selected is not None and (k in draw) != selected:
             continue
-        out.append(_parse(turns, entity2id, path, n, f"inspired-{key}-{n}"))
+        out.append(_parse(turns, entity2id, path, n, f"inspired-{key}-{n}", unknown))
+    _warn_unknown_and_empty(path, split, out, unknown)
     return out
+
+
+def _warn_unknown_and_empty(
+    path: Path, split: str, convs: list[Conversation], unknown: list[tuple[str, str]]
+) -> None:
+    """Warn (stderr, naming the file) about an empty split and about entity links that
+    ``entity2id.json`` does not have (dropped: they never reach the KG)."""
+    if not convs:
+        print(f"warning: {path}: the {split} split has no conversations", file=sys.stderr)
+        return
+    if unknown:
+        uris = sorted({u for _, u in unknown})
+        print(
+            f"warning: {path}: {len(unknown)} link(s) to {len(uris)} entity id(s) that "
+            f"entity2id.json does not have in the {split} split (e.g. {unknown[0][1]} in "
+            f"conversation {unknown[0][0]}); they are dropped from the turns' entities",
+            file=sys.stderr,
+        )

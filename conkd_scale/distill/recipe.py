@@ -109,17 +109,25 @@ class DistillRecipe(LMRecipe):
     def setup(self) -> None:
         cfg = self.cfg
         T.check_teachers_present(cfg)  # every rank, before any collective
-        self.dist = init_distributed(timeout_minutes=cfg.train.collective_timeout_minutes)
+        self.dist = init_distributed(
+            timeout_minutes=cfg.train.collective_timeout_minutes,
+            rank0_timeout_minutes=cfg.train.rank0_timeout_minutes,
+        )
         ds = self._resolve_ds_config()
         self._check_resume()  # before anything is written
         if cfg.dataset == "synthetic":
-            run_on_main(ensure_synthetic, cfg.resolved_data_dir, seed=cfg.synthetic_seed)
-        if cfg.teachers.auto_train:
-            T.train_missing_teachers(cfg)
+            run_on_main(
+                ensure_synthetic,
+                cfg.resolved_data_dir,
+                seed=cfg.synthetic_seed,
+                phase="generating the synthetic corpus",
+            )
         corpus = load_dataset(
             cfg.dataset, cfg.resolved_data_dir, kg=cfg.kg or "none", splits=("train", "valid")
         )
-        self._require_training_split(corpus)
+        self._require_training_split(corpus)  # before a missing teacher is trained on it
+        if cfg.teachers.auto_train:
+            T.train_missing_teachers(cfg)
         tok = T.load_teacher_tokenizer(cfg)
         if cfg.uses_teachers:
             from conkd_scale.rec.api import RecTeacher
@@ -135,7 +143,7 @@ class DistillRecipe(LMRecipe):
             if not (self.out / "tokenizer").is_dir():
                 save_tokenizer(tok, self.out / "tokenizer")
 
-        run_on_main(prepare)
+        run_on_main(prepare, phase="writing the run configs and tokenizer")
         self._encode_splits(corpus, tok)
         if cfg.loss.gate.eta == "auto" and cfg.uses_teachers and not self.eval_data:
             raise ConfigError(
@@ -501,7 +509,7 @@ class DistillRecipe(LMRecipe):
             use_mode_tokens=self.cfg.use_mode_tokens, loss=config_to_dict(self.cfg.loss)
         )
         if path is not None:
-            run_on_main(save_item_catalog, path, self.catalog)
+            run_on_main(save_item_catalog, path, self.catalog, phase="writing the item catalog")
             print0(f"exported the student to {path}")
         return path
 

@@ -106,5 +106,5 @@ def export_hf(
                 },
             )
 
-    run_on_main(write)
+    run_on_main(write, phase=f"writing the export {out_dir}")
     return out_dir

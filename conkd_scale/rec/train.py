@@ -20,8 +20,9 @@ Output directory::
 
 Distributed launch (torchrun / the DeepSpeed launcher, ``WORLD_SIZE > 1``; :func:`run_rec_teacher`):
 R is small, so **rank 0 trains alone** and the other ranks wait until it finishes, polling
-the rendezvous store outside any collective (no timeout applies; ``dist_timeout_minutes``
-bounds the group's collectives); a failure on rank 0 is reported on every rank. Rank 0
+the rendezvous store outside any collective (no time limit applies to the training itself;
+the others give up when rank 0's heartbeat has been silent for ``dist_timeout_minutes``,
+which also bounds the group's collectives); a failure on rank 0 is reported on every rank. Rank 0
 then uses every CPU the process may run on (launchers set ``OMP_NUM_THREADS=1``), unless
 ``threads`` says otherwise.
 """
@@ -44,6 +45,7 @@ from conkd_scale.config import config_to_dict
 from conkd_scale.data.corpus import DATASETS, Corpus, load_dataset
 from conkd_scale.data.schema import TurnSample
 from conkd_scale.distributed import (
+    PeerLostError,
     get_rank,
     get_world_size,
     init_distributed,
@@ -568,15 +570,17 @@ class RankZeroError(ConkdError, RuntimeError):
 def train_rec_teacher(cfg: RecTeacherConfig) -> dict[str, Any]:
     """Train R on rank 0 (the only rank when not distributed); every rank returns the metrics.
 
-    With several ranks the others wait in a collective until rank 0 is done (for the process
-    group's timeout); if rank 0 fails, every rank raises (:class:`RankZeroError` on the
-    others).
+    With several ranks the others wait outside any collective until rank 0 is done
+    (:func:`~conkd_scale.distributed.run_on_main`); if rank 0 fails, every rank raises
+    (:class:`RankZeroError` on the others).
     """
     cfg.check_paths()
     if get_world_size() == 1:
         return _train_here(cfg)
     try:
-        return run_on_main(_train_here, cfg)
+        return run_on_main(_train_here, cfg, phase="training the recommendation teacher R")
+    except PeerLostError:  # rank 0 hung or died: not its error to pass on
+        raise
     except BaseException as e:
         if get_rank() == 0:
             raise
@@ -599,7 +603,8 @@ def run_rec_teacher(cfg: RecTeacherConfig) -> dict[str, Any]:
     (collective timeout ``dist_timeout_minutes``); then :func:`train_rec_teacher` (rank 0
     trains, the others wait outside any collective), and leaves the group."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        init_distributed("gloo", timeout_minutes=cfg.dist_timeout_minutes)
+        # the whole run is rank-0-only work: no time limit beyond rank 0's heartbeat
+        init_distributed("gloo", timeout_minutes=cfg.dist_timeout_minutes, rank0_timeout_minutes=0)
     try:
         return train_rec_teacher(cfg)
     finally:

@@ -94,7 +94,8 @@ def latest_checkpoint(root: str | Path) -> Path | None:
 
 def prune_checkpoints(root: str | Path, keep_last: int) -> list[Path]:
     """Delete all but the ``keep_last`` newest complete checkpoints, incomplete ones older
-    than the newest complete one, and stale temp directories. Returns what was removed
+    than the newest complete one, and stale temp directories (unfinished saves, replaced
+    checkpoints). Returns what was removed
     (rank 0 calls this)."""
     root = Path(root)
     complete = list_checkpoints(root)
@@ -107,7 +108,7 @@ def prune_checkpoints(root: str | Path, keep_last: int) -> list[Path]:
         for s, p in list_checkpoints(root, complete_only=False)
         if not (p / META).is_file() and s < newest
     ]
-    doomed += [p for p in root.glob(".step_*.tmp") if p.is_dir()]
+    doomed += [p for p in (*root.glob(".step_*.tmp"), *root.glob(".step_*.old")) if p.is_dir()]
     for p in doomed:
         shutil.rmtree(p, ignore_errors=True)
     return doomed
@@ -237,7 +238,7 @@ def save_checkpoint(
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
 
-    run_on_main(clear)
+    run_on_main(clear, phase=f"clearing an unfinished save of {tag}")
     try:
         engine.save_checkpoint(
             str(root), tag=tmp.name, client_state={"conkd_step": step}, save_latest=False
@@ -265,18 +266,20 @@ def save_checkpoint(
             files[META] = {"size": (tmp / META).stat().st_size, "sha256": _sha256(tmp / META)}
             write_json(tmp / MANIFEST, {"step": step, "files": files})
             _fsync(tmp)
-            final = root / tag
+            final, old = root / tag, root / f".{tag}.old"
             if final.exists():  # a re-save of the same step (e.g. after a fallback)
-                shutil.rmtree(final)
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)  # kept until the new one is in place
             os.replace(tmp, final)
             _fsync(root)
             with atomic_open(root / "latest", "w") as f:
                 f.write(tag)
+            shutil.rmtree(old, ignore_errors=True)
         except OSError as e:
             raise storage_error(e, f"checkpoint {root / tag}") from e
         prune_checkpoints(root, keep_last)
 
-    run_on_main(finish)
+    run_on_main(finish, phase=f"finishing checkpoint {tag} (manifest, rename, pruning)")
     return root / tag
 
 
@@ -300,7 +303,12 @@ def load_checkpoint(engine: Any, path: str | Path) -> dict[str, Any]:
     meta = read_meta(path)
     universal = meta.get("world_size") not in (None, get_world_size())
     if universal:
-        run_on_main(to_universal, path, int(meta["world_size"]))
+        run_on_main(
+            to_universal,
+            path,
+            int(meta["world_size"]),
+            phase=f"converting {path.name} to a universal checkpoint",
+        )
         try:
             load_universal(engine, path / UNIVERSAL)
         except Exception as e:
@@ -316,7 +324,10 @@ def load_checkpoint(engine: Any, path: str | Path) -> dict[str, Any]:
     except Exception as e:
         why = f"DeepSpeed could not load it ({type(e).__name__}: {str(e)[:300]})"
         barrier()
-        run_on_main(lambda: path.is_dir() and _quarantine(path, why))
+        run_on_main(
+            lambda: path.is_dir() and _quarantine(path, why),
+            phase=f"moving {path.name} aside",
+        )
         older = [p for s, p in list_checkpoints(path.parent) if s < int(meta["step"])]
         msg = f"checkpoint {path}: {why}; moved it to {path.name}{CORRUPT_SUFFIX}. "
         if older:

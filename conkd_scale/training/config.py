@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from conkd_scale.utils.errors import ConfigError
@@ -41,6 +42,11 @@ class TrainConfig:
     # a collective that waits longer than this for a hung or dead rank fails on every live
     # rank (exit 1, with where each rank waited); rank-0-only work does not count against it
     collective_timeout_minutes: float = 10.0
+    # rank-0-only work (training a missing R, a checkpoint's manifest, a universal conversion,
+    # the export's writes) that runs longer than this ends the job on every rank (exit 1;
+    # rank 0 dumps its threads); 0: no limit. A rank 0 that stops sending its heartbeat
+    # (frozen, stopped) is given up after collective_timeout_minutes either way.
+    rank0_timeout_minutes: float = 120.0
     progress: bool = True  # tqdm progress bar on rank 0
     # also send the train/eval rows to DeepSpeed's monitors (rank 0), written under the run
     # dir: OUT/tensorboard (needs the tensorboard package) and OUT/csv_monitor/*.csv; a
@@ -75,6 +81,11 @@ class TrainConfig:
                 "train.collective_timeout_minutes: expected > 0, got "
                 f"{self.collective_timeout_minutes}"
             )
+        if not self.rank0_timeout_minutes >= 0:
+            raise ConfigError(
+                "train.rank0_timeout_minutes: expected >= 0 (0: no limit), got "
+                f"{self.rank0_timeout_minutes}"
+            )
         if self.lr <= 0:
             raise ConfigError(f"train.lr: expected > 0, got {self.lr}")
         if self.max_steps == 0 and self.epochs <= 0:
@@ -88,7 +99,15 @@ class TrainConfig:
 def check_sequence_run(
     dataset: str, data_dir: str | None, max_length: int, model: Any, model_key: str
 ) -> None:
-    """Checks shared by the LM jobs' configs: data dir, sequence length vs the model's."""
+    """Checks shared by the LM jobs' configs: data dir, a local model directory, sequence
+    length vs the model's (errors name the model's key, ``model_key``)."""
+    local = model.pretrained is not None and Path(model.pretrained).is_dir()
+    if local and not (Path(str(model.pretrained)) / "config.json").is_file():
+        raise ConfigError(
+            f"{model_key}.pretrained={model.pretrained}: the directory has no config.json, so "
+            "it is not a Hugging Face model directory; point it at one (e.g. the hf/ folder "
+            "of a training run) or at a hub model name"
+        )
     if dataset != "synthetic" and data_dir is None:
         raise ConfigError(f"data_dir is required for dataset={dataset!r}")
     if max_length < 16:

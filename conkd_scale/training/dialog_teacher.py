@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 
@@ -82,22 +82,36 @@ class DialogTeacherRecipe(LMRecipe):
     cfg: DialogTeacherConfig
 
     # ---------------------------------------------------------------------------- setup
-    def _prepare_output(self, ds: dict[str, Any]) -> None:
-        self._write_run_configs(ds)
-        if self.cfg.dataset == "synthetic":
-            ensure_synthetic(self.cfg.resolved_data_dir, seed=self.cfg.synthetic_seed)
-
     def setup(self) -> None:
         cfg = self.cfg
-        self.dist = init_distributed(timeout_minutes=cfg.train.collective_timeout_minutes)
+        self.dist = init_distributed(
+            timeout_minutes=cfg.train.collective_timeout_minutes,
+            rank0_timeout_minutes=cfg.train.rank0_timeout_minutes,
+        )
         ds = self._resolve_ds_config()
-        self._check_resume()  # before anything is written
-        run_on_main(self._prepare_output, ds)
+        # the checks that read files only come before anything is written to output_dir
+        self._check_resume()
+        if cfg.dataset == "synthetic":
+            run_on_main(
+                ensure_synthetic,
+                cfg.resolved_data_dir,
+                seed=cfg.synthetic_seed,
+                phase="generating the synthetic corpus",
+            )
         corpus = load_dataset(
             cfg.dataset, cfg.resolved_data_dir, kg=cfg.kg, splits=("train", "valid")
         )
+        self._require_training_split(corpus)
+        run_on_main(self._write_run_configs, ds, phase="writing the run configs")
         texts = [t.text for c in self._train_conversations(corpus) for t in c.turns]
-        run_on_main(prepare_tokenizer, cfg.model, corpus.catalog, texts, self.out / "tokenizer")
+        run_on_main(
+            prepare_tokenizer,
+            cfg.model,
+            corpus.catalog,
+            texts,
+            self.out / "tokenizer",
+            phase="building the tokenizer",
+        )
         tok = load_tokenizer(self.out / "tokenizer")
         self._encode_splits(corpus, tok)
         torch.manual_seed(cfg.train.seed)

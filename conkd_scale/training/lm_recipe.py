@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 from conkd_scale.config import config_to_dict
 from conkd_scale.data.corpus import Corpus
-from conkd_scale.data.schema import Conversation
+from conkd_scale.data.schema import RECOMMENDER, Conversation
 from conkd_scale.data.sequences import encode_split
 from conkd_scale.distributed import DistInfo, print0, rank_hosts, run_on_main, teardown
 from conkd_scale.models.builder import BuiltModel, enable_activation_checkpointing
@@ -115,12 +115,19 @@ class LMRecipe:
 
     def _require_training_split(self, corpus: Corpus) -> None:
         """A clear error (every rank, before the output directory is written) when the
-        training split is empty."""
-        if not self._train_conversations(corpus):
+        training split is empty or has no recommender turn to learn."""
+        convs = self._train_conversations(corpus)
+        if not convs:
             raise DataError(
                 corpus.data_dir,
                 "the training split has no conversations",
                 hint="check its train split file and data_dir",
+            )
+        if not any(t.role == RECOMMENDER for c in convs for t in c.turns):
+            raise DataError(
+                corpus.data_dir,
+                "the training split has no recommender turn to learn",
+                hint="check its train split file, data_dir and max_train_conversations",
             )
 
     def _encode_splits(self, corpus: Corpus, tok: Any) -> None:
@@ -174,7 +181,7 @@ class LMRecipe:
         rendezvous address. Called on every rank (it gathers the host names)."""
         master = f"{os.environ.get('MASTER_ADDR', '')}:{os.environ.get('MASTER_PORT', '')}"
         info = {**info, "hosts": rank_hosts(), "master": master}
-        run_on_main(write_json, self.out / "run_info.json", info)
+        run_on_main(write_json, self.out / "run_info.json", info, phase="writing run_info.json")
         print0(json.dumps(info))
 
     # ---------------------------------------------------------------------------- run

@@ -138,6 +138,7 @@ def stop(step: int) -> NoReturn:
     if threading.current_thread() is threading.main_thread():
         for s in _state["installed"]:
             faulthandler.unregister(s)
+        _state["installed"] = ()  # a later install() (a new run in this process) redoes it
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise Preempted(step, _state["signum"])
 

@@ -55,6 +55,7 @@ MAY_CHANGE = (
     "student.attn_implementation",
     "model.dtype",  # the dtype a checkpoint is read in (training runs in DeepSpeed's)
     "student.dtype",
+    "train.rank0_timeout_minutes",
     "teachers.auto_train",
     "teachers.rec_config",
     "teachers.rec_overrides",

@@ -256,7 +256,12 @@ class Trainer:
     # -- resume / save -------------------------------------------------------------------
     def resume(self) -> Path | None:
         """Load the checkpoint chosen by ``train.resume`` (rank 0 decides). Collective."""
-        path = run_on_main(resolve_resume, self.cfg.resume, self.ckpt_dir)
+        path = run_on_main(
+            resolve_resume,
+            self.cfg.resume,
+            self.ckpt_dir,
+            phase="finding and verifying the checkpoint to resume from",
+        )
         if path is None:
             return None
         meta = load_checkpoint(self.engine, path)

@@ -5,7 +5,8 @@ of the jobs (``launching.py``): each error class carries the code its job exits 
 code  meaning                                                                     requeue
 ====  ==========================================================================  ========
 0     finished (model exported where the job exports one)                         no
-1     unexpected crash (a traceback; a bug or a lost peer rank)                   no
+1     unexpected crash (a traceback; a bug or a lost peer rank), or rank 0 hung   no
+      or lost during rank-0-only work (``distributed.PeerLostError``)
 2     bad configuration or input data (:class:`ConfigError`, :class:`DataError`)  no
 3     training diverged (:class:`DivergenceError`): last good checkpoint kept     no
 74    I/O failure such as a full disk (:class:`StorageError`)                     no
