@@ -35,14 +35,18 @@ from conkd_scale.utils.errors import ConkdError, storage_error
 MakeRecipe = Callable[[Any, dict[str, Any], str], Any]
 
 
-def parse_launch_args(doc: str | None, argv: list[str] | None = None) -> argparse.Namespace:
+def parse_launch_args(
+    doc: str | None,
+    argv: list[str] | None = None,
+    default_ds_config: str = "ds_configs/zero3.json",
+) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument(
         "--deepspeed",
         metavar="PATH",
-        default="ds_configs/zero3.json",
+        default=default_ds_config,
         help="DeepSpeed JSON config (default: %(default)s)",
     )
     p.add_argument("--config", metavar="FILE", default=None, help="run config (JSON/YAML)")
@@ -103,13 +107,19 @@ def report_collective_timeout(cfg: Any) -> None:
 
 
 def launch_main(
-    doc: str | None, config_cls: type, make_recipe: MakeRecipe, argv: list[str] | None = None
+    doc: str | None,
+    config_cls: type,
+    make_recipe: MakeRecipe,
+    argv: list[str] | None = None,
+    *,
+    output_key: str = "output_dir",  # the config key that --output-dir sets
+    default_ds_config: str = "ds_configs/zero3.json",
 ) -> int:
     """Run a recipe (``setup/train/export/cleanup``) from the command line; the exit code."""
-    args = parse_launch_args(doc, argv)
+    args = parse_launch_args(doc, argv, default_ds_config)
     overrides = list(args.overrides)
     if args.output_dir:
-        overrides.append(f"output_dir={args.output_dir}")
+        overrides.append(f"{output_key}={args.output_dir}")
     try:
         cfg = build_config(config_cls, args.config, overrides)
         recipe = make_recipe(cfg, load_ds_config(args.deepspeed), args.deepspeed)
