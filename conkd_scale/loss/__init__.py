@@ -11,6 +11,9 @@ picks an implementation; :func:`conkd_loss` runs the one ``cfg.impl`` means;
 :mod:`.gates` holds the gate and its statistics (:func:`gate_counts` per micro batch,
 :func:`gate_rates` of pooled counts, :func:`gate_stats` both for one batch).
 
+D is given as dense logits or as a :class:`~.sparse.SparseTeacher` (its top-k log-probs and
+exact item mass, the offline cache) to every implementation; :mod:`.sparse` defines that KL.
+
 Row alignment is the caller's: row t of the logits must predict ``labels[t]`` (shift causal-LM
 logits and the ``rec_turn`` index together before calling).
 """
@@ -24,6 +27,7 @@ from conkd_scale.loss.dispatch import conkd_loss, resolve_impl
 from conkd_scale.loss.gates import gate, gate_counts, gate_rates, gate_stats, item_mass
 from conkd_scale.loss.module import ConKDLoss
 from conkd_scale.loss.reference import conkd_loss_reference
+from conkd_scale.loss.sparse import SparseTeacher
 
 __all__ = [
     "IGNORE_INDEX",
@@ -31,6 +35,7 @@ __all__ = [
     "GateConfig",
     "LossConfig",
     "LossOutput",
+    "SparseTeacher",
     "conkd_loss",
     "conkd_loss_chunked",
     "conkd_loss_reference",

@@ -17,6 +17,11 @@ gathers when some rows are ignored) when the gradient cannot be written in place
 R's table stays [S, I]: its rows are gathered per chunk. Teacher logits get no gradient;
 rows with label -100 are skipped (gradient 0) and, when every row is ignored, the loss and
 its parts are 0.
+
+A sparse teacher (:class:`~.sparse.SparseTeacher`, D's top-k) replaces the teacher pass: per
+chunk the K+1-bin KL of :mod:`.sparse` from a [C, K] gather of log p_S^τ and the student's
+tail mass Σ_{v∉top-k} p_S^τ(v), summed directly (no 1 − Σ cancellation) from a copy of p_S^τ
+with the top-k zeroed; that copy, scaled by d_tail / s_tail, is the tail part of the target.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from conkd_scale.loss.common import (
 )
 from conkd_scale.loss.config import GateConfig, LossConfig
 from conkd_scale.loss.gates import gate, item_mass
+from conkd_scale.loss.sparse import SparseTeacher, teacher_bins
 
 
 def _softmax_lse(x_CV: Tensor, out_CV: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -131,6 +137,88 @@ def _chunk(
     return g_CV, ce_C, kd_d_C, kd_r_C, lam_C, m_C
 
 
+def _chunk_sparse(
+    z_CV: Tensor,  # [C, V] student logits (compute dtype; not modified before the grad)
+    st: SparseTeacher,  # [C, K] D's top-k of the chunk's rows
+    y_C: Tensor,  # [C] gold labels
+    logq_CI: Tensor,  # [C, I] log q_R^τ of each row's turn (compute dtype)
+    item_ids_I: Tensor,  # [I]
+    work: list[Tensor],  # [≥C, V] scratch buffers (compute dtype): 2, or 3 without grad_out_CV
+    grad_out_CV: Tensor | None,  # [C, V] where to write the gradient (compute dtype) or None
+    gate_cfg: GateConfig,
+    tau: float,
+    w_ce: float,
+    w_kd: float,
+    inv_M: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """:func:`_chunk` with D's top-k: the K+1-bin KL of :mod:`.sparse` and the stored m_t.
+
+    Returns (grad_CV, ce_C, kd_d_C, kd_r_C, lam_C, m_C).
+    """
+    C, V = z_CV.shape
+    dtype = z_CV.dtype
+    buf_tail, buf_ps = work[0][:C], work[1][:C]
+    zt_CV = z_CV if tau == 1.0 else z_CV / tau  # [C, V]
+    rows_C = torch.arange(C, device=z_CV.device)
+    ids_CK = st.ids_NK.long()  # [C, K]
+    has_tail = st.k < V
+
+    m_C = st.item_mass_N.to(dtype)  # [C] the stored exact m_t
+    lam_C = gate(m_C, y_C, item_ids_I, gate_cfg)  # [C]
+
+    ps_CV, lse_s_C = _softmax_lse(zt_CV, buf_ps)  # [C, V] p_S^τ, [C]
+    psu_CV, lse_z_C = (None, lse_s_C) if tau == 1.0 else _softmax_lse(z_CV, None)
+    ce_C = lse_z_C - z_CV[rows_C, y_C]  # [C]
+
+    use_d, use_r = gate_cfg.mode != "rec", gate_cfg.mode != "dialog"
+    q_CI = logq_CI.exp()  # [C, I]
+    if use_r:
+        logps_CI = zt_CV.index_select(1, item_ids_I).sub_(lse_s_C.unsqueeze(1))  # [C, I]
+        kl_r_C = torch.sub(logq_CI, logps_CI, out=logps_CI).mul_(q_CI).nansum(dim=-1)  # [C]
+        del logps_CI
+    else:
+        kl_r_C = torch.zeros_like(m_C)
+
+    # K+1 bins: d from the stored log-probs, s from a [C, K] gather and the direct tail sum.
+    zero_C = torch.zeros_like(m_C)
+    if use_d:
+        logd_CK, logd_tail_C = teacher_bins(st.logp_NK, tau, has_tail, dtype)  # [C, K], [C]
+        d_CK = logd_CK.exp()
+        logs_CK = zt_CV.gather(1, ids_CK).sub_(lse_s_C.unsqueeze(1))  # [C, K] log s_k
+        kl_d_C = torch.where(d_CK > 0, d_CK * (logd_CK - logs_CK), 0.0).sum(-1)  # [C]
+        rho_C = zero_C
+        if has_tail:
+            tail_CV = buf_tail.copy_(ps_CV).scatter_(1, ids_CK, 0.0)  # [C, V] p_S^τ off top-k
+            s_tail_C = tail_CV.sum(-1)  # [C]
+            d_tail_C = logd_tail_C.exp()
+            pos_C = d_tail_C > 0
+            kl_d_C = kl_d_C + torch.where(pos_C, d_tail_C * (logd_tail_C - s_tail_C.log()), 0.0)
+            rho_C = torch.where(pos_C & (s_tail_C > 0), d_tail_C / s_tail_C, 0.0)  # [C]
+    else:
+        kl_d_C = zero_C
+    kd_d_C = tau**2 * torch.where(lam_C < 1, (1 - lam_C) * kl_d_C, zero_C)  # [C]
+    kd_r_C = tau**2 * torch.where(lam_C > 0, lam_C * kl_r_C, zero_C)  # [C]
+
+    # Gradient / N_valid: w_ce·(p_S − e_y) + a·(p_S^τ − (1−λ)·target_D − λ·q), a = w_kd·τ,
+    # target_D = d_k on the top-k ids and ρ·p_S^τ on the tail (ρ = d_tail / s_tail).
+    a = w_kd * tau
+    g_CV = ps_CV if grad_out_CV is None else grad_out_CV
+    if psu_CV is None:
+        torch.mul(ps_CV, (w_ce + a) * inv_M, out=g_CV)
+    else:
+        torch.mul(ps_CV, a * inv_M, out=g_CV).add_(psu_CV, alpha=w_ce * inv_M)
+    if use_d and a != 0.0:
+        coef_C = -a * inv_M * (1 - lam_C)  # [C]
+        if has_tail:
+            g_CV.addcmul_(tail_CV, (coef_C * rho_C).unsqueeze(1))
+        g_CV.scatter_add_(1, ids_CK, d_CK * coef_C.unsqueeze(1))
+    if use_r and a != 0.0:
+        g_CV.index_add_(1, item_ids_I, q_CI.mul_((-a * inv_M * lam_C).unsqueeze(1)))
+    if w_ce != 0.0:
+        g_CV[rows_C, y_C] -= w_ce * inv_M
+    return g_CV, ce_C, kd_d_C, kd_r_C, lam_C, m_C
+
+
 def _gather_rows(src_NV: Tensor, rows_C: Tensor, buf_CV: Tensor) -> Tensor:
     """``src_NV[rows_C]`` in the buffer's dtype, through the buffer when dtypes agree."""
     if src_NV.dtype == buf_CV.dtype:
@@ -145,7 +233,7 @@ class ConKDChunkedFunction(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: Any,
         student_NV: Tensor,  # [N, V]
-        teacher_NV: Tensor,  # [N, V]
+        teacher_NV: Tensor | SparseTeacher,  # [N, V], or D's top-k [N, K]
         logq_SI: Tensor,  # [S, I] log q_R^τ
         rec_row_N: Tensor,  # [N]
         item_ids_I: Tensor,  # [I]
@@ -154,11 +242,12 @@ class ConKDChunkedFunction(torch.autograd.Function):
         inplace: bool,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         N, V = student_NV.shape
-        dtype = compute_dtype(student_NV, teacher_NV)
+        sparse = isinstance(teacher_NV, SparseTeacher)
+        dtype = compute_dtype(student_NV, *([] if sparse else [teacher_NV]))
         device = student_NV.device
         tau = float(cfg.tau)
         z_NV = student_NV.detach()  # shares storage (and version counter) with the input
-        t_NV = teacher_NV.detach()
+        t_NV = None if sparse else teacher_NV.detach()
 
         valid_N = labels_N != IGNORE_INDEX  # [N]
         idx_M = valid_N.nonzero().squeeze(1)  # [M]
@@ -182,17 +271,26 @@ class ConKDChunkedFunction(torch.autograd.Function):
             c = end - start
             if all_valid:
                 rows: slice | Tensor = slice(start, end)
-                z_CV, t_CV = z_NV[start:end].to(dtype), t_NV[start:end].to(dtype)
+                z_CV = z_NV[start:end].to(dtype)
             else:
                 rows = idx_M[start:end]
                 z_CV = _gather_rows(z_NV, rows, work[3][:c])
-                t_CV = _gather_rows(t_NV, rows, work[4][:c])
             y_C, r_C = labels_N[rows], rec_row_N[rows]
             out_CV = grad_NV[start:end] if all_valid and direct else None
-            g_CV, ce_C, kd_d_C, kd_r_C, lam_C, m_C = _chunk(
-                z_CV, t_CV, y_C, logq_SI.index_select(0, r_C), item_ids_I, work[:3], out_CV,
-                cfg.gate, tau, cfg.w_ce, cfg.w_kd, inv_M,
-            )  # fmt: skip
+            logq_CI = logq_SI.index_select(0, r_C)
+            if sparse:
+                g_CV, ce_C, kd_d_C, kd_r_C, lam_C, m_C = _chunk_sparse(
+                    z_CV, teacher_NV.rows(rows), y_C, logq_CI, item_ids_I, work[:3], out_CV,
+                    cfg.gate, tau, cfg.w_ce, cfg.w_kd, inv_M,
+                )  # fmt: skip
+            else:
+                assert t_NV is not None
+                t_CV = t_NV[start:end].to(dtype) if all_valid else _gather_rows(
+                    t_NV, rows, work[4][:c])  # fmt: skip
+                g_CV, ce_C, kd_d_C, kd_r_C, lam_C, m_C = _chunk(
+                    z_CV, t_CV, y_C, logq_CI, item_ids_I, work[:3], out_CV,
+                    cfg.gate, tau, cfg.w_ce, cfg.w_kd, inv_M,
+                )  # fmt: skip
             if out_CV is None and all_valid:
                 grad_NV[start:end].copy_(g_CV)  # casts to the gradient's dtype
             elif out_CV is None:
@@ -222,7 +320,8 @@ class ConKDChunkedFunction(torch.autograd.Function):
 
 def conkd_loss_chunked(
     student_logits: Tensor,  # [N, V] or [B, T, V], any float dtype (needs grad)
-    teacher_logits: Tensor,  # [N, V] or [B, T, V], D's logits (no grad)
+    teacher_logits: Tensor | SparseTeacher,  # [N, V] or [B, T, V], D's logits (no grad), or
+    # D's top-k with its exact item mass (loss/sparse.py)
     rec_probs_SI: Tensor,  # [S, I] R's item distribution per recommender turn
     rec_row: Tensor,  # [N] or [B, T] row of rec_probs for each loss row (-1 where no loss)
     item_ids_I: Tensor,  # [I] vocabulary id of each rec_probs column (any order)
@@ -240,10 +339,11 @@ def conkd_loss_chunked(
     the logits flatten to [N, V] without a copy.
     """
     x = flatten_inputs(student_logits, teacher_logits, rec_probs_SI, rec_row, item_ids_I, labels)
-    dtype = compute_dtype(x.student_NV, x.teacher_NV)
+    teacher = x.sparse if x.sparse is not None else x.teacher_dense()
+    dtype = compute_dtype(x.student_NV, *([] if x.sparse is not None else [teacher]))
     logq_SI = tempered_log_q(x.rec_probs_SI, float(cfg.tau), dtype)  # [S, I]
     loss, ce, kd, kd_d, kd_r, lam_N, m_N = ConKDChunkedFunction.apply(
-        x.student_NV, x.teacher_NV, logq_SI, x.rec_row_N, x.item_ids_I, x.labels_N, cfg,
+        x.student_NV, teacher, logq_SI, x.rec_row_N, x.item_ids_I, x.labels_N, cfg,
         inplace,
     )  # fmt: skip
     n_tokens = int((x.labels_N != IGNORE_INDEX).sum())

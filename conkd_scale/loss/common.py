@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from conkd_scale.loss.sparse import SparseTeacher, check_sparse
+
 IGNORE_INDEX = -100
 """Label of positions without loss (same value as ``conkd_scale.data.sequences.IGNORE``)."""
 
@@ -28,14 +30,22 @@ class LossOutput:
 
 @dataclass
 class FlatInputs:
-    """The loss inputs flattened to rows, checked for shape."""
+    """The loss inputs flattened to rows, checked for shape. D comes either as dense logits
+    (``teacher_NV``) or as a top-k (``sparse``, ``teacher_NV`` is then None)."""
 
     student_NV: Tensor  # [N, V]
-    teacher_NV: Tensor  # [N, V]
+    teacher_NV: Tensor | None  # [N, V], None with a sparse teacher
     rec_probs_SI: Tensor  # [S, I]
     rec_row_N: Tensor  # [N] long
     item_ids_I: Tensor  # [I] long
     labels_N: Tensor  # [N] long
+    sparse: SparseTeacher | None = None  # [N, K] rows of a sparse teacher (checked)
+
+    def teacher_dense(self) -> Tensor:
+        """``teacher_NV`` of a dense teacher (for code paths without sparse support)."""
+        if self.teacher_NV is None:
+            raise TypeError("this loss path needs dense teacher logits, not a SparseTeacher")
+        return self.teacher_NV
 
 
 def compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -72,7 +82,7 @@ def check_rows(
 
 def flatten_inputs(
     student_logits: Tensor,  # [..., V]
-    teacher_logits: Tensor,  # [..., V]
+    teacher_logits: Tensor | SparseTeacher,  # [..., V] or a top-k of [..., K]
     rec_probs_SI: Tensor,  # [S, I]
     rec_row: Tensor,  # [...]
     item_ids_I: Tensor,  # [I]
@@ -80,10 +90,12 @@ def flatten_inputs(
 ) -> FlatInputs:
     """Flatten ``[B, T, V]`` / ``[N, V]`` inputs to rows and check shapes and index ranges.
 
-    Raises ``ValueError`` on a shape mismatch or an index out of range (:func:`check_rows`).
+    Raises ``ValueError`` on a shape mismatch or an index out of range (:func:`check_rows`,
+    and :func:`~.sparse.check_sparse` for a sparse teacher).
     """
     V = student_logits.shape[-1]
-    if teacher_logits.shape != student_logits.shape:
+    sparse = isinstance(teacher_logits, SparseTeacher)
+    if not sparse and teacher_logits.shape != student_logits.shape:
         raise ValueError(
             f"teacher logits {tuple(teacher_logits.shape)} and student logits "
             f"{tuple(student_logits.shape)} must have the same shape"
@@ -103,8 +115,12 @@ def flatten_inputs(
     rec_row_N = rec_row.reshape(-1).long()
     check_rows(labels_N, rec_row_N, item_ids_I, rec_probs_SI.shape[0], V)
     student_NV = student_logits.reshape(-1, V)
+    items_I = item_ids_I.long()
+    if isinstance(teacher_logits, SparseTeacher):
+        st = check_sparse(teacher_logits, tuple(lead), V, labels_N != IGNORE_INDEX)
+        return FlatInputs(student_NV, None, rec_probs_SI, rec_row_N, items_I, labels_N, st)
     teacher_NV = teacher_logits.reshape(-1, V)
-    return FlatInputs(student_NV, teacher_NV, rec_probs_SI, rec_row_N, item_ids_I.long(), labels_N)
+    return FlatInputs(student_NV, teacher_NV, rec_probs_SI, rec_row_N, items_I, labels_N)
 
 
 def tempered_log_q(rec_probs_SI: Tensor, tau: float, dtype: torch.dtype) -> Tensor:

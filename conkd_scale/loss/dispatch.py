@@ -20,6 +20,7 @@ from conkd_scale.loss.chunked import conkd_loss_chunked
 from conkd_scale.loss.common import LossOutput
 from conkd_scale.loss.config import LossConfig, LossImpl
 from conkd_scale.loss.reference import conkd_loss_reference
+from conkd_scale.loss.sparse import SparseTeacher
 from conkd_scale.utils.errors import ConfigError
 
 __all__ = ["conkd_loss", "resolve_impl"]
@@ -101,7 +102,8 @@ def _warn_fused_on_logits() -> None:
 
 def conkd_loss(
     student_logits: Tensor,  # [N, V] or [B, T, V] (needs grad)
-    teacher_logits: Tensor,  # [N, V] or [B, T, V] D's logits (no grad)
+    teacher_logits: Tensor | SparseTeacher,  # [N, V] or [B, T, V] D's logits (no grad), or
+    # D's top-k with its exact item mass (loss/sparse.py)
     rec_probs_SI: Tensor,  # [S, I] R's item distribution per recommender turn
     rec_row: Tensor,  # [N] or [B, T] row of rec_probs for each loss row (-1 where no loss)
     item_ids_I: Tensor,  # [I] vocabulary ids of rec_probs' columns

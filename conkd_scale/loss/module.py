@@ -8,6 +8,7 @@ from conkd_scale.loss.chunked import conkd_loss_chunked
 from conkd_scale.loss.common import LossOutput
 from conkd_scale.loss.config import LossConfig
 from conkd_scale.loss.dispatch import resolve_impl
+from conkd_scale.loss.sparse import SparseTeacher
 
 __all__ = ["ConKDLoss"]
 
@@ -25,7 +26,7 @@ class ConKDLoss(nn.Module):
     def forward(
         self,
         student_logits: Tensor,  # [N, V] or [B, T, V]
-        teacher_logits: Tensor,  # [N, V] or [B, T, V]
+        teacher_logits: Tensor | SparseTeacher,  # [N, V] or [B, T, V], or D's top-k
         rec_probs_SI: Tensor,  # [S, I]
         rec_row: Tensor,  # [N] or [B, T]
         item_ids_I: Tensor,  # [I]

@@ -34,10 +34,11 @@ def conkd_loss_naive(
 ) -> LossOutput:
     """The ConKD loss over all N rows with dense ``[N, V]`` tensors (ignored rows masked)."""
     x = flatten_inputs(student_logits, teacher_logits, rec_probs_SI, rec_row, item_ids_I, labels)
-    dtype = compute_dtype(x.student_NV, x.teacher_NV)
+    t_NV = x.teacher_dense().detach()  # dense D only (the benchmarks' baseline)
+    dtype = compute_dtype(x.student_NV, t_NV)
     tau = float(cfg.tau)
     z_NV = x.student_NV.to(dtype)
-    t_NV = x.teacher_NV.detach().to(dtype)
+    t_NV = t_NV.to(dtype)
     N, V = z_NV.shape
     valid_N = x.labels_N != IGNORE_INDEX  # [N]
     y_N = torch.where(valid_N, x.labels_N, 0)  # [N]

@@ -11,6 +11,9 @@ while p_S is normalised over all of U. Zero teacher probabilities contribute 0 (
 where the student's logit is -inf; a term whose weight (1 − λ_t or λ_t) is 0 contributes 0
 even if its KL is infinite. Autograd does the backward; every [N, V] temporary is live, so
 this is for tests and small inputs (the chunked and Triton paths compute the same function).
+
+D may also be a :class:`~.sparse.SparseTeacher` (its top-k, the offline cache): then λ_t comes
+from the stored m_t and KL(p_D^τ ‖ p_S^τ) is the K+1-bin KL of :mod:`.sparse`.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from conkd_scale.loss.common import (
 )
 from conkd_scale.loss.config import LossConfig
 from conkd_scale.loss.gates import gate, item_mass
+from conkd_scale.loss.sparse import SparseTeacher, teacher_bins
 
 
 def _xlogy_kl(p: Tensor, log_p: Tensor, log_s: Tensor) -> Tensor:
@@ -35,9 +39,29 @@ def _xlogy_kl(p: Tensor, log_p: Tensor, log_s: Tensor) -> Tensor:
     return torch.where(p > 0, p * (log_p - log_s), 0.0).sum(-1)
 
 
+def _sparse_kl(
+    logp_s_MV: Tensor,  # [M, V] log p_S^τ
+    st: SparseTeacher,  # [M, K] D's top-k at the loss rows
+    tau: float,
+) -> Tensor:
+    """[M] the K+1-bin KL(d ‖ s) of :mod:`.sparse` (differentiable in ``logp_s_MV``)."""
+    V = logp_s_MV.shape[1]
+    has_tail = st.k < V
+    ids_MK = st.ids_NK.long()
+    logd_MK, logd_tail_M = teacher_bins(st.logp_NK, tau, has_tail, logp_s_MV.dtype)
+    kl_M = _xlogy_kl(logd_MK.exp(), logd_MK, logp_s_MV.gather(1, ids_MK))  # [M]
+    if has_tail:
+        tail_MV = logp_s_MV.scatter(1, ids_MK, float("-inf"))  # [M, V] log p_S^τ off the top-k
+        log_s_tail_M = tail_MV.logsumexp(-1)  # [M]
+        d_tail_M = logd_tail_M.exp()
+        kl_M = kl_M + _xlogy_kl(d_tail_M[:, None], logd_tail_M[:, None], log_s_tail_M[:, None])
+    return kl_M
+
+
 def conkd_loss_reference(
     student_logits: Tensor,  # [N, V] or [B, T, V], any float dtype (needs grad)
-    teacher_logits: Tensor,  # [N, V] or [B, T, V], D's logits (no grad)
+    teacher_logits: Tensor | SparseTeacher,  # [N, V] or [B, T, V] D's logits (no grad), or
+    # D's top-k ([N, K] or [B, T, K]) with its exact item mass
     rec_probs_SI: Tensor,  # [S, I] R's item distribution per recommender turn (rows sum to 1)
     rec_row: Tensor,  # [N] or [B, T] row of rec_probs for each loss row (-1 where no loss)
     item_ids_I: Tensor,  # [I] vocabulary id of each rec_probs column (any order)
@@ -46,7 +70,8 @@ def conkd_loss_reference(
 ) -> LossOutput:
     """The ConKD loss and its parts, computed naively with autograd (ground truth)."""
     x = flatten_inputs(student_logits, teacher_logits, rec_probs_SI, rec_row, item_ids_I, labels)
-    dtype = compute_dtype(x.student_NV, x.teacher_NV)
+    st = x.sparse
+    dtype = compute_dtype(x.student_NV, *([x.teacher_NV] if st is None else []))
     tau = float(cfg.tau)
     N = x.labels_N.numel()
 
@@ -54,18 +79,22 @@ def conkd_loss_reference(
     idx_M = valid_N.nonzero().squeeze(1)  # [M] loss rows
     M = idx_M.numel()
     z_MV = x.student_NV.index_select(0, idx_M).to(dtype)  # [M, V]
-    t_MV = x.teacher_NV.detach().index_select(0, idx_M).to(dtype)  # [M, V]
     y_M = x.labels_N[idx_M]  # [M]
     r_M = x.rec_row_N[idx_M]  # [M]
+    logp_s_MV = F.log_softmax(z_MV / tau if tau != 1.0 else z_MV, dim=-1)  # [M, V]
 
-    m_M = item_mass(t_MV, x.item_ids_I)  # [M]
+    if st is None:
+        t_MV = x.teacher_dense().detach().index_select(0, idx_M).to(dtype)  # [M, V]
+        m_M = item_mass(t_MV, x.item_ids_I)  # [M]
+        logp_d_MV = F.log_softmax(t_MV / tau if tau != 1.0 else t_MV, dim=-1)  # [M, V]
+        kl_d_M = _xlogy_kl(logp_d_MV.exp(), logp_d_MV, logp_s_MV)  # [M]
+    else:
+        st_M = st.rows(idx_M)
+        m_M = st_M.item_mass_N.to(dtype)  # [M] the stored exact m_t
+        kl_d_M = _sparse_kl(logp_s_MV, st_M, tau)  # [M]
     lam_M = gate(m_M, y_M, x.item_ids_I, cfg.gate)  # [M]
 
     ce_M = F.cross_entropy(z_MV, y_M, reduction="none")  # [M]
-
-    logp_s_MV = F.log_softmax(z_MV / tau if tau != 1.0 else z_MV, dim=-1)  # [M, V]
-    logp_d_MV = F.log_softmax(t_MV / tau if tau != 1.0 else t_MV, dim=-1)  # [M, V]
-    kl_d_M = _xlogy_kl(logp_d_MV.exp(), logp_d_MV, logp_s_MV)  # [M]
 
     logq_MI = tempered_log_q(x.rec_probs_SI, tau, dtype)[r_M]  # [M, I]
     logp_s_MI = logp_s_MV.index_select(1, x.item_ids_I)  # [M, I]
