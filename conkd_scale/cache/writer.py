@@ -76,12 +76,27 @@ class CacheJob(LMRecipe):
             raise ConfigError("loss.w_kd=0 uses no teacher: there is nothing to cache")
         T.check_teachers_present(cfg)
         M.check_dir_is_cache_or_empty(self.cache)  # every rank, files only
+        ready = T.rec_ready(cfg) and T.dialog_ready(cfg)
+        if ready:  # every check that reads files only, before any collective
+            self.prepare()
         self.dist = init_distributed(timeout_minutes=cfg.train.collective_timeout_minutes)
-        if cfg.dataset == "synthetic":
-            run_on_main(ensure_synthetic, cfg.resolved_data_dir, seed=cfg.synthetic_seed)
-        if cfg.teachers.auto_train:
+        if not ready:
+            if cfg.dataset == "synthetic":
+                run_on_main(ensure_synthetic, cfg.resolved_data_dir, seed=cfg.synthetic_seed)
             T.train_missing_teachers(cfg)
-        # from here to the D engine: files only, the same on every rank (errors on all ranks)
+            self.prepare()  # the same files on every rank: every rank raises the same error
+        self.pending = run_on_main(self._plan, self.old)
+        n_all = sum(1 for _ in M.all_shards(self.layout))
+        print0(f"teacher cache {self.cache}: {len(self.pending)} of {n_all} shards to write")
+        self.t0 = time.monotonic()
+        if self.pending:
+            self.teacher = self._build_teacher()
+        preemption.install()
+
+    def prepare(self) -> None:
+        """Data, tokenizer, R, the encoded splits and the cache's fingerprint and layout; a
+        directory holding another cache, or a k beyond |U|, is refused. Files only."""
+        cfg = self.cfg
         corpus = load_dataset(
             cfg.dataset, cfg.resolved_data_dir, kg=cfg.kg or "none", splits=("train", "valid")
         )
@@ -97,19 +112,12 @@ class CacheJob(LMRecipe):
         self._encode_splits(corpus, tok)
         self.splits = {"train": self.train_data, "valid": self.eval_data}
         self.collate = sequence_collate(tok.pad_token_id)
-        old = M.read_manifest(self.cache)
-        self.hasher = M.FileHasher(old.get("files") if old else None)
+        self.old = M.read_manifest(self.cache)
+        self.hasher = M.FileHasher(self.old.get("files") if self.old else None)
         self.fp = M.run_fingerprint(cfg, tok, self.item_ids, self.splits)(self.hasher)
         self.layout = M.layout(self.splits, cfg.teachers.cache_shard_sequences)
-        if old is not None:
-            check_same_cache(self.cache, old, self.fp, self.layout)
-        self.pending = run_on_main(self._plan, old)
-        n_all = sum(1 for _ in M.all_shards(self.layout))
-        print0(f"teacher cache {self.cache}: {len(self.pending)} of {n_all} shards to write")
-        self.t0 = time.monotonic()
-        if self.pending:
-            self.teacher = self._build_teacher()
-        preemption.install()
+        if self.old is not None:
+            check_same_cache(self.cache, self.old, self.fp, self.layout)
 
     def _build_teacher(self) -> Any:
         """D as in online mode: a ZeRO-3 inference engine sharded over the ranks."""
@@ -125,10 +133,12 @@ class CacheJob(LMRecipe):
     def _plan(self, old: dict[str, Any] | None) -> list[tuple[str, int, int, int]]:
         """Rank 0: the manifest (``complete: false``) of a new cache, and the shards still to
         write; a shard whose file does not match its sidecar's checksum is removed."""
+        if old is None:  # first, so that the directory is a cache from now on
+            M.write_manifest(self.cache, self._manifest(complete=False))
         shards = self.cache / M.SHARDS
         shards.mkdir(parents=True, exist_ok=True)
-        if old is None:
-            M.write_manifest(self.cache, self._manifest(complete=False))
+        for tmp in shards.glob(".*.tmp"):  # a write that a kill interrupted
+            tmp.unlink()
         pending = []
         for split, j, a, b in M.all_shards(self.layout):
             path = shards / M.shard_name(split, j)
@@ -137,6 +147,8 @@ class CacheJob(LMRecipe):
                     print(f"teacher cache: {path.name} is incomplete or damaged: rewriting it")
                     M.remove_shard(path)
                 pending.append((split, j, a, b))
+        if old is not None and pending and old.get("complete"):  # readers refuse it until done
+            M.write_manifest(self.cache, self._manifest(complete=False))
         return pending
 
     def _manifest(self, *, complete: bool, **extra: Any) -> dict[str, Any]:
@@ -293,7 +305,7 @@ def write_shard(path: Path, tensors: dict[str, Tensor], meta: dict[str, str]) ->
             "bytes": len(blob),
             "sequences": len(tensors["row_offsets"]) - 1,
             "rows": len(tensors["item_mass"]),
-            "turns": len(tensors["turn_offsets"]) - 1,
+            "turns": int(tensors["turn_offsets"][-1]),
             "d_bytes": d_bytes,
             "r_bytes": sum(nbytes.values()) - d_bytes,
             **meta,
