@@ -53,15 +53,20 @@ if [[ -n ${CONKD_SWEEP_MANIFEST:-} ]]; then
     manifest_part() {
         "$CONKD_PYTHON" -m conkd_scale.scaling.manifest "$CONKD_SWEEP_MANIFEST" "$index" "$1"
     }
+    cargs_text=$(manifest_part cache) || exit 2
     dargs_text=$(manifest_part distill) || exit 2
     eargs_text=$(manifest_part evaluate) || exit 2
-    dargs=() eargs=()
+    cargs=() dargs=() eargs=()
+    [[ -n $cargs_text ]] && mapfile -t cargs <<<"$cargs_text"
     [[ -n $dargs_text ]] && mapfile -t dargs <<<"$dargs_text"
     [[ -n $eargs_text ]] && mapfile -t eargs <<<"$eargs_text"
-    echo "sweep task $index of $CONKD_SWEEP_MANIFEST: ${#dargs[@]} distill args," \
-        "${#eargs[@]} evaluate args"
+    echo "sweep task $index of $CONKD_SWEEP_MANIFEST: ${#cargs[@]} cache args," \
+        "${#dargs[@]} distill args, ${#eargs[@]} evaluate args"
     rc=0
-    if ((${#dargs[@]})); then
+    if ((${#cargs[@]})); then # the teacher cache this and later tasks read
+        conkd_step -- "$CONKD_PYTHON" -u launch/cache_teachers.py "${cargs[@]}" || rc=$?
+    fi
+    if ((rc == 0 && ${#dargs[@]})); then
         conkd_step -- "$CONKD_PYTHON" -u launch/distill.py "${dargs[@]}" || rc=$?
     fi
     if ((rc == 0 && ${#eargs[@]})); then
