@@ -15,11 +15,12 @@
 # Each array task is its own job (own log, pre-emption and requeue, resume from its dir).
 #
 # Manifest mode (what launch/scaling_study.py --launcher slurm submits): with
-# CONKD_SWEEP_MANIFEST=FILE (JSON lines, one job each: its launch/distill.py and
-# launch/evaluate.py arguments), array task i runs line i: the distillation on every rank of
-# the allocation (skipped when the line has none), then the evaluation as one process.
+# CONKD_SWEEP_MANIFEST=FILE (JSON lines, one job each: its launch/cache_teachers.py,
+# launch/distill.py and launch/evaluate.py arguments), array task i runs line i: the teacher
+# cache (only the first line of each teacher pair has it), then the distillation on every rank
+# of the allocation (each skipped when the line has none), then the evaluation as one process.
 # Arguments given to sweep.sh itself are ignored in this mode. The study submits the runs that
-# train a missing teacher first and the rest with --dependency=afterok:<that job>
+# train a missing teacher or build a missing cache first and the rest with --dependency=afterok:<that job>
 # --kill-on-invalid-dep=yes, so that the rest is cancelled, not left pending, if it fails.
 #
 # ------------------------------------------------------------------ resources per array task
