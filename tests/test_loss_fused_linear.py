@@ -340,6 +340,22 @@ def _zero3_case(deepspeed, ds: dict, tie: bool) -> dict[str, object]:
     res["wrapper_loss"] = float(out["loss"])
     res["wrapper_grad_err"] = grad_err(engine.module.model)
 
+    if tie:  # D's top-k (the offline cache's SparseTeacher) through the engine's forward
+        from conkd_scale.loss import SparseTeacher
+
+        st = SparseTeacher.from_logits(batch[6], batch[5], 9)
+        plain.zero_grad()
+        ref_sp = _reference_lm(plain, (*batch[:6], st), cfg)
+        model = zero3_model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        engine, *_ = deepspeed.initialize(model=ConKDFusedLinearLoss(model, cfg), optimizer=opt,
+                                          config=ds)  # fmt: skip
+        out = engine(*batch[:6], teacher_logits=st)
+        engine.backward(out["loss"])
+        res["sparse_ref_loss"] = float(ref_sp.loss)
+        res["sparse_loss"] = float(out["loss"])
+        res["sparse_grad_err"] = grad_err(engine.module.model)
+
     if not tie:  # the failure mode: the head's weight used outside the engine's forward
         model = zero3_model()
         opt = torch.optim.SGD(model.parameters(), lr=0.0)
@@ -362,7 +378,8 @@ def _zero3_case(deepspeed, ds: dict, tie: bool) -> dict[str, object]:
 @pytest.mark.slow
 def test_zero3_engine_forward(tmp_path: Path) -> None:
     """Under ZeRO-3 the module gets exact gradients for every parameter, the lm_head's
-    included; the naive gather-only use fails in the backward (Liger-Kernel #1048's error)."""
+    included (with dense teacher logits and with D's top-k); the naive gather-only use fails
+    in the backward (Liger-Kernel #1048's error)."""
     pytest.importorskip("deepspeed")
     pytest.importorskip("transformers")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
@@ -376,6 +393,9 @@ def test_zero3_engine_forward(tmp_path: Path) -> None:
     for tie, res in json.loads(out_json.read_text()).items():
         assert res["wrapper_loss"] == pytest.approx(res["ref_loss"], rel=1e-5), tie
         assert res["wrapper_grad_err"] < 1e-4, (tie, res)
+        if tie == "True":  # a sparse dialogue teacher through the engine
+            assert res["sparse_loss"] == pytest.approx(res["sparse_ref_loss"], rel=1e-5), res
+            assert res["sparse_grad_err"] < 1e-4, res
         if tie == "False":
             assert res["naive_error"] and "size of tensor" in res["naive_error"], res
 

@@ -276,7 +276,8 @@ def test_module_wrapper_and_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_kernel_compiles_for_sm90() -> None:
-    """Compile (not run) the kernel for an H100 with Triton's bundled ptxas: catches code the
+    """Compile (not run) the kernel, and that of a sparse dialogue teacher (loss/triton_sparse.py),
+    for an H100 with Triton's bundled ptxas: catches code the
     interpreter accepts but the compiler rejects. Needs no GPU. A fresh process: interpreter
     mode leaves state in triton.language that the compiler trips over."""
     pytest.importorskip("triton.backends.nvidia")
@@ -286,6 +287,9 @@ def test_kernel_compiles_for_sm90() -> None:
         " ('bf16', 'rec', True), ('bf16', 'dialog', False), ('fp32', 'static', False)]:\n"
         "    assert aot_compile(*args).asm['cubin']\n"
         "assert aot_compile('bf16', 'soft', True, write_grad=False).asm['cubin']\n"
+        "for args in [('bf16', 'hard', False), ('fp32', 'soft', True), ('bf16', 'rec', True)]:\n"
+        "    assert aot_compile(*args, sparse=True).asm['cubin']\n"
+        "assert aot_compile('bf16', 'oracle', False, sparse=True, block_k=128).asm['cubin']\n"
         "print('compiled')\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -5,6 +5,7 @@ The loss rows are processed in chunks of C rows; per chunk:
 
     z_CV = h_CH @ W_VH.T (+ b)             student logits of the chunk (the hidden's dtype)
     t_CV = teacher_logits[rows]             or  h^D_CH @ W^D_VH.T  (no grad)
+                                            or  D's top-k rows (a SparseTeacher, loss/sparse.py)
     dL_CV  <- loss kernel, written into z_CV (Triton on CUDA, the chunked math on the CPU)
     dh_CH  = dL_CV @ W_VH                   scattered into the [N, H] hidden gradient
     dW_VH += dL_CV.T @ h_CH,  db += Σ_C dL   (fp32 accumulators for half-precision weights)
@@ -45,6 +46,7 @@ from conkd_scale.loss.common import (
 )
 from conkd_scale.loss.config import LossConfig
 from conkd_scale.loss.dispatch import resolve_impl
+from conkd_scale.loss.sparse import SparseTeacher, check_sparse
 
 Backend = Literal["auto", "triton", "chunked"]
 
@@ -109,7 +111,8 @@ class ConKDFusedLinearFunction(torch.autograd.Function):
         hidden_NH: Tensor,  # [N, H] student final hidden states
         weight_VH: Tensor,  # [V, H] student lm_head weight
         bias_V: Tensor | None,  # [V] student lm_head bias
-        teacher_NV: Tensor | None,  # [N, V] teacher logits, or None with the two below
+        teacher_NV: Tensor | SparseTeacher | None,  # [N, V] logits, D's top-k [N, K] (checked),
+        # or None with the two below
         teacher_hidden_NH: Tensor | None,  # [N, Ht] teacher final hidden states
         teacher_weight_VH: Tensor | None,  # [V, Ht] teacher lm_head weight
         rec_probs_SI: Tensor,  # [S, I]
@@ -149,13 +152,22 @@ class ConKDFusedLinearFunction(torch.autograd.Function):
             c = rows_C.numel()
             h_CH = h_NH.index_select(0, rows_C)  # [C, H]
             z_CV = h_CH @ W_VH.t() if b_V is None else torch.addmm(b_V, h_CH, W_VH.t())  # [C, V]
-            if teacher_NV is not None:
+            if isinstance(teacher_NV, SparseTeacher):
+                t_CV = teacher_NV.rows(rows_C)  # [C, K] top-k rows
+            elif teacher_NV is not None:
                 t_CV = teacher_NV.detach().index_select(0, rows_C)  # [C, V]
             else:
                 th_CH = teacher_hidden_NH.detach().index_select(0, rows_C)  # type: ignore[union-attr]
                 t_CV = th_CH @ teacher_weight_VH.detach().t()  # type: ignore[union-attr]
             y_C, r_C = labels_N[rows_C], rec_row_N[rows_C]
-            if use_triton:  # gradient / M written over the chunk's logits
+            if use_triton and isinstance(t_CV, SparseTeacher):
+                from conkd_scale.loss.triton_sparse import conkd_rows_sparse_
+
+                parts_5C = conkd_rows_sparse_(z_CV, t_CV, logq_SI, r_C, col_V, y_C, cfg, inv_m,
+                                              z_CV)  # fmt: skip
+                sums_3 += parts_5C[:3].sum(dim=1).to(dtype)
+                lam_N[rows_C], m_N[rows_C] = parts_5C[3].float(), parts_5C[4].float()
+            elif use_triton:  # gradient / M written over the chunk's logits
                 parts_5C = conkd_rows_(z_CV, t_CV, logq_SI, r_C, col_V, y_C, cfg, inv_m, z_CV)
                 sums_3 += parts_5C[:3].sum(dim=1).to(dtype)
                 lam_N[rows_C], m_N[rows_C] = parts_5C[3].float(), parts_5C[4].float()
@@ -202,7 +214,8 @@ class ConKDFusedLinearFunction(torch.autograd.Function):
 def conkd_loss_fused_linear(
     hidden: Tensor,  # [N, H] or [B, T, H] student final hidden states (needs grad)
     weight_VH: Tensor,  # [V, H] student lm_head weight (a [:V] slice of a padded one is fine)
-    teacher_logits: Tensor | None,  # [N, V] or [B, T, V] D's logits, or None (see below)
+    teacher_logits: Tensor | SparseTeacher | None,  # [N, V] or [B, T, V] D's logits, D's
+    # top-k ([N, K] or [B, T, K], loss/sparse.py), or None (see below)
     rec_probs_SI: Tensor,  # [S, I] R's item distribution per recommender turn
     rec_row: Tensor,  # [N] or [B, T] row of rec_probs for each loss row (-1 where no loss)
     item_ids_I: Tensor,  # [I] vocabulary id of each rec_probs column (any order, no repeats)
@@ -219,8 +232,9 @@ def conkd_loss_fused_linear(
 
     The teacher comes as logits (``teacher_logits``) or as hidden states and lm_head weight
     (``teacher_hidden`` + ``teacher_weight_VH``, ``teacher_logits=None``): then neither model
-    has an ``[N, V]`` tensor. Ignored rows (label -100) cost nothing: only loss rows are
-    chunked. ``chunk_size`` rows per chunk (default ``cfg.chunk_size``). ``backend``: the
+    has an ``[N, V]`` tensor; or as D's top-k (a :class:`~.sparse.SparseTeacher` in
+    ``teacher_logits``, the offline cache). Ignored rows (label -100) cost nothing: only loss
+    rows are chunked. ``chunk_size`` rows per chunk (default ``cfg.chunk_size``). ``backend``: the
     per-chunk loss kernel, "triton" (CUDA, or the interpreter), "chunked" (the CPU math) or
     "auto" (triton on CUDA, else chunked). Under ZeRO-3, see :class:`ConKDFusedLinearLoss`.
     """
@@ -239,8 +253,12 @@ def conkd_loss_fused_linear(
         raise ValueError(f"labels and rec_row must have the hidden's leading shape {tuple(lead)}")
     h_NH = hidden.reshape(-1, H)
     N = h_NH.shape[0]
-    t_NV = th_NH = None
-    if teacher_logits is not None:
+    labels_N, rec_row_N = labels.reshape(-1).long(), rec_row.reshape(-1).long()
+    t_NV: Tensor | SparseTeacher | None = None
+    th_NH = None
+    if isinstance(teacher_logits, SparseTeacher):
+        t_NV = check_sparse(teacher_logits, tuple(lead), V, labels_N != IGNORE_INDEX)
+    elif teacher_logits is not None:
         if teacher_logits.shape != (*lead, V):
             raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} must be {(*lead, V)}")
         t_NV = teacher_logits.reshape(N, V)
@@ -250,7 +268,6 @@ def conkd_loss_fused_linear(
             raise ValueError("teacher weight must be [V, teacher hidden size]")
     if rec_probs_SI.dim() != 2 or rec_probs_SI.shape[1] != item_ids_I.numel():
         raise ValueError("rec_probs must be [S, I] with one column per item id")
-    labels_N, rec_row_N = labels.reshape(-1).long(), rec_row.reshape(-1).long()
     items_I = item_ids_I.long()
     check_rows(labels_N, rec_row_N, items_I, rec_probs_SI.shape[0], V)
     chunk = int(chunk_size or cfg.chunk_size)
@@ -312,7 +329,8 @@ class ConKDFusedLinearLoss(nn.Module):
         rec_row: Tensor | None = None,  # [B, T] unshifted turn row of each position (-1: none)
         rec_probs_SI: Tensor | None = None,  # [S, I]
         item_ids_I: Tensor | None = None,  # [I]
-        teacher_logits: Tensor | None = None,  # [N, V] D's logits at the N loss rows
+        teacher_logits: Tensor | SparseTeacher | None = None,  # [N, V] D's logits at the N
+        # loss rows, or D's top-k there ([N, K], loss/sparse.py)
         teacher_hidden: Tensor | None = None,  # [N, Ht] D's final hidden states at the loss rows
         teacher_weight_VH: Tensor | None = None,  # [V, Ht] D's lm_head weight (gathered)
         **lm_kwargs: Any,

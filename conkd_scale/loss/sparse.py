@@ -24,7 +24,9 @@ p_S^τ is the student's tempered softmax over all of U, as in the dense loss, an
 - τ ≠ 1: the tail bin is tempered as if it were one token (r^(1/τ)); the dense tempered
   teacher would give the tail Σ_{v∈T} p_D(v)^(1/τ), which is larger for τ > 1 and unknown
   without D's full distribution. So the sparse term equals the dense tempered one only as
-  k → |U| (empty tail); for k < |U| it is a different (smaller-tail) target.
+  k → |U| (empty tail); for k < |U| it is a different (smaller-tail) target. Measured on
+  ReDial (BENCHMARKS.md, bench/bench_sparse_kl.py) it is far off at τ = 2 (total loss
+  about +110 % for k = 8…128, where τ = 1 is off by −1 to −3 %): use it with τ = 1.
 - k = |U| (no tail): the K bins are the whole vocabulary and the loss equals the dense one.
 - Gradient with respect to the student logits: ``τ·(p_S^τ − q)`` with the target q = d_k on
   the top-k ids and ``d_tail · p_S^τ(v) / s_tail`` on the tail (D's tail mass spread like the

@@ -27,6 +27,9 @@ in the environment before the first launch; slow, for tests). Triton reads that 
 when ``triton.jit`` is applied, so the kernel is jitted lazily, per interpreter mode, at its
 first launch rather than at import.
 
+A sparse dialogue teacher (:class:`~.sparse.SparseTeacher`, D's top-k) runs the kernel of
+:mod:`.triton_sparse` instead, through the same autograd.Function.
+
 This module holds the kernel, its launcher and its autograd.Function. Which implementation
 runs is :func:`conkd_scale.loss.dispatch.resolve_impl`'s choice; the ``nn.Module`` wrapper is
 :class:`conkd_scale.loss.module.ConKDLoss` and the ahead-of-time compiler
@@ -50,6 +53,7 @@ from conkd_scale.loss.common import (
     tempered_log_q,
 )
 from conkd_scale.loss.config import LossConfig
+from conkd_scale.loss.sparse import SparseTeacher
 
 try:  # triton is a declared dependency, but keep CPU-only installs importable
     import triton
@@ -341,7 +345,7 @@ class ConKDTritonFunction(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: Any,
         student_NV: Tensor,  # [N, V]
-        teacher_NV: Tensor,  # [N, V]
+        teacher_NV: Tensor | SparseTeacher,  # [N, V], or D's top-k [N, K] (checked)
         logq_SI: Tensor,  # [S, I] log q_R^τ
         rec_row_N: Tensor,  # [N] long
         col_V: Tensor,  # [V] int32
@@ -351,12 +355,18 @@ class ConKDTritonFunction(torch.autograd.Function):
         inplace: bool,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         z_NV = _unit_cols(student_NV.detach())
-        t_NV = _unit_cols(teacher_NV.detach())
         need_grad = bool(ctx.needs_input_grad[0])  # False under no_grad (evaluation)
         grad_NV = (z_NV if inplace else torch.empty_like(z_NV)) if need_grad else None
         inv_m = 1.0 / max(n_valid, 1)
-        parts_5N = conkd_rows_(z_NV, t_NV, logq_SI, rec_row_N, col_V, labels_N, cfg, inv_m,
-                               grad_NV)  # fmt: skip
+        if isinstance(teacher_NV, SparseTeacher):
+            from conkd_scale.loss.triton_sparse import conkd_rows_sparse_
+
+            parts_5N = conkd_rows_sparse_(z_NV, teacher_NV, logq_SI, rec_row_N, col_V,
+                                          labels_N, cfg, inv_m, grad_NV)  # fmt: skip
+        else:
+            t_NV = _unit_cols(teacher_NV.detach())
+            parts_5N = conkd_rows_(z_NV, t_NV, logq_SI, rec_row_N, col_V, labels_N, cfg, inv_m,
+                                   grad_NV)  # fmt: skip
         if need_grad and inplace and z_NV.data_ptr() == student_NV.data_ptr():
             # the kernel wrote through a raw pointer: let autograd see the write
             torch.autograd.graph.increment_version(student_NV)
@@ -378,7 +388,8 @@ class ConKDTritonFunction(torch.autograd.Function):
 
 def conkd_loss_triton(
     student_logits: Tensor,  # [N, V] or [B, T, V], any float dtype (needs grad)
-    teacher_logits: Tensor,  # [N, V] or [B, T, V], D's logits (no grad)
+    teacher_logits: Tensor | SparseTeacher,  # [N, V] or [B, T, V], D's logits (no grad), or
+    # D's top-k with its exact item mass (loss/sparse.py)
     rec_probs_SI: Tensor,  # [S, I] R's item distribution per recommender turn
     rec_row: Tensor,  # [N] or [B, T] row of rec_probs for each loss row (-1 where no loss)
     item_ids_I: Tensor,  # [I] vocabulary id of each rec_probs column (any order, no repeats)
@@ -405,12 +416,13 @@ def conkd_loss_triton(
             f"{'present' if HAVE_TRITON else 'missing'}"
         )
     x = flatten_inputs(student_logits, teacher_logits, rec_probs_SI, rec_row, item_ids_I, labels)
-    dtype = compute_dtype(x.student_NV, x.teacher_NV)
+    teacher = x.sparse if x.sparse is not None else x.teacher_dense()
+    dtype = compute_dtype(x.student_NV, *([] if x.sparse is not None else [teacher]))
     logq_SI = tempered_log_q(x.rec_probs_SI, float(cfg.tau), dtype)  # [S, I]
     col_V = item_column_map(x.item_ids_I, x.student_NV.shape[1])  # [V]
     n_valid = int((x.labels_N != IGNORE_INDEX).sum())
     loss, ce, kd, kd_d, kd_r, lam_N, m_N = ConKDTritonFunction.apply(
-        x.student_NV, x.teacher_NV, logq_SI, x.rec_row_N, col_V, x.labels_N, cfg, n_valid,
+        x.student_NV, teacher, logq_SI, x.rec_row_N, col_V, x.labels_N, cfg, n_valid,
         inplace,
     )  # fmt: skip
     return LossOutput(loss, ce, kd, kd_d, kd_r, lam_N, m_N, n_valid)
