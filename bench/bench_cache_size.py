@@ -35,7 +35,7 @@ def main() -> None:
     p.add_argument("--data-dir", required=True)
     p.add_argument("--tokenizer", required=True, help="D's Hugging Face directory")
     p.add_argument("--max-length", type=int, default=256)
-    p.add_argument("--k", default="8,32,64")
+    p.add_argument("--k", default="32,64,128")
     p.add_argument("--rec-topk", default="0,64,256")
     p.add_argument("--rec-dir", default=None, help="R: report its top-k mass (validation turns)")
     p.add_argument("--out", default=None, help="write the markdown section to this file")
