@@ -6,7 +6,9 @@ forwards are collective), ``Trainer.micro_step`` (``training/trainer.py``) calls
 1. :meth:`DistillRecipe.teacher_forward`: D's forward (sharded inference engine, ``no_grad``)
    -> its logits at the loss rows only, ``[N, V]`` (the ``[B, T, V]`` tensor is freed at
    once); R's item distribution for the batch's recommender turns, ``[S, |I|]`` (one row per
-   turn);
+   turn). With ``teachers.mode=offline`` it is :meth:`DistillRecipe.cached_teachers`: both
+   are read from the teacher cache (``conkd_scale/cache``), D as a ``SparseTeacher`` (top-k
+   and the exact gate), and D is never built;
 2. the loss step chosen once in setup, which returns ``(loss, parts)``:
    :meth:`DistillRecipe.kd_loss_step`: the student's forward -> logits at the loss rows ->
    the gated two-teacher loss (``conkd_scale.loss.conkd_loss``; chunked on the CPU), whose
