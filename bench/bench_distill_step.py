@@ -1,4 +1,5 @@
-"""Step time (and peak memory) of ConKD distillation: vs cross-entropy only, or by loss.impl.
+"""Step time (and peak memory) of ConKD distillation: online and offline (teacher cache) vs
+cross-entropy only, or by loss.impl.
 
     python bench/bench_distill_step.py [--steps 40] [--rounds 2] [--out BENCHMARKS.md]
     python bench/bench_distill_step.py --impls reference,chunked,fused_linear \
@@ -7,8 +8,11 @@
 Runs ``deepspeed launch/distill.py`` jobs (default configuration: synthetic corpus, ZeRO-3
 student, sharded ZeRO-3 dialogue teacher, ``--nproc`` CPU ranks; ``--set key=value`` adds
 overrides to every job), alternating the variants ``--rounds`` times so that all see the same
-machine load. Variants: ConKD (hard gate) and the one-hot baseline (``loss.w_kd=0``: no
-teacher forward at all); or, with ``--impls``, ConKD under each ``loss.impl`` (the same
+machine load. Variants: ConKD (hard gate) with D online, ConKD reading the teacher cache
+(``teachers.mode=offline``; the cache is built first by ``launch/cache_teachers.py``, whose
+wall time is compared with the teacher-forward time of one online epoch, and whose size per
+response token is read from its manifest) and the one-hot baseline (``loss.w_kd=0``: no
+teacher at all); or, with ``--impls``, ConKD under each ``loss.impl`` (the same
 function: the reference, the chunked CPU path, the lm_head-fused path...). Step time = wall
 time of the logged training steps after the first ``--warmup`` steps; teacher-forward and
 loss shares come from the job's own per-micro-batch timers (``time_teacher_s``,
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import os
 import platform
 import shlex
@@ -40,6 +45,36 @@ def _port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def run_cache(cache: Path, extra: list[str], nproc: int = 2) -> dict:
+    """Build the teacher cache (wall time of the whole job, start-up included)."""
+    cmd = [
+        str(Path(sys.executable).parent / "deepspeed"),
+        "--num_gpus",
+        str(nproc),
+        "--master_port",
+        str(_port()),
+        "launch/cache_teachers.py",
+        "--deepspeed",
+        "ds_configs/zero3_inference.json",
+        f"teachers.cache_dir={cache}",
+        "train.progress=false",
+        *extra,
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    wall = time.monotonic() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{(proc.stdout + proc.stderr)[-4000:]}")
+    man = json.loads((cache / "manifest.json").read_text())
+    return {
+        "wall_s": wall,
+        "pass_s": man["wall_s_last_run"],
+        **man["stats"],
+        "k": man["fingerprint"]["k"],
+    }
 
 
 def run_job(out: Path, steps: int, extra: list[str], nproc: int = 2) -> list[dict]:
@@ -133,11 +168,27 @@ def main() -> None:
         variants = {f"impl_{x}": ["loss.gate.mode=hard", f"loss.impl={x}"] for x in impls}
         labels = {f"impl_{x}": f"ConKD, hard gate, `loss.impl={x}`" for x in impls}
     else:
-        variants = {"conkd_hard": ["loss.gate.mode=hard"], "ce_only": ["loss.w_kd=0"]}
-        labels = {"conkd_hard": "ConKD, hard gate", "ce_only": "CE only (w_kd = 0, no teacher)"}
+        cache = work / "cache"
+        offline = ["loss.gate.mode=hard", "teachers.mode=offline", f"teachers.cache_dir={cache}"]
+        variants = {
+            "conkd_hard": ["loss.gate.mode=hard"],
+            "conkd_offline": offline,
+            "ce_only": ["loss.w_kd=0"],
+        }
+        labels = {
+            "conkd_hard": "ConKD, hard gate, D online",
+            "conkd_offline": "ConKD, hard gate, teacher cache (offline)",
+            "ce_only": "CE only (w_kd = 0, no teacher)",
+        }
     first = next(iter(variants.values()))
     # make sure the teachers exist before timing (the first job would train them)
     run_job(work / "warm", 2, [*args.set, *first], args.nproc)
+    cache_info = None
+    if not args.impls:
+        import shutil
+
+        shutil.rmtree(cache, ignore_errors=True)
+        cache_info = run_cache(cache, args.set, args.nproc)
     res: dict[str, list[dict[str, float]]] = {k: [] for k in variants}
     load0 = os.getloadavg()[0]
     t0 = time.monotonic()
@@ -166,16 +217,32 @@ def main() -> None:
         *_table(agg, labels),
         "",
     ]
-    if not args.impls:
-        kd, ce = agg["conkd_hard"], agg["ce_only"]
+    if cache_info is not None:
+        kd, off, ce = agg["conkd_hard"], agg["conkd_offline"], agg["ce_only"]
+        info = json.loads((work / "conkd_hard_0" / "run_info.json").read_text())
+        per_rank = math.ceil(info["train_sequences"] / args.nproc)
+        per_epoch = math.ceil(per_rank / 8)  # the default micro batch (steps of one epoch)
+        epoch_teacher = kd["teacher_s"] * per_epoch
+        c = cache_info
         lines += [
-            f"**ConKD / CE-only step time: {kd['step_s'] / ce['step_s']:.2f}×** (same run, "
+            f"**ConKD / CE-only step time: online {kd['step_s'] / ce['step_s']:.2f}×, "
+            f"offline (teacher cache) {off['step_s'] / ce['step_s']:.2f}×** (same run, "
             "alternating jobs).",
+            "",
+            f"Teacher cache (k = {c['k']}, float16, R in full): {c['bytes_per_token']:.1f} "
+            f"bytes per response token ({c['d_bytes_per_token']:.1f} for D's top-k and exact "
+            f"m_t, {c['r_bytes_per_token']:.1f} for R), {c['rows']:,} response tokens and "
+            f"{c['turns']:,} recommender turns of the training and validation splits, "
+            f"{c['bytes'] / 2**20:.2f} MiB. The cache job took {c['wall_s']:.0f} s "
+            f"(its pass over both splits {c['pass_s']:.1f} s, the rest is start-up); "
+            f"the teacher forwards of one online epoch ({per_epoch} steps × "
+            f"{kd['teacher_s']:.3f} s) take {epoch_teacher:.1f} s: the cache pays for itself "
+            f"after {c['wall_s'] / max(epoch_teacher, 1e-9):.1f} epochs of one student.",
             "",
         ]
     text = "\n".join(lines)
     print(text)
-    print(json.dumps({"raw": res}, indent=1))
+    print(json.dumps({"raw": res, "cache": cache_info}, indent=1))
     if args.out:
         with open(ROOT / args.out, "a", encoding="utf-8") as f:
             f.write("\n" + text)

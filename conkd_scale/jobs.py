@@ -5,7 +5,10 @@
 - :class:`JobOptions`: the options both orchestrators pass on to their children;
 - each child's arguments: ``launch/distill.py`` for a student (it trains missing teachers
   first), ``launch/evaluate.py`` for an evaluation, and the teachers' own launchers for a
-  teacher that is missing when no student job is left to train it.
+  teacher that is missing when no student job is left to train it;
+- the teacher cache (``teachers_mode=offline``, the default): one per (R, D) pair, built by
+  ``launch/cache_teachers.py`` (which trains missing teachers) before the first student
+  that reads it, and reused by every student, seed and epoch (:func:`cache_args`).
 
 Children run in the project root, and the orchestrators read every relative path from there
 too (they pass directories on as absolute paths): no output depends on the directory a command
@@ -156,6 +159,9 @@ class JobOptions:
     evaluate: list[str] = field(default_factory=list)  # launch/evaluate.py overrides
     eta: str = "0.5"  # [decision] η of every hard-gate student (a number in [0, 1], or auto:
     # chosen on the validation split); the paper's 0.5 by default
+    teachers_mode: Literal["online", "offline"] = "offline"  # offline: the teachers run once
+    # per (R, D) pair into a teacher cache that every student reads; online: D runs in
+    # every student's job (also when a student's distill overrides say teachers.mode=online)
 
     def __post_init__(self) -> None:
         check_eta(self.eta)
@@ -216,11 +222,13 @@ def distill_args(
     dialog_dir: Path,
     extra: Sequence[str] = (),
     seed: int | None = None,
+    cache_dir: Path | None = None,
 ) -> list[str]:
     """``launch/distill.py`` arguments of a student row. Missing teachers are trained by the
     job with ``opts.rec`` / ``opts.dialog`` and ``opts.seed``; the student with ``seed``
-    (default ``opts.seed``) and ``opts.eta``; then come ``opts.distill``, ``extra``, and
-    last the row's own overrides, which win."""
+    (default ``opts.seed``) and ``opts.eta``; with ``cache_dir``, the teachers are read from
+    that cache under ``opts.teachers_mode=offline``; then come ``opts.distill``, ``extra``,
+    and last the row's own overrides, which win."""
     if row.distill is None:
         raise ValueError(f"{row.key} is a teacher row: it has no student to distil")
     rec = [*opts.rec, f"seed={opts.seed}", *(["use_kg=false"] if row.rec == "rec_nokg" else [])]
@@ -237,6 +245,11 @@ def distill_args(
         f"loss.gate.eta={opts.eta}",
         f"teachers.rec_overrides={json_list(rec)}",
         f"teachers.dialog_overrides={json_list(dialog)}",
+        *(
+            [f"teachers.mode={opts.teachers_mode}", f"teachers.cache_dir={cache_dir}"]
+            if cache_dir is not None
+            else []
+        ),
         *opts.distill,
         *extra,
         *row.distill,
@@ -323,6 +336,33 @@ def teacher_commands(nproc: int, distill: Sequence[str]) -> list[tuple[str, list
         script = "launch/train_dialog_teacher.py"
         commands.append(("dialog", deepspeed_command(nproc, script, dialog)))
     return commands
+
+
+def cache_complete(cache_dir: Path) -> bool:
+    """``cache_dir`` holds a finished teacher cache (whatever it was made for)."""
+    path = cache_dir / "manifest.json"
+    if not path.is_file():
+        return False
+    try:
+        return bool(json.loads(path.read_text(encoding="utf-8")).get("complete"))
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def cache_args(distill: Sequence[str]) -> list[str] | None:
+    """``launch/cache_teachers.py`` arguments that build the teacher cache a
+    ``launch/distill.py`` job with arguments ``distill`` reads (its own config: the same data,
+    layout and teachers, trained first when missing; ``--deepspeed``: D's inference config);
+    None when it runs online or its cache is complete."""
+    from conkd_scale.distill.config import DistillConfig
+    from conkd_scale.launching import parse_launch_args
+
+    parsed = parse_launch_args(None, list(distill))
+    cfg = build_config(DistillConfig, parsed.config, parsed.overrides)
+    if not cfg.offline or cache_complete(project_path(cfg.cache_dir)):
+        return None
+    config = ["--config", parsed.config] if parsed.config else []
+    return ["--deepspeed", cfg.teachers.inference_ds_config, *config, *parsed.overrides]
 
 
 # ---------------------------------------------------------------------------- command line

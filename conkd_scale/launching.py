@@ -40,14 +40,18 @@ from conkd_scale.utils.errors import ConkdError, storage_error
 MakeRecipe = Callable[[Any, dict[str, Any], str], Any]
 
 
-def parse_launch_args(doc: str | None, argv: list[str] | None = None) -> argparse.Namespace:
+def parse_launch_args(
+    doc: str | None,
+    argv: list[str] | None = None,
+    default_ds_config: str = "ds_configs/zero3.json",
+) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument(
         "--deepspeed",
         metavar="PATH",
-        default="ds_configs/zero3.json",
+        default=default_ds_config,
         help="DeepSpeed JSON config (default: %(default)s)",
     )
     p.add_argument("--config", metavar="FILE", default=None, help="run config (JSON/YAML)")
@@ -125,13 +129,19 @@ def record_exit_code(code: int) -> None:
 
 
 def launch_main(
-    doc: str | None, config_cls: type, make_recipe: MakeRecipe, argv: list[str] | None = None
+    doc: str | None,
+    config_cls: type,
+    make_recipe: MakeRecipe,
+    argv: list[str] | None = None,
+    *,
+    output_key: str = "output_dir",  # the config key that --output-dir sets
+    default_ds_config: str = "ds_configs/zero3.json",
 ) -> int:
     """Run a recipe (``setup/train/export/cleanup``) from the command line; the exit code
     (also recorded for the job scripts: :func:`record_exit_code`)."""
     code = 1  # an exception that escapes: Python exits with 1
     try:
-        code = _launch(doc, config_cls, make_recipe, argv)
+        code = _launch(doc, config_cls, make_recipe, argv, output_key, default_ds_config)
     except SystemExit as e:  # a pre-emption (75), argparse's usage error (2)
         code = e.code if isinstance(e.code, int) else int(e.code is not None)
         raise
@@ -141,12 +151,17 @@ def launch_main(
 
 
 def _launch(
-    doc: str | None, config_cls: type, make_recipe: MakeRecipe, argv: list[str] | None
+    doc: str | None,
+    config_cls: type,
+    make_recipe: MakeRecipe,
+    argv: list[str] | None,
+    output_key: str,
+    default_ds_config: str,
 ) -> int:
-    args = parse_launch_args(doc, argv)
+    args = parse_launch_args(doc, argv, default_ds_config)
     overrides = list(args.overrides)
     if args.output_dir:
-        overrides.append(f"output_dir={args.output_dir}")
+        overrides.append(f"{output_key}={args.output_dir}")
     try:
         cfg = build_config(config_cls, args.config, overrides)
         recipe = make_recipe(cfg, load_ds_config(args.deepspeed), args.deepspeed)

@@ -15,11 +15,12 @@
 # Each array task is its own job (own log, pre-emption and requeue, resume from its dir).
 #
 # Manifest mode (what launch/scaling_study.py --launcher slurm submits): with
-# CONKD_SWEEP_MANIFEST=FILE (JSON lines, one job each: its launch/distill.py and
-# launch/evaluate.py arguments), array task i runs line i: the distillation on every rank of
-# the allocation (skipped when the line has none), then the evaluation as one process.
+# CONKD_SWEEP_MANIFEST=FILE (JSON lines, one job each: its launch/cache_teachers.py,
+# launch/distill.py and launch/evaluate.py arguments), array task i runs line i: the teacher
+# cache (only the first line of each teacher pair has it), then the distillation on every rank
+# of the allocation (each skipped when the line has none), then the evaluation as one process.
 # Arguments given to sweep.sh itself are ignored in this mode. The study submits the runs that
-# train a missing teacher first and the rest with --dependency=afterok:<that job>
+# train a missing teacher or build a missing cache first and the rest with --dependency=afterok:<that job>
 # --kill-on-invalid-dep=yes, so that the rest is cancelled, not left pending, if it fails.
 #
 # ------------------------------------------------------------------ resources per array task
@@ -53,15 +54,20 @@ if [[ -n ${CONKD_SWEEP_MANIFEST:-} ]]; then
     manifest_part() {
         "$CONKD_PYTHON" -m conkd_scale.scaling.manifest "$CONKD_SWEEP_MANIFEST" "$index" "$1"
     }
+    cargs_text=$(manifest_part cache) || exit 2
     dargs_text=$(manifest_part distill) || exit 2
     eargs_text=$(manifest_part evaluate) || exit 2
-    dargs=() eargs=()
+    cargs=() dargs=() eargs=()
+    [[ -n $cargs_text ]] && mapfile -t cargs <<<"$cargs_text"
     [[ -n $dargs_text ]] && mapfile -t dargs <<<"$dargs_text"
     [[ -n $eargs_text ]] && mapfile -t eargs <<<"$eargs_text"
-    echo "sweep task $index of $CONKD_SWEEP_MANIFEST: ${#dargs[@]} distill args," \
-        "${#eargs[@]} evaluate args"
+    echo "sweep task $index of $CONKD_SWEEP_MANIFEST: ${#cargs[@]} cache args," \
+        "${#dargs[@]} distill args, ${#eargs[@]} evaluate args"
     rc=0
-    if ((${#dargs[@]})); then
+    if ((${#cargs[@]})); then # the teacher cache this and later tasks read
+        conkd_step -- "$CONKD_PYTHON" -u launch/cache_teachers.py "${cargs[@]}" || rc=$?
+    fi
+    if ((rc == 0 && ${#dargs[@]})); then
         conkd_step -- "$CONKD_PYTHON" -u launch/distill.py "${dargs[@]}" || rc=$?
     fi
     if ((rc == 0 && ${#eargs[@]})); then

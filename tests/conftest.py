@@ -49,3 +49,12 @@ def synthetic_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("synthetic") / "data"
     write_synthetic(out, seed=0, conversations=200, items=60)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_teachers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Synthetic data (60 conversations), a tiny trained D (``lm``: a Hugging Face directory
+    with item tokens) and a tiny R (``rec``), built once per session (tests/tiny_lm.py)."""
+    from tests.tiny_lm import ensure_tiny_setup
+
+    return ensure_tiny_setup(tmp_path_factory.getbasetemp() / "eval_tiny", rec=True)

@@ -15,6 +15,7 @@ from conkd_scale.loss.config import LossConfig
 from conkd_scale.models.builder import ModelConfig
 from conkd_scale.models.families import check_pretrained_dir, looks_like_path
 from conkd_scale.training.config import TrainConfig, check_sequence_run
+from conkd_scale.utils.errors import ConfigError
 
 
 def _default_train() -> TrainConfig:
@@ -49,7 +50,23 @@ class TeacherConfig:
     inference_ds_config: str = "ds_configs/zero3_inference.json"  # D's frozen, sharded engine
     dialog_attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"  # D's
     # attention kernel in the distillation job (its training uses model.attn_implementation)
-    mode: Literal["online"] = "online"  # online: D runs in lockstep with the student
+    mode: Literal["online", "offline"] = "online"  # online: D runs in lockstep with the
+    # student; offline: D's top-k, its exact gate and R's distributions are read from the
+    # teacher cache in cache_dir (written by launch/cache_teachers.py), and D is never built
+    cache_dir: str | None = None  # the teacher cache; None: runs/cache/<dataset>
+    cache_k: int = 64  # D's top-k tokens kept per response token (the gate m_t stays exact;
+    # at τ = 1, k = 64 changes the ReDial loss by -1.5%: bench/results/sparse_kl.md)
+    cache_dtype: Literal["float16", "bfloat16", "float32"] = "float16"  # storage of D's
+    # top-k log-probabilities and R's probabilities (ids: uint16 when |U| <= 65,536, else int32)
+    cache_rec_topk: int = 0  # R per recommender turn: 0 = its full item distribution; k > 0:
+    # its top-k and the tail mass, spread evenly over the other items when read
+    cache_shard_sequences: int = 256  # sequences per shard file of the cache
+
+    def __post_init__(self) -> None:
+        for key, lo in (("cache_k", 1), ("cache_rec_topk", 0), ("cache_shard_sequences", 1)):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ConfigError(f"teachers.{key}: {v!r} must be an integer >= {lo}")
 
 
 @dataclass
@@ -108,6 +125,15 @@ class DistillConfig:
     @property
     def dialog_dir(self) -> Path:
         return Path(self.teachers.dialog_dir or f"runs/teachers/{self.dataset}/dialog")
+
+    @property
+    def cache_dir(self) -> Path:
+        return Path(self.teachers.cache_dir or f"runs/cache/{self.dataset}")
+
+    @property
+    def offline(self) -> bool:
+        """D (and R) are read from the teacher cache; only when a teacher is used at all."""
+        return self.teachers.mode == "offline" and self.uses_teachers
 
     @property
     def uses_teachers(self) -> bool:

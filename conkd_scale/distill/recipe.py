@@ -6,7 +6,9 @@ forwards are collective), ``Trainer.micro_step`` (``training/trainer.py``) calls
 1. :meth:`DistillRecipe.teacher_forward`: D's forward (sharded inference engine, ``no_grad``)
    -> its logits at the loss rows only, ``[N, V]`` (the ``[B, T, V]`` tensor is freed at
    once); R's item distribution for the batch's recommender turns, ``[S, |I|]`` (one row per
-   turn);
+   turn). With ``teachers.mode=offline`` it is :meth:`DistillRecipe.cached_teachers`: both
+   are read from the teacher cache (``conkd_scale/cache``), D as a ``SparseTeacher`` (top-k
+   and the exact gate), and D is never built;
 2. the loss step chosen once in setup, which returns ``(loss, parts)``:
    :meth:`DistillRecipe.kd_loss_step`: the student's forward -> logits at the loss rows ->
    the gated two-teacher loss (``conkd_scale.loss.conkd_loss``; chunked on the CPU), whose
@@ -45,6 +47,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from conkd_scale.cache.manifest import run_fingerprint
+from conkd_scale.cache.reader import TeacherCache, cached_collate, cached_sequences
 from conkd_scale.config import config_to_dict
 from conkd_scale.data.corpus import load_dataset
 from conkd_scale.data.sequences import IGNORE
@@ -103,40 +107,24 @@ class DistillRecipe(LMRecipe):
         self.ds_inf_raw = inference_ds_config
         self.teacher: Any = None
         self.rec: Any = None
+        self.cache: Any = None  # the teacher cache (teachers.mode=offline)
         self.fused = False  # loss.impl resolved to fused_linear (set in setup)
 
     # ---------------------------------------------------------------------------- setup
     def setup(self) -> None:
         cfg = self.cfg
         T.check_teachers_present(cfg)  # every rank, before any collective
+        if cfg.offline:  # the cache is checked against this run, also before any collective
+            corpus, tok = self._open_cache()
         self.dist = init_distributed(
             timeout_minutes=cfg.train.collective_timeout_minutes,
             rank0_timeout_minutes=cfg.train.rank0_timeout_minutes,
         )
         ds = self._resolve_ds_config()
         self._check_resume()  # before anything is written
-        if cfg.dataset == "synthetic":
-            run_on_main(
-                ensure_synthetic,
-                cfg.resolved_data_dir,
-                seed=cfg.synthetic_seed,
-                phase="generating the synthetic corpus",
-            )
-        corpus = load_dataset(
-            cfg.dataset, cfg.resolved_data_dir, kg=cfg.kg or "none", splits=("train", "valid")
-        )
-        self._require_training_split(corpus)  # before a missing teacher is trained on it
-        if cfg.teachers.auto_train:
-            T.train_missing_teachers(cfg)
-        tok = T.load_teacher_tokenizer(cfg)
-        if cfg.uses_teachers:
-            from conkd_scale.rec.api import RecTeacher
-
-            self.rec = RecTeacher.load(cfg.rec_dir)
+        if not cfg.offline:
+            corpus, tok = self._load_online()
         self.catalog = corpus.catalog
-        self.item_ids = T.check_alignment(tok, self.rec, corpus.catalog.ids)
-        self.item_tok_I = torch.tensor(item_token_ids(tok, self.item_ids), dtype=torch.long)
-        self.vocab = len(tok)
 
         def prepare() -> None:
             self._write_run_configs(ds)
@@ -144,7 +132,8 @@ class DistillRecipe(LMRecipe):
                 save_tokenizer(tok, self.out / "tokenizer")
 
         run_on_main(prepare, phase="writing the run configs and tokenizer")
-        self._encode_splits(corpus, tok)
+        if not cfg.offline:
+            self._encode_splits(corpus, tok)
         if cfg.loss.gate.eta == "auto" and cfg.uses_teachers and not self.eval_data:
             raise ConfigError(
                 "loss.gate.eta=auto is chosen on the validation split, and "
@@ -153,15 +142,18 @@ class DistillRecipe(LMRecipe):
             )
         torch.manual_seed(cfg.train.seed)
         self.built = build_model(cfg.student, tok, ds_config=ds, catalog=corpus.catalog)
-        if cfg.uses_teachers:
+        if cfg.uses_teachers and not cfg.offline:
             self.teacher = self._build_teacher()
+        collate = sequence_collate(tok.pad_token_id)
+        if self.cache is not None:
+            collate = cached_collate(collate)
         self.gate_calibration: dict[str, Any] | None = None
-        if self.teacher is not None and cfg.loss.gate.eta == "auto":
-            self.gate_calibration = self._resolve_eta(sequence_collate(tok.pad_token_id))
+        if self.has_teachers and cfg.loss.gate.eta == "auto":
+            self.gate_calibration = self._resolve_eta(collate)
             print0(f"loss.gate.eta=auto: η = {cfg.loss.gate.eta} (validation F1 of the hard gate)")
         # the student's final hidden states are at hand: auto may pick fused_linear (CUDA)
         impl = None
-        if self.teacher is not None:
+        if self.has_teachers:
             impl = resolve_impl(cfg.loss, self.dist.device, hidden_states=True)
         self.fused = impl == "fused_linear"
         # the loss on logits: training (unless fused) and every validation step
@@ -173,16 +165,20 @@ class DistillRecipe(LMRecipe):
             self.logits_loss_cfg = dataclasses.replace(cfg.loss, impl="auto")
             loss_step = self.fused_kd_loss_step
             module = ConKDFusedLinearLoss(self.built.model, cfg.loss, vocab_size=self.vocab)
-        elif self.teacher is not None:
+        elif self.has_teachers:
             loss_step = self.kd_loss_step
+        teacher_forward = None
+        if self.has_teachers:
+            teacher_forward = self.teacher_forward if self.cache is None else self.cached_teachers
         self._start_training(
             module,
             ds,
             tok,
+            collate=collate,
             loss_step=loss_step,
             eval_step=self.eval_step,
             eval_metrics=self.eval_metrics,
-            teacher_forward=self.teacher_forward if self.teacher is not None else None,
+            teacher_forward=teacher_forward,
             logger=DistillLogger(self.out / "metrics.jsonl") if self.dist.is_main else None,
         )
         self._write_run_info(
@@ -192,17 +188,19 @@ class DistillRecipe(LMRecipe):
                 "student_params": self.built.num_params,
                 "student_params_this_rank": self.built.num_params_local,
                 "student": self.built.source,
-                "teacher": str(T.dialog_model_dir(cfg.dialog_dir)) if self.teacher else None,
+                "teacher": str(T.dialog_model_dir(cfg.dialog_dir)) if self.has_teachers else None,
+                "teacher_mode": cfg.teachers.mode if self.has_teachers else None,
+                "teacher_cache": str(cfg.cache_dir) if self.cache is not None else None,
                 "teacher_params": _count(self.teacher),
                 "teacher_params_this_rank": _count(self.teacher, local=True),
-                "rec_teacher": str(cfg.rec_dir) if self.rec else None,
+                "rec_teacher": str(cfg.rec_dir) if self.has_teachers else None,
                 "vocab": self.vocab,
                 "items": len(self.item_ids),
                 "train_sequences": len(self.train_data),
                 "total_steps": self.total_steps,
                 "zero_stage": zero_stage(ds),
                 "loss_impl": impl,
-                "eta": cfg.loss.gate.eta if self.teacher is not None else None,
+                "eta": cfg.loss.gate.eta if self.has_teachers else None,
                 "gate_calibration": self.gate_calibration,
             }
         )
@@ -210,6 +208,63 @@ class DistillRecipe(LMRecipe):
         if cfg.debug_dump_dir is not None and resumed is None:
             export_hf(self._student(), tok, Path(str(cfg.debug_dump_dir)) / "student0")
             self.trainer.loss_step = self._dump_first_step(loss_step)
+
+    @property
+    def has_teachers(self) -> bool:
+        """The teachers are used: D online (an engine) or offline (the cache)."""
+        return self.teacher is not None or self.cache is not None
+
+    def _load_online(self) -> tuple[Any, Any]:
+        """Online mode: the corpus (generated when synthetic and missing), the teachers
+        (trained when missing), D's tokenizer and R. Collective."""
+        cfg = self.cfg
+        if cfg.dataset == "synthetic":
+            run_on_main(
+                ensure_synthetic,
+                cfg.resolved_data_dir,
+                seed=cfg.synthetic_seed,
+                phase="generating the synthetic corpus",
+            )
+        corpus = self._load_corpus()  # before a missing teacher is trained on it
+        if cfg.teachers.auto_train:
+            T.train_missing_teachers(cfg)
+        tok = T.load_teacher_tokenizer(cfg)
+        if cfg.uses_teachers:
+            from conkd_scale.rec.api import RecTeacher
+
+            self.rec = RecTeacher.load(cfg.rec_dir)
+        self._set_items(tok, corpus)
+        return corpus, tok
+
+    def _load_corpus(self) -> Any:
+        cfg = self.cfg
+        corpus = load_dataset(
+            cfg.dataset, cfg.resolved_data_dir, kg=cfg.kg or "none", splits=("train", "valid")
+        )
+        self._require_training_split(corpus)
+        return corpus
+
+    def _set_items(self, tok: Any, corpus: Any) -> None:
+        self.item_ids = T.check_alignment(tok, self.rec, corpus.catalog.ids)
+        self.item_tok_I = torch.tensor(item_token_ids(tok, self.item_ids), dtype=torch.long)
+        self.vocab = len(tok)
+
+    def _open_cache(self) -> tuple[Any, Any]:
+        """Offline mode: the corpus, D's tokenizer, the encoded splits and the teacher cache,
+        refused unless its fingerprint is this run's and its shards are intact. Files only,
+        on every rank, before any collective (so every rank raises the same error)."""
+        cfg = self.cfg
+        corpus = self._load_corpus()
+        tok = T.load_teacher_tokenizer(cfg)
+        self._set_items(tok, corpus)
+        self._encode_splits(corpus, tok)
+        splits = {"train": self.train_data, "valid": self.eval_data}
+        fp = run_fingerprint(cfg, tok, self.item_ids, splits)
+        self.cache = TeacherCache.open(cfg.cache_dir, fp)
+        self.train_data = cached_sequences(self.train_data, "train")
+        self.eval_data = cached_sequences(self.eval_data, "valid")
+        print0(f"teachers.mode=offline: D and R from the teacher cache {cfg.cache_dir}")
+        return corpus, tok
 
     def _build_teacher(self) -> Any:
         """D as a ZeRO-3 inference engine (no optimizer): sharded across the ranks."""
@@ -238,14 +293,16 @@ class DistillRecipe(LMRecipe):
         mb, ms, golds = self.cfg.train.micro_batch, [], []
         for s in range(0, len(self.eval_data), mb):
             batch = collate(self.eval_data[s : s + mb])
-            logits_BTV = lm_logits(self.teacher, batch)  # [B, T, V]
-            rows_BT = loss_rows(batch).to(logits_BTV.device)
-            t_NV = self._at_rows(logits_BTV, rows_BT)  # [N, V]
-            labels_N = batch["labels"][:, 1:].to(t_NV.device)[rows_BT]  # [N]
-            items_I = self.item_tok_I.to(t_NV.device)
-            ms.append(item_mass(t_NV, items_I).float().cpu())
-            golds.append(torch.isin(labels_N, items_I).cpu())
-            del logits_BTV, t_NV
+            labels_N = batch["labels"][:, 1:][loss_rows(batch)]  # [N]
+            if self.cache is not None:
+                ms.append(self.cache.item_mass(batch))  # [N] exact m_t, as cached
+            else:
+                logits_BTV = lm_logits(self.teacher, batch)  # [B, T, V]
+                t_NV = self._at_rows(logits_BTV, loss_rows(batch).to(logits_BTV.device))
+                del logits_BTV
+                ms.append(item_mass(t_NV, self.item_tok_I.to(t_NV.device)).float().cpu())
+                del t_NV
+            golds.append(torch.isin(labels_N, self.item_tok_I))
         m_N, gold_N = torch.cat(ms), torch.cat(golds)
         eta = choose_eta(m_N, gold_N)
         self.cfg.loss.gate.eta = eta
@@ -278,6 +335,15 @@ class DistillRecipe(LMRecipe):
             if turns
             else torch.zeros(0, len(self.item_ids))
         )  # [S, I]
+        batch["time_teacher_s"] = time.perf_counter() - t0
+        return batch
+
+    @torch.no_grad()
+    def cached_teachers(self, batch: Batch, training: bool) -> Batch:
+        """Offline mode's teacher "forward": D at the loss rows as a ``SparseTeacher``
+        (top-k, exact m_t) in ``teacher_NV`` and R per turn (``rec_SI``), from the cache."""
+        t0 = time.perf_counter()
+        batch["teacher_NV"], batch["rec_SI"] = self.cache.teachers(batch)
         batch["time_teacher_s"] = time.perf_counter() - t0
         return batch
 
@@ -454,7 +520,7 @@ class DistillRecipe(LMRecipe):
         student_NV, labels_N, rec_row_N = self._student_rows(engine, batch)
         sums, spred_N = self._student_gate(student_NV, labels_N)  # before the loss reuses
         # student_NV's buffer for its gradient
-        if self.teacher is None:
+        if not self.has_teachers:
             ce = _mean_ce(student_NV, labels_N)
             loss, kd = self.cfg.loss.w_ce * ce, 0.0
         else:

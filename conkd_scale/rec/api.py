@@ -37,7 +37,9 @@ from conkd_scale.utils.errors import ConfigError
 __all__ = ["RecTeacher"]
 
 
-def _checkpoint_file(path: Path) -> Path:
+def checkpoint_file(path: str | Path) -> Path:
+    """R's checkpoint file in a training output dir (or its ``checkpoint/``)."""
+    path = Path(path)
     for cand in (path / CHECKPOINT_FILE, path / CHECKPOINT_DIR / CHECKPOINT_FILE):
         if cand.is_file():
             return cand
@@ -65,7 +67,7 @@ class RecTeacher:
     @classmethod
     def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> RecTeacher:
         """Load from a training output dir (or its ``checkpoint/``); clear error if absent."""
-        file = _checkpoint_file(Path(path))
+        file = checkpoint_file(path)
         try:
             state: dict[str, Any] = torch.load(file, map_location=map_location, weights_only=True)
         except Exception as e:

@@ -37,6 +37,7 @@ from conkd_scale.jobs import (
     ROWS,
     JobOptions,
     Row,
+    cache_args,
     deepspeed_command,
     distill_args,
     evaluate_args,
@@ -162,8 +163,16 @@ class ResultsTable:
         seed = self.cfg.seeds[0] if seed is None else seed
         out = self.cfg.work / self._name(row, seed)
         student = parse_size(self.cfg.student, "student").overrides if self.cfg.student else []
+        cache = self.cfg.work / "teachers" / "cache" / f"{row.rec}-{row.dialog}"
         return distill_args(
-            self.cfg, row, out=out, rec_dir=rec_dir, dialog_dir=dialog_dir, seed=seed, extra=student
+            self.cfg,
+            row,
+            out=out,
+            rec_dir=rec_dir,
+            dialog_dir=dialog_dir,
+            seed=seed,
+            extra=student,
+            cache_dir=cache,
         )
 
     def _distill(self, row: Row, seed: int | None = None) -> Path:
@@ -172,6 +181,11 @@ class ResultsTable:
         out = self.cfg.work / name
         if not student_trained(out):
             args = self._distill_args(row, seed)
+            cargs = cache_args(args)  # once per (R, D): the first student that reads it
+            if cargs is not None:
+                pair = f"{row.rec}-{row.dialog}"
+                cmd = deepspeed_command(self.cfg.nproc, "launch/cache_teachers.py", cargs)
+                self._run(f"cache/{pair}", cmd, f"cache_{pair}.log")
             cmd = deepspeed_command(self.cfg.nproc, "launch/distill.py", args)
             self._run(f"{name}/train", cmd, f"{name.replace('/', '.')}.log")
         return out / "hf"

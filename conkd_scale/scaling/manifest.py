@@ -1,7 +1,8 @@
 """A SLURM study's manifest (``OUT/logs/manifest.jsonl``): one job per line, its
-``launch/distill.py`` and ``launch/evaluate.py`` arguments. Printed for slurm/sweep.sh:
+``launch/cache_teachers.py`` (only where it builds the teacher cache), ``launch/distill.py``
+and ``launch/evaluate.py`` arguments. Printed for slurm/sweep.sh:
 
-    python -m conkd_scale.scaling.manifest MANIFEST INDEX distill|evaluate
+    python -m conkd_scale.scaling.manifest MANIFEST INDEX cache|distill|evaluate
 
 prints line INDEX's arguments of that part, one per line (nothing: no such part).
 """
@@ -15,17 +16,19 @@ from pathlib import Path
 
 from conkd_scale.utils.io import write_jsonl
 
-PARTS = ("distill", "evaluate")
+PARTS = ("cache", "distill", "evaluate")
+Entry = tuple[str, list[str] | None, list[str], list[str] | None]
 
 
-def write_manifest(path: Path, jobs: Sequence[tuple[str, list[str] | None, list[str]]]) -> Path:
-    """Write ``(name, distill args or None, evaluate args)`` per job, in array order."""
-    write_jsonl(path, [{"name": n, "distill": d, "evaluate": e} for n, d, e in jobs])
+def write_manifest(path: Path, jobs: Sequence[Entry]) -> Path:
+    """Write ``(name, distill args or None, evaluate args, cache args or None)`` per job,
+    in array order."""
+    write_jsonl(path, [{"name": n, "distill": d, "evaluate": e, "cache": c} for n, d, e, c in jobs])
     return path
 
 
 def manifest_args(path: Path, index: int, part: str) -> list[str]:
-    """The ``distill`` or ``evaluate`` arguments of manifest line ``index``."""
+    """The ``cache``, ``distill`` or ``evaluate`` arguments of manifest line ``index``."""
     lines = path.read_text(encoding="utf-8").splitlines()
     if not 0 <= index < len(lines):
         raise IndexError(f"{path}: no line {index} (it has {len(lines)} jobs)")

@@ -33,12 +33,19 @@ MAY_DIFFER = (
     "train.resume",
     "train.num_workers",
     "train.collective_timeout_minutes",
+    "train.rank0_timeout_minutes",
+    "train.tensorboard",
+    "train.csv_monitor",
+    "train.activation_checkpointing",
     "teachers.auto_train",
     "teachers.rec_config",
     "teachers.rec_overrides",
     "teachers.dialog_preset",
     "teachers.dialog_overrides",
     "teachers.dialog_train_ds_config",
+    "teachers.dialog_pretrained",
+    "teachers.cache_dir",
+    "teachers.cache_shard_sequences",
 )
 PATHS = ("data_dir", "teachers.rec_dir", "teachers.dialog_dir")  # compared once resolved
 

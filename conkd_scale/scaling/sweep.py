@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from conkd_scale.jobs import (
+    cache_args,
     deepspeed_command,
     distill_args,
     evaluate_args,
@@ -52,6 +53,8 @@ class Job:
     evaluate: list[str]  # launch/evaluate.py arguments
     teachers: tuple[Path, Path]  # (R dir, D dir) the job reads
     trains_teachers: bool  # a teacher it needs is missing (it trains it)
+    cache: list[str] | None = None  # launch/cache_teachers.py arguments: its teacher cache
+    # is not built yet (the job builds it first; it also trains missing teachers)
 
 
 class Study:
@@ -75,6 +78,7 @@ class Study:
             dialog_dir=dialog_dir,
             extra=extra,
             seed=run.seed,
+            cache_dir=cfg.teachers / "cache" / f"{run.row.rec}-{run.row.dialog}",
         )
 
     def _student_job(self, run: StudyRun) -> Job:
@@ -88,7 +92,8 @@ class Study:
             cfg, run.row, out=eval_out, model=out / "hf", rec_dir=teachers[0], extra=TRACE
         )
         trains = not trained and not teachers_ready(*teachers)
-        return Job(run.name, None if trained else dargs, eargs, teachers, trains)
+        cache = None if trained else cache_args(dargs)
+        return Job(run.name, None if trained else dargs, eargs, teachers, trains, cache)
 
     def jobs(self) -> list[Job]:
         """Every job of the study, in order: students (smallest first), then D's trace."""
@@ -124,6 +129,11 @@ class Study:
                 tqdm.write(f"{job.name}: finished before, skipped")
                 continue
             if job.distill is not None:
+                cargs = cache_args(job.distill)  # an earlier job may have built it
+                if cargs is not None:
+                    cmd = deepspeed_command(self.cfg.nproc, "launch/cache_teachers.py", cargs)
+                    log = logs / f"{job.name}.cache.log"
+                    self.walls[f"{job.name}/cache"] = run_logged(cmd, log)
                 cmd = deepspeed_command(self.cfg.nproc, "launch/distill.py", job.distill)
                 self.walls[f"{job.name}/train"] = run_logged(cmd, logs / f"{job.name}.log")
             cmd = python_command("launch/evaluate.py", job.evaluate)
@@ -132,19 +142,24 @@ class Study:
 
     # ------------------------------------------------------------------ slurm
     def submit_slurm(self) -> list[str]:
-        """Submit the unfinished jobs (teacher-training ones first, chained); job ids."""
+        """Submit the unfinished jobs (those that train teachers or build a teacher cache
+        first, chained, one per (R, D) pair); job ids."""
         jobs = self.pending()
         if not jobs:
             return []
-        manifest = write_manifest(
-            self.cfg.logs / "manifest.jsonl", [(j.name, j.distill, j.evaluate) for j in jobs]
-        )
         seeds: list[int] = []
         covered: set[tuple[Path, Path]] = set()
         for n, j in enumerate(jobs):
-            if j.trains_teachers and j.teachers not in covered:
+            if (j.trains_teachers or j.cache) and j.teachers not in covered:
                 seeds.append(n)
                 covered.add(j.teachers)
+        manifest = write_manifest(  # only the first job of a pair builds its cache
+            self.cfg.logs / "manifest.jsonl",
+            [
+                (j.name, j.distill, j.evaluate, j.cache if n in seeds else None)
+                for n, j in enumerate(jobs)
+            ],
+        )
         rest = [n for n in range(len(jobs)) if n not in seeds]
         env = {
             **os.environ,

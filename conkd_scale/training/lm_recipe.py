@@ -147,9 +147,12 @@ class LMRecipe:
                 hint="check its train split file, data_dir and max_train_conversations",
             )
 
-    def _start_training(self, module: Any, ds: dict[str, Any], tok: Any, **hooks: Any) -> None:
+    def _start_training(
+        self, module: Any, ds: dict[str, Any], tok: Any, collate: Any = None, **hooks: Any
+    ) -> None:
         """The DeepSpeed engine around ``module`` (optimizer over the LM's parameters, the LR
-        schedule of ``total_steps``) and its :class:`Trainer` with the recipe's ``hooks``."""
+        schedule of ``total_steps``) and its :class:`Trainer` with the recipe's ``hooks``;
+        ``collate`` (default: :func:`sequence_collate`) makes the micro batches."""
         import deepspeed
 
         train = self.cfg.train
@@ -162,7 +165,7 @@ class LMRecipe:
             lr_scheduler=make_scheduler_factory(train, self.total_steps),
             config=ds,
         )
-        self.collate = sequence_collate(tok.pad_token_id)
+        self.collate = collate or sequence_collate(tok.pad_token_id)
         self.trainer = Trainer(
             self.engine,
             train_data=self.train_data,

@@ -64,6 +64,8 @@ MAY_CHANGE = (
     "teachers.dialog_attn_implementation",
     "teachers.dialog_overrides",
     "teachers.dialog_train_ds_config",
+    "teachers.cache_dir",  # a moved cache: its fingerprint is checked against the run
+    "teachers.cache_shard_sequences",
 )
 # DeepSpeed keys that are derived from the run config or only affect logging.
 DS_IGNORED = (
