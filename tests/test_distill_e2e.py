@@ -6,6 +6,7 @@ sharded ZeRO-3 dialogue teacher; the other tests reuse its teachers.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import shutil
@@ -17,6 +18,7 @@ import torch
 from tests.helpers_ds import run_deepspeed
 
 pytestmark = pytest.mark.slow
+HAS_TB = importlib.util.find_spec("tensorboard") is not None
 SCRIPT = "launch/distill.py"
 FINITE = ("loss", "ce", "kd", "kd_dialog", "kd_rec", "gate_mean")
 
@@ -223,11 +225,21 @@ def test_zero2_student(run_a):
             "loss.gate.eta=auto",
             "train.eval_every=2",
             "train.eval_max_batches=2",
+            f"train.tensorboard={str(HAS_TB).lower()}",
         ],
         log=root / "z2.log",
     )
     info = json.loads((out / "run_info.json").read_text())
     assert info["zero_stage"] == 2
+    if HAS_TB:  # DeepSpeed's TensorBoard monitor got the rows (test_scale_e2e: csv_monitor)
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        (events,) = (out / "tensorboard").rglob("events.out.tfevents.*")
+        acc = EventAccumulator(str(events.parent))
+        acc.Reload()
+        tags = set(acc.Tags()["scalars"])
+        assert {"Train/loss", "Train/kd_rec", "Eval/val_ppl"} <= tags, tags
+        assert [e.step for e in acc.Scalars("Train/loss")] == [1, 2]
     # η = auto was chosen on the validation split: the best F1 of the grid, 0.5 included
     cal = info["gate_calibration"]
     assert cal["split"] == "valid" and info["eta"] == cal["eta"] and 0.0 <= info["eta"] < 1.0

@@ -1,6 +1,7 @@
 """One 2-rank distillation (CPU, gloo) whose student is large enough for its model states to
-show (the ``medium`` preset, ~25 M parameters), with DeepSpeed's csv monitor (and
-TensorBoard when installed) on: the monitors get the job's scalars, and the planner's
+show (the ``medium`` preset, ~25 M parameters), with DeepSpeed's csv monitor on (TensorBoard,
+whose writer adds ~130 MiB to a rank's resident peak, is tested in test_distill_e2e's ZeRO-2
+run): the monitor gets the job's scalars, and the planner's
 prediction agrees with the peak the job measured and with its checkpoint's partitions."""
 
 from __future__ import annotations
@@ -73,7 +74,6 @@ def test_monitors_and_planned_memory(synthetic_dir, tmp_path):
         "train.eval_max_batches=1",
         "train.progress=false",
         "train.csv_monitor=true",
-        f"train.tensorboard={str(HAS_TB).lower()}",
         "export=false",
         f"output_dir={out}",
     ]
@@ -89,8 +89,6 @@ def test_monitors_and_planned_memory(synthetic_dir, tmp_path):
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     (ev,) = [r for r in metrics if r["kind"] == "eval"]
     assert float(ppl[1][1]) == pytest.approx(ev["val_ppl"])
-    if HAS_TB:
-        assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
 
     # the plan against what the job measured
     from conkd_scale.plan.arch import resolve_model
