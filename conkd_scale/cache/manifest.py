@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from conkd_scale.utils.errors import ConfigError, DataError
-from conkd_scale.utils.io import write_json
+from conkd_scale.utils.io import sha256_file, write_json
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -59,14 +59,6 @@ FIELD_KEYS: dict[str, str] = {
 
 
 # ----------------------------------------------------------------------------- hashing
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 class FileHasher:
     """SHA-256 of files, reusing a remembered hash while a file's size and mtime match."""
 

@@ -18,7 +18,6 @@ copied instead; those are only checked for presence). The source table is overri
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import os
 import re
@@ -31,7 +30,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from conkd_scale.utils.errors import ConfigError, DataError
-from conkd_scale.utils.io import atomic_open
+from conkd_scale.utils.io import atomic_open, sha256_file
 
 __all__ = ["SOURCES", "SUMS_FILE", "Source", "SourceSpec", "fetch", "sha256_file"]
 
@@ -68,15 +67,6 @@ SOURCES: dict[str, list[Source]] = {
         for split in ("train", "dev", "test")
     ],
 }
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _read_sums(out_dir: Path) -> dict[str, str]:

@@ -52,7 +52,6 @@ from conkd_scale.cache.reader import TeacherCache, cached_collate, cached_sequen
 from conkd_scale.config import config_to_dict
 from conkd_scale.data.corpus import load_dataset
 from conkd_scale.data.sequences import IGNORE
-from conkd_scale.data.synthetic import ensure_synthetic
 from conkd_scale.data.tokenizer import item_token_ids, save_tokenizer
 from conkd_scale.distill import teachers as T
 from conkd_scale.distill.config import DistillConfig
@@ -218,13 +217,7 @@ class DistillRecipe(LMRecipe):
         """Online mode: the corpus (generated when synthetic and missing), the teachers
         (trained when missing), D's tokenizer and R. Collective."""
         cfg = self.cfg
-        if cfg.dataset == "synthetic":
-            run_on_main(
-                ensure_synthetic,
-                cfg.resolved_data_dir,
-                seed=cfg.synthetic_seed,
-                phase="generating the synthetic corpus",
-            )
+        self._ensure_synthetic()
         corpus = self._load_corpus()  # before a missing teacher is trained on it
         if cfg.teachers.auto_train:
             T.train_missing_teachers(cfg)

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import os
 import re
@@ -61,7 +60,7 @@ from conkd_scale.distributed import (
 )
 from conkd_scale.training.data import DataPosition
 from conkd_scale.utils.errors import ConfigError, RetryError, storage_error
-from conkd_scale.utils.io import atomic_open, write_json
+from conkd_scale.utils.io import atomic_open, sha256_file, write_json
 
 META = "meta.json"
 MANIFEST = "manifest.json"
@@ -122,14 +121,6 @@ def _files(path: Path) -> list[str]:
     )
 
 
-def _sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -145,7 +136,7 @@ def _hash_share(path: Path, names: list[str]) -> dict[str, dict[str, Any]]:
     for name in names[rank::world]:
         f = path / name
         _fsync(f)
-        out[name] = {"size": f.stat().st_size, "sha256": _sha256(f)}
+        out[name] = {"size": f.stat().st_size, "sha256": sha256_file(f)}
     return out
 
 
@@ -182,7 +173,7 @@ def verify_checkpoint(path: str | Path) -> str | None:
             return f"{name} is missing"
         if f.stat().st_size != want["size"]:
             return f"{name} has {f.stat().st_size} bytes, the manifest says {want['size']}"
-        if _sha256(f) != want["sha256"]:
+        if sha256_file(f) != want["sha256"]:
             return f"{name} does not match its SHA-256 in {MANIFEST}"
     return None
 
@@ -263,7 +254,7 @@ def save_checkpoint(
         try:
             write_json(tmp / META, meta)
             files = {k: v for share in shares for k, v in share.items()}
-            files[META] = {"size": (tmp / META).stat().st_size, "sha256": _sha256(tmp / META)}
+            files[META] = {"size": (tmp / META).stat().st_size, "sha256": sha256_file(tmp / META)}
             write_json(tmp / MANIFEST, {"step": step, "files": files})
             _fsync(tmp)
             final, old = root / tag, root / f".{tag}.old"

@@ -29,7 +29,6 @@ import torch
 
 from conkd_scale.data.corpus import load_dataset
 from conkd_scale.data.synthetic import DEFAULT_DIR as DEFAULT_SYNTHETIC_DIR
-from conkd_scale.data.synthetic import ensure_synthetic
 from conkd_scale.data.tokenizer import load_tokenizer
 from conkd_scale.distributed import barrier, init_distributed, print0, run_on_main
 from conkd_scale.models.builder import ModelConfig, build_model, prepare_tokenizer
@@ -91,13 +90,7 @@ class DialogTeacherRecipe(LMRecipe):
         ds = self._resolve_ds_config()
         # the checks that read files only come before anything is written to output_dir
         self._check_resume()
-        if cfg.dataset == "synthetic":
-            run_on_main(
-                ensure_synthetic,
-                cfg.resolved_data_dir,
-                seed=cfg.synthetic_seed,
-                phase="generating the synthetic corpus",
-            )
+        self._ensure_synthetic()
         corpus = load_dataset(
             cfg.dataset, cfg.resolved_data_dir, kg=cfg.kg, splits=("train", "valid")
         )

@@ -23,6 +23,7 @@ from conkd_scale.config import config_to_dict
 from conkd_scale.data.corpus import Corpus
 from conkd_scale.data.schema import RECOMMENDER, Conversation
 from conkd_scale.data.sequences import encode_split
+from conkd_scale.data.synthetic import ensure_synthetic
 from conkd_scale.distributed import DistInfo, print0, rank_hosts, run_on_main, teardown
 from conkd_scale.models.builder import BuiltModel, enable_activation_checkpointing
 from conkd_scale.models.export import export_hf
@@ -44,12 +45,17 @@ class LMRunConfig(Protocol):
     """The run-config fields the base reads (``DialogTeacherConfig``, ``DistillConfig``)."""
 
     output_dir: str
+    dataset: str
+    synthetic_seed: int
     max_length: int
     use_mode_tokens: bool
     context_budget: int | None
     max_train_conversations: int
     export: bool
     train: TrainConfig
+
+    @property
+    def resolved_data_dir(self) -> str: ...
 
 
 class LMRecipe:
@@ -106,6 +112,18 @@ class LMRecipe:
         self.out.mkdir(parents=True, exist_ok=True)
         write_json(self.out / "config.json", config_to_dict(self.cfg))
         write_json(self.out / "ds_config.json", ds)
+
+    def _ensure_synthetic(self) -> None:
+        """Generate the synthetic corpus on rank 0 when it is the dataset and missing
+        (collective: the other ranks wait for it)."""
+        cfg = self.cfg
+        if cfg.dataset == "synthetic":
+            run_on_main(
+                ensure_synthetic,
+                cfg.resolved_data_dir,
+                seed=cfg.synthetic_seed,
+                phase="generating the synthetic corpus",
+            )
 
     def _train_conversations(self, corpus: Corpus) -> list[Conversation]:
         """The training split, or its first ``max_train_conversations`` (quick runs)."""
