@@ -222,6 +222,25 @@ def test_teacher_commands_are_empty_when_both_teachers_exist(tmp_path: Path) -> 
     assert teacher_commands(2, args) == []
 
 
+def test_reported_walls_keep_the_teacher_cache_and_earlier_invocations(tmp_path: Path) -> None:
+    """The table's wall times include the cache job its students read (a wall time of the
+    whole table, offline against online, needs it), runs of earlier invocations reused now,
+    and not the runs of rows this invocation does not report."""
+    import json
+
+    cfg = results_config(f"work_dir={tmp_path / 'w'}", f"results_dir={tmp_path / 'res'}")
+    (tmp_path / "res").mkdir()
+    old = {"hard/seed0/train": 60.0, "static/seed0/train": 9.0, "cache/rec-dialog": 20.0}
+    (tmp_path / "res" / "results.json").write_text(json.dumps({"run_walls_s": old}))
+    t = ResultsTable(cfg)
+    t.walls = {"hard/seed1/train": 50.0}
+    assert t._all_walls({"hard", "soft"}) == {
+        "hard/seed0/train": 60.0,
+        "hard/seed1/train": 50.0,
+        "cache/rec-dialog": 20.0,
+    }
+
+
 def test_render_markdown() -> None:
     report = {
         "dataset": "synthetic",

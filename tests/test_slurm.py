@@ -307,6 +307,37 @@ def test_distill_job_completes(teachers, synthetic_dir, jobs):
 
 
 @cluster_test
+def test_cache_job_then_offline_distillation_after_it(teachers, synthetic_dir, jobs):
+    """slurm/cache.sh writes the teacher cache on 2 ranks; slurm/distill.sh, submitted with
+    --dependency=afterok on it, distils from that cache without loading D."""
+    from conkd_scale.cache.manifest import read_manifest
+
+    cache, out = teachers / "cache_b", teachers / "b"
+    common = distill_args(teachers, synthetic_dir, out, f"teachers.cache_dir={cache}")
+    cache_job = jobs.submit(
+        "slurm/cache.sh",
+        ["--deepspeed", "ds_configs/zero3_inference.json", *common[2:]],
+        teachers / "logs",
+    )
+    job = jobs.submit(
+        "slurm/distill.sh",
+        [*common, "teachers.mode=offline", "train.max_steps=2"],
+        teachers / "logs",
+        extra=(f"--dependency=afterok:{cache_job}",),
+    )
+    assert_completed(jobs, cache_job, jobs.wait(cache_job, timeout=600))
+    man = read_manifest(cache)
+    assert man is not None and man["complete"], man
+    assert man["shards"] and all((cache / "shards" / n).is_file() for n in man["shards"])
+    assert "2 rank(s)" in jobs.log(cache_job)
+    assert_completed(jobs, job, jobs.wait(job, timeout=600))
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["teacher_mode"] == "offline" and info["world_size"] == 2, info
+    assert [r["step"] for r in rows(out, "train")] == [1, 2]
+    assert (out / "hf" / "config.json").is_file()
+
+
+@cluster_test
 def test_preemption_saves_requeues_and_resumes(teachers, synthetic_dir, jobs):
     """Two pre-emptions of one job, both routes: (1) SIGUSR1 to the batch shell, as
     ``#SBATCH --signal=B:USR1@300`` sends it, forwarded to every rank; (2) SIGUSR1 to rank 1

@@ -143,9 +143,10 @@ class ResultsTable:
         self.walls: dict[str, float] = {}
 
     def _all_walls(self, keys: set[str]) -> dict[str, float]:
-        """This table's rows: their walls now, or from the invocation that ran them."""
+        """This table's rows and the teacher caches they read: their walls now, or from the
+        invocation that ran them."""
         walls = _merge_walls(self.cfg.results / "results.json", self.walls)
-        return {k: v for k, v in walls.items() if k.split("/")[0] in keys}
+        return {k: v for k, v in walls.items() if k.split("/")[0] in keys | {"cache"}}
 
     def _run(self, wall_key: str, cmd: Sequence[str], log: str) -> None:
         self.walls[wall_key] = run_logged(cmd, self.cfg.work / "logs" / log)
