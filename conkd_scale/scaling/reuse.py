@@ -4,8 +4,9 @@ against the ``launch/distill.py`` arguments the study would run it with now.
 A study skips a student whose ``hf/`` exists. That is only right when the student was
 trained as the study now asks: a changed ``eta``, seed, epoch count, size or teacher would
 otherwise be reported under the new settings. Fields that do not change the trained model
-(:data:`MAY_DIFFER`: where outputs go, cadence of evaluation, saving and logging, how a
-missing teacher would be trained) are not compared.
+(:data:`MAY_DIFFER`, the same settings a resumed run may change but for the schedule's length:
+where outputs go, cadence, memory levers, how a missing teacher would be trained) are not
+compared.
 """
 
 from __future__ import annotations
@@ -15,38 +16,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from conkd_scale.training.resume_check import flatten
+from conkd_scale.training.resume_check import NEUTRAL, flatten
 from conkd_scale.utils.errors import ConfigError
 
-# dotted keys of the distillation config (a key covers its sub-keys)
-MAY_DIFFER = (
-    "output_dir",
-    "export",
-    "debug_dump_dir",
-    "train.eval_every",
-    "train.eval_max_batches",
-    "train.save_every",
-    "train.save_every_minutes",
-    "train.keep_last",
-    "train.log_every",
-    "train.progress",
-    "train.resume",
-    "train.num_workers",
-    "train.collective_timeout_minutes",
-    "train.rank0_timeout_minutes",
-    "train.tensorboard",
-    "train.csv_monitor",
-    "train.activation_checkpointing",
-    "teachers.auto_train",
-    "teachers.rec_config",
-    "teachers.rec_overrides",
-    "teachers.dialog_preset",
-    "teachers.dialog_overrides",
-    "teachers.dialog_train_ds_config",
-    "teachers.dialog_pretrained",
-    "teachers.cache_dir",
-    "teachers.cache_shard_sequences",
-)
+MAY_DIFFER = NEUTRAL  # what a reused run may differ in (a key covers its sub-keys)
 PATHS = ("data_dir", "teachers.rec_dir", "teachers.dialog_dir")  # compared once resolved
 
 

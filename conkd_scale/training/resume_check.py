@@ -28,14 +28,16 @@ from typing import Any
 from conkd_scale.training.checkpoint import META, list_checkpoints
 from conkd_scale.utils.errors import ConfigError
 
-# Settings a resumed run may change (dotted config keys; a key covers its sub-keys).
-MAY_CHANGE = (
+# Settings that do not change the function a run computes (dotted config keys; a key covers
+# its sub-keys): where outputs go, cadence of evaluation, saving and logging, time limits,
+# the memory levers (activation checkpointing, the attention kernel, the dtype a checkpoint
+# is read in), how a missing teacher would be trained and where its cache lies (a moved
+# cache: its fingerprint is checked against the run).
+NEUTRAL = (
     "output_dir",
     "export",
     "debug_dump_dir",
     "save_reference_logits",
-    "train.epochs",
-    "train.max_steps",
     "train.eval_every",
     "train.eval_max_batches",
     "train.save_every",
@@ -46,16 +48,14 @@ MAY_CHANGE = (
     "train.tensorboard",
     "train.csv_monitor",
     "train.resume",
-    "train.stop_at_step",
-    "train.max_nonfinite_steps",
     "train.num_workers",
     "train.collective_timeout_minutes",
-    "train.activation_checkpointing",  # memory levers: the same function, computed otherwise
+    "train.rank0_timeout_minutes",
+    "train.activation_checkpointing",
     "model.attn_implementation",
     "student.attn_implementation",
-    "model.dtype",  # the dtype a checkpoint is read in (training runs in DeepSpeed's)
+    "model.dtype",
     "student.dtype",
-    "train.rank0_timeout_minutes",
     "teachers.auto_train",
     "teachers.rec_config",
     "teachers.rec_overrides",
@@ -64,8 +64,16 @@ MAY_CHANGE = (
     "teachers.dialog_attn_implementation",
     "teachers.dialog_overrides",
     "teachers.dialog_train_ds_config",
-    "teachers.cache_dir",  # a moved cache: its fingerprint is checked against the run
+    "teachers.cache_dir",
     "teachers.cache_shard_sequences",
+)
+# Settings a resumed run may change: the neutral ones and the schedule's length.
+MAY_CHANGE = (
+    *NEUTRAL,
+    "train.epochs",
+    "train.max_steps",
+    "train.stop_at_step",
+    "train.max_nonfinite_steps",
 )
 # DeepSpeed keys that are derived from the run config or only affect logging.
 DS_IGNORED = (
