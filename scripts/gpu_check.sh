@@ -39,79 +39,18 @@ cd "$ROOT" || exit 1
 OUT_DIR="${OUT:-$ROOT/runs/gpu_check}"
 BUDGET_S="${GPU_CHECK_BUDGET_S:-470}"
 TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
-DRY_RUN=0
-INSTALL=0
-for arg in "$@"; do
-  case "$arg" in
-    --dry-run) DRY_RUN=1 ;;
-    --install) INSTALL=1 ;;
-    -h | --help)
-      sed -n '2,/^$/p' "$0" | sed 's/^# \{0,1\}//'
-      exit 0
-      ;;
-    *)
-      echo "unknown argument: $arg (see --help)" >&2
-      exit 64
-      ;;
-  esac
-done
-
-mkdir -p "$OUT_DIR"
+NAME=gpu_check
 LOG="$OUT_DIR/gpu_check.log"
 SUMMARY="$OUT_DIR/gpu_check.md"
+ALLOW_INSTALL=1
+# shellcheck source=scripts/gpu_lib.sh
+source "$ROOT/scripts/gpu_lib.sh"
+gpu_parse_args "$@"
+mkdir -p "$OUT_DIR"
 : >"$LOG"
-START_S=$SECONDS
 STATUS=0
-STEPS=()
 
-say() { echo "[gpu_check $((SECONDS - START_S)) s] $*" | tee -a "$LOG" >&2; }
-
-# The first candidate Python that runs CHECK (python code exiting 0), or nothing.
-find_python() {
-  local check="$1" cand
-  for cand in "${PYTHON:-}" "$ROOT/.venv/bin/python" "$ROOT/.venv-gpu/bin/python" python3; do
-    if [[ -z "$cand" ]] || ! command -v "$cand" >/dev/null 2>&1; then
-      continue
-    fi
-    if "$cand" -c "$check" >/dev/null 2>&1; then
-      echo "$cand"
-      return 0
-    fi
-  done
-  return 1
-}
 CUDA_CHECK='import sys, torch, triton; sys.exit(0 if torch.cuda.is_available() else 1)'
-
-# run_step NAME CAP_S LOGFILE CMD...: run CMD with the smaller of CAP_S and the budget left.
-run_step() {
-  local name="$1" cap="$2" logfile="$3"
-  shift 3
-  local left=$((BUDGET_S - (SECONDS - START_S)))
-  local t=$((cap < left ? cap : left))
-  if ((DRY_RUN)); then
-    say "would run [$name] (timeout ${cap} s or the budget left): $*"
-    STEPS+=("| $name | not run (dry run) | |")
-    return 0
-  fi
-  if ((t < 20)); then
-    say "skip [$name]: only ${left} s of the ${BUDGET_S} s budget left"
-    STEPS+=("| $name | skipped: budget | |")
-    return 0
-  fi
-  say "run [$name] (timeout $t s): $*"
-  local t0=$SECONDS rc
-  timeout --signal=INT --kill-after=15 "$t" "$@" 2>&1 | tee -a "$logfile" >>"$LOG"
-  rc=${PIPESTATUS[0]}
-  local took=$((SECONDS - t0)) what
-  case "$rc" in
-    0) what="ok" ;;
-    124 | 130 | 137) what="**timed out** (rc $rc)" ;;
-    *) what="**failed** (rc $rc)" ;;
-  esac
-  say "[$name] $what in $took s"
-  STEPS+=("| $name | $what | $took s |")
-  return "$rc"
-}
 
 summary() {
   {
@@ -125,7 +64,7 @@ summary() {
     echo
     echo "| step | result | time |"
     echo "|---|---|---|"
-    printf '%s\n' "${STEPS[@]}"
+    printf '%s\n' "${GPU_STEPS[@]}"
     for f in tests.log bench_loss_gpu.md bench_loss_rows.md; do
       [[ -s "$OUT_DIR/$f" ]] || continue
       echo
@@ -151,14 +90,14 @@ summary() {
 }
 
 say "outputs in $OUT_DIR; budget $BUDGET_S s"
-PY="$(find_python "$CUDA_CHECK")"
+PY="$(find_python "$CUDA_CHECK" "$ROOT/.venv-gpu/bin/python")"
 if [[ -z "$PY" && "$INSTALL" == 1 && "$DRY_RUN" == 0 ]]; then
   say "no Python with CUDA torch: installing torch==$TORCH_VERSION into .venv-gpu (not timed)"
   python3 -m venv "$ROOT/.venv-gpu" &&
     "$ROOT/.venv-gpu/bin/python" -m pip install --quiet "torch==$TORCH_VERSION" numpy pytest \
       2>&1 | tee -a "$LOG" >&2
   START_S=$SECONDS # the budget covers the checks, not the download
-  PY="$(find_python "$CUDA_CHECK")"
+  PY="$(find_python "$CUDA_CHECK" "$ROOT/.venv-gpu/bin/python")"
 fi
 if [[ -z "$PY" ]]; then
   say "no CUDA: no Python here has a torch that sees a GPU (tried \$PYTHON, .venv, .venv-gpu," \
@@ -168,7 +107,7 @@ if [[ -z "$PY" ]]; then
     say "dry run: checking the CPU-safe parts and showing the plan with $PY"
   else
     STATUS=2
-    STEPS+=("| find a CUDA Python | **no CUDA device** | |")
+    GPU_STEPS+=("| find a CUDA Python | **no CUDA device** | |")
     summary "$@"
     exit "$STATUS"
   fi

@@ -32,61 +32,17 @@ SEQ_LEN="${SEQ_LEN:-512}"
 MICRO_BATCH="${MICRO_BATCH:-8}"
 STEPS="${STEPS:-30}"
 GPU_PEAK_TFLOPS="${GPU_PEAK_TFLOPS:-989}"
-DRY_RUN=0
-for arg in "$@"; do
-  case "$arg" in
-    --dry-run) DRY_RUN=1 ;;
-    -h | --help)
-      sed -n '2,/^$/p' "$0" | sed 's/^# \{0,1\}//'
-      exit 0
-      ;;
-    *)
-      echo "unknown argument: $arg (see --help)" >&2
-      exit 64
-      ;;
-  esac
-done
-
-mkdir -p "$OUT_DIR"
+NAME=gpu_scale
 LOG="$OUT_DIR/gpu_scale.log"
+SKIP_STATUS=1 # a step skipped for want of budget fails the check
+# shellcheck source=scripts/gpu_lib.sh
+source "$ROOT/scripts/gpu_lib.sh"
+gpu_parse_args "$@"
+mkdir -p "$OUT_DIR"
 : >"$LOG"
-START_S=$SECONDS
 STATUS=0
-say() { echo "[gpu_scale $((SECONDS - START_S)) s] $*" | tee -a "$LOG" >&2; }
-
-find_python() {
-  local check="$1" cand
-  for cand in "${PYTHON:-}" "$ROOT/.venv/bin/python" python3; do
-    if [[ -n "$cand" ]] && command -v "$cand" >/dev/null 2>&1 && "$cand" -c "$check" >/dev/null 2>&1; then
-      echo "$cand"
-      return 0
-    fi
-  done
-  return 1
-}
 PKGS='import deepspeed, transformers, accelerate, sentencepiece, torch_geometric'
 CUDA_CHECK="import sys, torch; torch.cuda.is_available() or sys.exit(1); $PKGS"
-
-# run_step NAME CAP_S CMD...: CMD under the smaller of CAP_S and the budget left
-run_step() {
-  local name="$1" cap="$2"
-  shift 2
-  local left=$((BUDGET_S - (SECONDS - START_S)))
-  local t=$((cap < left ? cap : left))
-  if ((DRY_RUN)); then
-    say "would run [$name] (timeout ${cap} s or the budget left): $*"
-    return 0
-  fi
-  if ((t < 20)); then
-    say "skip [$name]: only ${left} s left"
-    return 1
-  fi
-  say "run [$name] (timeout $t s): $*"
-  timeout --signal=INT --kill-after=20 "$t" "$@" >>"$LOG" 2>&1
-  local rc=$?
-  say "[$name] rc $rc"
-  return "$rc"
-}
 
 PY="$(find_python "$CUDA_CHECK")"
 if [[ -z "$PY" ]]; then
@@ -109,7 +65,7 @@ WORK="$OUT_DIR/models"
 DATA="$OUT_DIR/data"
 PREP=("$PY" bench/bench_scale.py --prepare-only --dataset synthetic --data-dir "$DATA"
   --work "$WORK" --student-arch "$STUDENT_ARCH" --teacher "$TEACHER_ARCH")
-run_step "prepare corpus, tokenizer, random student and D" 150 "${PREP[@]}" || STATUS=1
+run_step "prepare corpus, tokenizer, random student and D" 150 /dev/null "${PREP[@]}" || STATUS=1
 
 # the planner's prediction of this very run (the same sizes, one GPU, bf16, ZeRO-3)
 PLAN=("$PY" -m conkd_scale.plan --student "$STUDENT_ARCH" --teacher "$TEACHER_ARCH"
@@ -134,7 +90,7 @@ RUN=("$PY" -m deepspeed.launcher.runner --num_gpus 1 launch/distill.py
   "train.micro_batch=$MICRO_BATCH" "train.max_steps=$STEPS" train.warmup_steps=2
   train.log_every=5 train.eval_every=0 train.eval_max_batches=1 train.save_every=0
   train.progress=false loss.gate.eta=0.5 export=false "output_dir=$OUT_DIR/run")
-run_step "distil $STEPS steps" 600 "${RUN[@]}" || STATUS=1
+run_step "distil $STEPS steps" 600 /dev/null "${RUN[@]}" || STATUS=1
 
 REPORT=("$PY" bench/bench_scale.py --gpu-report "$OUT_DIR" --peak-tflops "$GPU_PEAK_TFLOPS")
 if ((DRY_RUN)); then

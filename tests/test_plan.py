@@ -261,27 +261,3 @@ def test_directory_without_config_json(tmp_path):
     (tmp_path / "config.json").write_text('{"hidden_size": 8}')
     with pytest.raises(ConfigError, match="no model_type"):
         resolve_model(str(tmp_path))
-
-
-def test_gpu_scale_dry_run(tmp_path):
-    """scripts/gpu_scale.sh --dry-run (no GPU needed): plans the run and shows its commands."""
-    import os
-
-    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable)
-    proc = subprocess.run(
-        ["bash", "scripts/gpu_scale.sh", "--dry-run"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    err = proc.stderr
-    assert "would run [prepare corpus, tokenizer, random student and D]" in err
-    assert "would run [distil 30 steps]" in err and "launch/distill.py" in err
-    plan = json.loads((tmp_path / "plan.json").read_text())
-    assert plan["input"]["student"]["params"] > 0.9e9  # the ~1 B student
-    assert plan["input"]["teacher"]["params"] > plan["input"]["student"]["params"]
-    assert plan["input"]["device"] == "gpu" and plan["fits"]
-    assert "total" in (tmp_path / "plan.txt").read_text()
