@@ -119,6 +119,14 @@ def student_grad(z, ps, mz, log_sz, w_ce, a_kd, c, TEMPERED: tl.constexpr):
     return g
 
 
+def student_block(z_row, offs, mask, mz, log_sz, log_szt, inv_tau, w_ce, a_kd, c,
+                  TEMPERED: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
+    """Sweep 2's student part at columns ``offs``: (log p_S^τ, :func:`student_grad`)."""
+    z = tl.load(z_row + offs, mask=mask, other=float("-inf")).to(ACC)
+    logps = (z - mz) * inv_tau - log_szt  # log p_S^τ
+    return logps, student_grad(z, tl.exp(logps), mz, log_sz, w_ce, a_kd, c, TEMPERED)
+
+
 def rec_terms(g, klr, col_ptr, logq_row, offs, mask, logps, a_kd, lam, use_r,
               GATE: tl.constexpr, ACC: tl.constexpr):  # fmt: skip
     """R's part at columns ``offs``: adds q·(log q − log p_S^τ) to ``klr`` and subtracts
@@ -152,7 +160,7 @@ def store_parts(parts_ptr, row, N, ce, kl_d, kl_r, lam, m, use_d, use_r, tau_sq)
 
 
 JIT_HELPERS = (zero_row, online_lse_step, log_sums, gate_lambda, cross_entropy, student_grad,
-               rec_terms, store_grad, store_parts)  # fmt: skip
+               student_block, rec_terms, store_grad, store_parts)  # fmt: skip
 """The helpers a kernel may call; :func:`jit_kernel` jits them with it."""
 
 

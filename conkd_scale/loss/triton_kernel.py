@@ -45,12 +45,11 @@ import torch
 from torch import Tensor
 
 from conkd_scale.loss.common import (
-    IGNORE_INDEX,
     LossOutput,
     compute_dtype,
     flatten_inputs,
+    loss_outputs,
     saved_grad_scaled,
-    tempered_log_q,
 )
 from conkd_scale.loss.config import LossConfig
 from conkd_scale.loss.sparse import SparseTeacher
@@ -67,7 +66,7 @@ from conkd_scale.loss.triton_common import (
     rec_terms,
     store_grad,
     store_parts,
-    student_grad,
+    student_block,
     tl,
     triton,  # noqa: F401 (re-exported: bench/bench_loss_gpu.py reads tk.triton)
     zero_row,
@@ -159,10 +158,8 @@ def conkd_row_kernel(
         for start in range(0, V, BLOCK_V):
             offs = start + cols
             mask = offs < V
-            z = tl.load(z_row + offs, mask=mask, other=NEG_INF).to(ACC)
-            logps = (z - mz) * inv_tau - log_szt  # log p_S^τ
-            ps = tl.exp(logps)
-            g = student_grad(z, ps, mz, log_sz, w_ce, a_kd, 1.0, TEMPERED)
+            logps, g = student_block(z_row, offs, mask, mz, log_sz, log_szt, inv_tau, w_ce, a_kd,
+                                     1.0, TEMPERED, ACC)  # fmt: skip
             if GATE != 5:  # noqa: SIM102 (compile time, then run time)
                 if use_d:
                     t = tl.load(t_row + offs, mask=mask, other=NEG_INF).to(ACC)
@@ -257,16 +254,11 @@ class ConKDTritonFunction(torch.autograd.Function):
         if need_grad and inplace and z_NV.data_ptr() == student_NV.data_ptr():
             # the kernel wrote through a raw pointer: let autograd see the write
             torch.autograd.graph.increment_version(student_NV)
-        sums_3 = parts_5N[:3].sum(dim=1) * inv_m  # [3] mean ce, kd_dialog, kd_rec
-        ce, kd_d, kd_r = sums_3[0], sums_3[1], sums_3[2]
-        kd = kd_d + kd_r
-        loss = cfg.w_ce * ce + cfg.w_kd * kd
-        lam_N, m_N = parts_5N[3].float(), parts_5N[4].float()
         if grad_NV is not None:
             ctx.save_for_backward(grad_NV)
         ctx.inplace = inplace
-        ctx.mark_non_differentiable(ce, kd, kd_d, kd_r, lam_N, m_N)
-        return loss, ce, kd, kd_d, kd_r, lam_N, m_N
+        lam_N, m_N = parts_5N[3].float(), parts_5N[4].float()
+        return loss_outputs(ctx, parts_5N[:3].sum(dim=1), inv_m, cfg, lam_N, m_N)
 
     @staticmethod
     def backward(ctx: Any, grad_loss: Tensor, *_: Any) -> tuple[Tensor | None, ...]:
@@ -303,11 +295,9 @@ def conkd_loss_triton(
             f"{'present' if HAVE_TRITON else 'missing'}"
         )
     x = flatten_inputs(student_logits, teacher_logits, rec_probs_SI, rec_row, item_ids_I, labels)
-    teacher = x.sparse if x.sparse is not None else x.teacher_dense()
-    dtype = compute_dtype(x.student_NV, *([] if x.sparse is not None else [teacher]))
-    logq_SI = tempered_log_q(x.rec_probs_SI, float(cfg.tau), dtype)  # [S, I]
+    teacher, logq_SI = x.teacher_and_logq(float(cfg.tau))  # D, [S, I]
     col_V = item_column_map(x.item_ids_I, x.student_NV.shape[1])  # [V]
-    n_valid = int((x.labels_N != IGNORE_INDEX).sum())
+    n_valid = x.n_valid
     loss, ce, kd, kd_d, kd_r, lam_N, m_N = ConKDTritonFunction.apply(
         x.student_NV, teacher, logq_SI, x.rec_row_N, col_V, x.labels_N, cfg, n_valid,
         inplace,

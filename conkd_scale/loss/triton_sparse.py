@@ -33,6 +33,7 @@ from conkd_scale.loss.triton_common import (
     rec_terms,
     store_grad,
     store_parts,
+    student_block,
     student_grad,
     tl,
     triton,
@@ -132,10 +133,8 @@ def conkd_row_kernel_sparse(
         for start in range(0, V, BLOCK_V):
             offs = start + cols
             mask = offs < V
-            z = tl.load(z_row + offs, mask=mask, other=NEG_INF).to(ACC)
-            logps = (z - mz) * inv_tau - log_szt
-            ps = tl.exp(logps)
-            g = student_grad(z, ps, mz, log_sz, w_ce, a_kd, c_tail, TEMPERED)
+            logps, g = student_block(z_row, offs, mask, mz, log_sz, log_szt, inv_tau, w_ce, a_kd,
+                                     c_tail, TEMPERED, ACC)  # fmt: skip
             g, klr = rec_terms(g, klr, col_ptr, logq_row, offs, mask, logps, a_kd, lam, use_r,
                                GATE, ACC)  # fmt: skip
             if WRITE_GRAD:
