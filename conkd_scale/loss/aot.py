@@ -28,35 +28,29 @@ def aot_compile(
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from triton.runtime.jit import JITFunction
 
-    from conkd_scale.loss.triton_kernel import GATE_CODES, conkd_row_kernel
+    from conkd_scale.loss.triton_common import GATE_CODES, jit_kernel
 
     const = {"GATE": GATE_CODES[gate], "TEMPERED": tempered, "WRITE_GRAD": write_grad,
              "BLOCK_V": block_v, "ACC": tl.float32}  # fmt: skip
-    if sparse:
-        from conkd_scale.loss.triton_sparse import conkd_row_kernel_sparse
-
-        ptrs = ("z_ptr", "g_ptr", "ids_ptr", "logd_ptr", "logdt_ptr", "mass_ptr", "bits_ptr",
-                "logq_ptr", "col_ptr", "y_ptr", "r_ptr", "parts_ptr")  # fmt: skip
-        types = (f"*{dtype}",) * 2 + ("*i64",) + ("*fp32",) * 3 + ("*u8", "*fp32", "*i32")
-        sig = dict(zip(ptrs, (*types, "*i64", "*i64", "*fp32"), strict=True))
-        sig |= {k: "i64" for k in ("stride_z", "stride_g")}
-        sig |= {k: "i32" for k in ("N", "V", "I", "K", "NB")}
-        sig |= {k: "fp32" for k in ("inv_tau", "tau_sq", "w_ce", "a_kd", "inv_m", "eta",
-                                    "c_static")}  # fmt: skip
-        sig |= {k: "constexpr" for k in ("GATE", "TEMPERED", "WRITE_GRAD", "BLOCK_V", "BLOCK_K",
-                                         "ACC")}  # fmt: skip
-        src = ASTSource(fn=JITFunction(conkd_row_kernel_sparse), signature=sig,
-                        constexprs=const | {"BLOCK_K": block_k})  # fmt: skip
-        return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": num_warps})  # fmt: skip
-    ptr_types = (f"*{dtype}",) * 3 + ("*fp32", "*i32", "*i64", "*i64", "*fp32")
-    ptrs = ("z_ptr", "t_ptr", "g_ptr", "logq_ptr", "col_ptr", "y_ptr", "r_ptr", "parts_ptr")
-    sig = dict(zip(ptrs, ptr_types, strict=True))
-    sig |= {k: "i64" for k in ("stride_z", "stride_t", "stride_g")}
+    ptrs = ["z_ptr", "g_ptr", "logq_ptr", "col_ptr", "y_ptr", "r_ptr", "parts_ptr"]
+    sig = dict(zip(ptrs, (f"*{dtype}", f"*{dtype}", "*fp32", "*i32", "*i64", "*i64", "*fp32"),
+                   strict=True))  # fmt: skip
+    sig |= {k: "i64" for k in ("stride_z", "stride_g")}
     sig |= {k: "i32" for k in ("N", "V", "I")}
     sig |= {k: "fp32" for k in ("inv_tau", "tau_sq", "w_ce", "a_kd", "inv_m", "eta", "c_static")}
-    sig |= {k: "constexpr" for k in ("GATE", "TEMPERED", "WRITE_GRAD", "BLOCK_V", "ACC")}
-    src = ASTSource(fn=JITFunction(conkd_row_kernel), signature=sig, constexprs=const)
+    if sparse:
+        from conkd_scale.loss.triton_sparse import conkd_row_kernel_sparse as kernel
+
+        sig |= {"ids_ptr": "*i64", "logd_ptr": "*fp32", "logdt_ptr": "*fp32", "mass_ptr": "*fp32",
+                "bits_ptr": "*u8", "K": "i32", "NB": "i32"}  # fmt: skip
+        const |= {"BLOCK_K": block_k}
+    else:
+        from conkd_scale.loss.triton_kernel import conkd_row_kernel as kernel
+
+        sig |= {"t_ptr": f"*{dtype}", "stride_t": "i64"}
+    sig |= {k: "constexpr" for k in const}
+    fn = jit_kernel(kernel)
+    sig = {name: sig[name] for name in fn.arg_names}  # the kernel's parameter order
+    src = ASTSource(fn=fn, signature=sig, constexprs=const)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})

@@ -36,8 +36,8 @@ from conkd_scale.loss.common import (
     LossOutput,
     compute_dtype,
     flatten_inputs,
+    loss_outputs,
     saved_grad_scaled,
-    tempered_log_q,
 )
 from conkd_scale.loss.config import GateConfig, LossConfig
 from conkd_scale.loss.gates import gate, item_mass
@@ -59,7 +59,8 @@ def _softmax_lse(x_CV: Tensor, out_CV: Tensor | None) -> tuple[Tensor, Tensor]:
 
 def _chunk(
     z_CV: Tensor,  # [C, V] student logits (compute dtype; not modified before the grad)
-    t_CV: Tensor,  # [C, V] teacher logits (compute dtype; not modified)
+    teacher: Tensor | SparseTeacher,  # [C, V] teacher logits (compute dtype; not modified),
+    # or D's top-k [C, K] of the chunk's rows
     y_C: Tensor,  # [C] gold labels
     logq_CI: Tensor,  # [C, I] log q_R^τ of each row's turn (compute dtype)
     item_ids_I: Tensor,  # [I]
@@ -74,144 +75,89 @@ def _chunk(
     """Loss parts of one chunk and its gradient [C, V] (already / N_valid).
 
     The gradient goes into ``grad_out_CV`` when given (it may alias ``z_CV``: every read of
-    z happens first; it also holds the KL's temporary before), else into a scratch buffer.
+    z happens first; with dense logits it also holds the KL's temporary before), else into a
+    scratch buffer. D's top-k gives the K+1-bin KL of :mod:`.sparse` and the stored m_t.
     Returns (grad_CV, ce_C, kd_d_C, kd_r_C, lam_C, m_C).
     """
-    C = z_CV.shape[0]
-    buf_pd, buf_ps = work[0][:C], work[1][:C]
-    buf_tmp = grad_out_CV if grad_out_CV is not None else work[2][:C]
+    C, V = z_CV.shape
+    sparse = isinstance(teacher, SparseTeacher)
     zt_CV = z_CV if tau == 1.0 else z_CV / tau  # [C, V] student logits / τ
-    tt_CV = t_CV if tau == 1.0 else t_CV / tau  # [C, V] teacher logits / τ
     rows_C = torch.arange(C, device=z_CV.device)
+    use_d, use_r = gate_cfg.mode != "rec", gate_cfg.mode != "dialog"
 
-    # Teacher: p_D^τ, its lse, and the untempered item mass m (the gate's input).
-    pd_CV, lse_tt_C = _softmax_lse(tt_CV, buf_pd)  # [C, V], [C]
-    # m = Σ_items p_D = exp(lse_items − lse_all) without the cancellation of two large lse's
-    m_C = (  # [C]
-        pd_CV.index_select(1, item_ids_I).sum(-1) if tau == 1.0 else item_mass(t_CV, item_ids_I)
-    )
+    # D's untempered item mass m (the gate's input): stored, or from p_D^τ and its lse.
+    if sparse:
+        m_C = teacher.item_mass_N.to(z_CV.dtype)  # [C] the stored exact m_t
+    else:
+        tt_CV = teacher if tau == 1.0 else teacher / tau  # [C, V] teacher logits / τ
+        pd_CV, lse_tt_C = _softmax_lse(tt_CV, work[0][:C])  # [C, V], [C]
+        # m = Σ_items p_D = exp(lse_items − lse_all) without the cancellation of two large lse's
+        if tau == 1.0:
+            m_C = pd_CV.index_select(1, item_ids_I).sum(-1)  # [C]
+        else:
+            m_C = item_mass(teacher, item_ids_I)  # [C]
     lam_C = gate(m_C, y_C, item_ids_I, gate_cfg)  # [C]
 
     # Student: p_S^τ and its lse; untempered lse and p_S for the cross-entropy.
-    ps_CV, lse_s_C = _softmax_lse(zt_CV, buf_ps)  # [C, V] p_S^τ, [C]
+    ps_CV, lse_s_C = _softmax_lse(zt_CV, work[1][:C])  # [C, V] p_S^τ, [C]
     psu_CV, lse_z_C = (None, lse_s_C) if tau == 1.0 else _softmax_lse(z_CV, None)
     ce_C = lse_z_C - z_CV[rows_C, y_C]  # [C]
 
     # KL(q_R^τ ‖ p_S^τ) over items only; p_S^τ normalised over U.
-    use_d, use_r = gate_cfg.mode != "rec", gate_cfg.mode != "dialog"
     q_CI = logq_CI.exp()  # [C, I]
+    zero_C = torch.zeros_like(m_C)
     if use_r:
         logps_CI = zt_CV.index_select(1, item_ids_I).sub_(lse_s_C.unsqueeze(1))  # [C, I]
         kl_r_C = torch.sub(logq_CI, logps_CI, out=logps_CI).mul_(q_CI).nansum(dim=-1)  # [C]
         del logps_CI
     else:
-        kl_r_C = torch.zeros_like(m_C)
+        kl_r_C = zero_C
 
-    # KL(p_D^τ ‖ p_S^τ) = Σ p_D·(tt − zt) + lse_s − lse_tt, the last read of z (its temporary
-    # may overwrite z's rows). nansum drops 0·(±inf) = NaN, which only arises where p_D = 0
-    # (a NaN input would still poison ce through the lse).
-    if use_d:
-        diff_CV = torch.sub(tt_CV, zt_CV, out=buf_tmp).mul_(pd_CV)  # [C, V]
-        kl_d_C = diff_CV.nansum(dim=-1) + (lse_s_C - lse_tt_C)  # [C]
-        del diff_CV
-    else:
-        kl_d_C = torch.zeros_like(m_C)
-
-    zero_C = torch.zeros_like(m_C)
-    kd_d_C = tau**2 * torch.where(lam_C < 1, (1 - lam_C) * kl_d_C, zero_C)  # [C]
-    kd_r_C = tau**2 * torch.where(lam_C > 0, lam_C * kl_r_C, zero_C)  # [C]
-
-    # Gradient / N_valid: w_ce·(p_S − e_y) + a·(p_S^τ − (1−λ)·p_D^τ − λ·q), a = w_kd·τ.
-    a = w_kd * tau
-    g_CV = ps_CV if grad_out_CV is None else grad_out_CV
-    if psu_CV is None:
-        torch.mul(ps_CV, (w_ce + a) * inv_M, out=g_CV)
-    else:
-        torch.mul(ps_CV, a * inv_M, out=g_CV).add_(psu_CV, alpha=w_ce * inv_M)
-    if use_d and a != 0.0:
-        g_CV.addcmul_(pd_CV, (a * inv_M * (1 - lam_C)).unsqueeze(1), value=-1.0)
-    if use_r and a != 0.0:
-        g_CV.index_add_(1, item_ids_I, q_CI.mul_((-a * inv_M * lam_C).unsqueeze(1)))
-    if w_ce != 0.0:
-        g_CV[rows_C, y_C] -= w_ce * inv_M
-    return g_CV, ce_C, kd_d_C, kd_r_C, lam_C, m_C
-
-
-def _chunk_sparse(
-    z_CV: Tensor,  # [C, V] student logits (compute dtype; not modified before the grad)
-    st: SparseTeacher,  # [C, K] D's top-k of the chunk's rows
-    y_C: Tensor,  # [C] gold labels
-    logq_CI: Tensor,  # [C, I] log q_R^τ of each row's turn (compute dtype)
-    item_ids_I: Tensor,  # [I]
-    work: list[Tensor],  # [≥C, V] scratch buffers (compute dtype): 2, or 3 without grad_out_CV
-    grad_out_CV: Tensor | None,  # [C, V] where to write the gradient (compute dtype) or None
-    gate_cfg: GateConfig,
-    tau: float,
-    w_ce: float,
-    w_kd: float,
-    inv_M: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """:func:`_chunk` with D's top-k: the K+1-bin KL of :mod:`.sparse` and the stored m_t.
-
-    Returns (grad_CV, ce_C, kd_d_C, kd_r_C, lam_C, m_C).
-    """
-    C, V = z_CV.shape
-    dtype = z_CV.dtype
-    buf_tail, buf_ps = work[0][:C], work[1][:C]
-    zt_CV = z_CV if tau == 1.0 else z_CV / tau  # [C, V]
-    rows_C = torch.arange(C, device=z_CV.device)
-    ids_CK = st.ids_NK.long()  # [C, K]
-    has_tail = st.k < V
-
-    m_C = st.item_mass_N.to(dtype)  # [C] the stored exact m_t
-    lam_C = gate(m_C, y_C, item_ids_I, gate_cfg)  # [C]
-
-    ps_CV, lse_s_C = _softmax_lse(zt_CV, buf_ps)  # [C, V] p_S^τ, [C]
-    psu_CV, lse_z_C = (None, lse_s_C) if tau == 1.0 else _softmax_lse(z_CV, None)
-    ce_C = lse_z_C - z_CV[rows_C, y_C]  # [C]
-
-    use_d, use_r = gate_cfg.mode != "rec", gate_cfg.mode != "dialog"
-    q_CI = logq_CI.exp()  # [C, I]
-    if use_r:
-        logps_CI = zt_CV.index_select(1, item_ids_I).sub_(lse_s_C.unsqueeze(1))  # [C, I]
-        kl_r_C = torch.sub(logq_CI, logps_CI, out=logps_CI).mul_(q_CI).nansum(dim=-1)  # [C]
-        del logps_CI
-    else:
-        kl_r_C = torch.zeros_like(m_C)
-
-    # K+1 bins: d from the stored log-probs, s from a [C, K] gather and the direct tail sum.
-    zero_C = torch.zeros_like(m_C)
-    if use_d:
-        logd_CK, logd_tail_C = teacher_bins(st.logp_NK, tau, has_tail, dtype)  # [C, K], [C]
-        d_CK = logd_CK.exp()
+    if not use_d:
+        kl_d_C = zero_C
+    elif sparse:
+        # K+1 bins: d from the stored log-probs, s from a [C, K] gather and the direct tail sum.
+        ids_CK = teacher.ids_NK.long()  # [C, K]
+        has_tail = teacher.k < V
+        logd_CK, logd_tail_C = teacher_bins(teacher.logp_NK, tau, has_tail, z_CV.dtype)
+        d_CK = logd_CK.exp()  # [C, K]
         logs_CK = zt_CV.gather(1, ids_CK).sub_(lse_s_C.unsqueeze(1))  # [C, K] log s_k
         kl_d_C = torch.where(d_CK > 0, d_CK * (logd_CK - logs_CK), 0.0).sum(-1)  # [C]
         rho_C = zero_C
         if has_tail:
-            tail_CV = buf_tail.copy_(ps_CV).scatter_(1, ids_CK, 0.0)  # [C, V] p_S^τ off top-k
+            tail_CV = work[0][:C].copy_(ps_CV).scatter_(1, ids_CK, 0.0)  # [C, V] p_S^τ off top-k
             s_tail_C = tail_CV.sum(-1)  # [C]
             d_tail_C = logd_tail_C.exp()
             pos_C = d_tail_C > 0
             kl_d_C = kl_d_C + torch.where(pos_C, d_tail_C * (logd_tail_C - s_tail_C.log()), 0.0)
             rho_C = torch.where(pos_C & (s_tail_C > 0), d_tail_C / s_tail_C, 0.0)  # [C]
     else:
-        kl_d_C = zero_C
+        # KL(p_D^τ ‖ p_S^τ) = Σ p_D·(tt − zt) + lse_s − lse_tt, the last read of z (its
+        # temporary may overwrite z's rows). nansum drops 0·(±inf) = NaN, which only arises
+        # where p_D = 0 (a NaN input would still poison ce through the lse).
+        buf_tmp = grad_out_CV if grad_out_CV is not None else work[2][:C]
+        diff_CV = torch.sub(tt_CV, zt_CV, out=buf_tmp).mul_(pd_CV)  # [C, V]
+        kl_d_C = diff_CV.nansum(dim=-1) + (lse_s_C - lse_tt_C)  # [C]
+        del diff_CV
     kd_d_C = tau**2 * torch.where(lam_C < 1, (1 - lam_C) * kl_d_C, zero_C)  # [C]
     kd_r_C = tau**2 * torch.where(lam_C > 0, lam_C * kl_r_C, zero_C)  # [C]
 
-    # Gradient / N_valid: w_ce·(p_S − e_y) + a·(p_S^τ − (1−λ)·target_D − λ·q), a = w_kd·τ,
-    # target_D = d_k on the top-k ids and ρ·p_S^τ on the tail (ρ = d_tail / s_tail).
+    # Gradient / N_valid: w_ce·(p_S − e_y) + a·(p_S^τ − (1−λ)·target_D − λ·q), a = w_kd·τ;
+    # target_D = p_D^τ, or with D's top-k d_k on the top-k ids and ρ·p_S^τ on the tail
+    # (ρ = d_tail / s_tail).
     a = w_kd * tau
     g_CV = ps_CV if grad_out_CV is None else grad_out_CV
     if psu_CV is None:
         torch.mul(ps_CV, (w_ce + a) * inv_M, out=g_CV)
     else:
         torch.mul(ps_CV, a * inv_M, out=g_CV).add_(psu_CV, alpha=w_ce * inv_M)
-    if use_d and a != 0.0:
+    if use_d and a != 0.0 and sparse:  # ids_CK, d_CK, tail_CV, rho_C from the KL above
         coef_C = -a * inv_M * (1 - lam_C)  # [C]
         if has_tail:
             g_CV.addcmul_(tail_CV, (coef_C * rho_C).unsqueeze(1))
         g_CV.scatter_add_(1, ids_CK, d_CK * coef_C.unsqueeze(1))
+    elif use_d and a != 0.0:
+        g_CV.addcmul_(pd_CV, (a * inv_M * (1 - lam_C)).unsqueeze(1), value=-1.0)
     if use_r and a != 0.0:
         g_CV.index_add_(1, item_ids_I, q_CI.mul_((-a * inv_M * lam_C).unsqueeze(1)))
     if w_ce != 0.0:
@@ -279,18 +225,15 @@ class ConKDChunkedFunction(torch.autograd.Function):
             out_CV = grad_NV[start:end] if all_valid and direct else None
             logq_CI = logq_SI.index_select(0, r_C)
             if sparse:
-                g_CV, ce_C, kd_d_C, kd_r_C, lam_C, m_C = _chunk_sparse(
-                    z_CV, teacher_NV.rows(rows), y_C, logq_CI, item_ids_I, work[:3], out_CV,
-                    cfg.gate, tau, cfg.w_ce, cfg.w_kd, inv_M,
-                )  # fmt: skip
+                teacher_C: Tensor | SparseTeacher = teacher_NV.rows(rows)
             else:
                 assert t_NV is not None
-                t_CV = t_NV[start:end].to(dtype) if all_valid else _gather_rows(
+                teacher_C = t_NV[start:end].to(dtype) if all_valid else _gather_rows(
                     t_NV, rows, work[4][:c])  # fmt: skip
-                g_CV, ce_C, kd_d_C, kd_r_C, lam_C, m_C = _chunk(
-                    z_CV, t_CV, y_C, logq_CI, item_ids_I, work[:3], out_CV,
-                    cfg.gate, tau, cfg.w_ce, cfg.w_kd, inv_M,
-                )  # fmt: skip
+            g_CV, ce_C, kd_d_C, kd_r_C, lam_C, m_C = _chunk(
+                z_CV, teacher_C, y_C, logq_CI, item_ids_I, work[:3], out_CV, cfg.gate, tau,
+                cfg.w_ce, cfg.w_kd, inv_M,
+            )  # fmt: skip
             if out_CV is None and all_valid:
                 grad_NV[start:end].copy_(g_CV)  # casts to the gradient's dtype
             elif out_CV is None:
@@ -304,14 +247,9 @@ class ConKDChunkedFunction(torch.autograd.Function):
         if not all_valid:
             grad_NV.index_fill_(0, (~valid_N).nonzero().squeeze(1), 0.0)
 
-        means = sums * inv_M
-        ce, kd_d, kd_r = means[0], means[1], means[2]
-        kd = kd_d + kd_r
-        loss = cfg.w_ce * ce + cfg.w_kd * kd
         ctx.save_for_backward(grad_NV)
         ctx.inplace = inplace
-        ctx.mark_non_differentiable(ce, kd, kd_d, kd_r, lam_N, m_N)
-        return loss, ce, kd, kd_d, kd_r, lam_N, m_N
+        return loss_outputs(ctx, sums, inv_M, cfg, lam_N, m_N)
 
     @staticmethod
     def backward(ctx: Any, grad_loss: Tensor, *_: Any) -> tuple[Tensor | None, ...]:
@@ -339,12 +277,9 @@ def conkd_loss_chunked(
     the logits flatten to [N, V] without a copy.
     """
     x = flatten_inputs(student_logits, teacher_logits, rec_probs_SI, rec_row, item_ids_I, labels)
-    teacher = x.sparse if x.sparse is not None else x.teacher_dense()
-    dtype = compute_dtype(x.student_NV, *([] if x.sparse is not None else [teacher]))
-    logq_SI = tempered_log_q(x.rec_probs_SI, float(cfg.tau), dtype)  # [S, I]
+    teacher, logq_SI = x.teacher_and_logq(float(cfg.tau))  # D, [S, I]
     loss, ce, kd, kd_d, kd_r, lam_N, m_N = ConKDChunkedFunction.apply(
         x.student_NV, teacher, logq_SI, x.rec_row_N, x.item_ids_I, x.labels_N, cfg,
         inplace,
     )  # fmt: skip
-    n_tokens = int((x.labels_N != IGNORE_INDEX).sum())
-    return LossOutput(loss, ce, kd, kd_d, kd_r, lam_N, m_N, n_tokens)
+    return LossOutput(loss, ce, kd, kd_d, kd_r, lam_N, m_N, x.n_valid)

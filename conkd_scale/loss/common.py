@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from conkd_scale.loss.config import LossConfig
 from conkd_scale.loss.sparse import SparseTeacher, check_sparse
 
 IGNORE_INDEX = -100
@@ -46,6 +47,18 @@ class FlatInputs:
         if self.teacher_NV is None:
             raise TypeError("this loss path needs dense teacher logits, not a SparseTeacher")
         return self.teacher_NV
+
+    @property
+    def n_valid(self) -> int:
+        """N_valid: the rows with a loss."""
+        return int((self.labels_N != IGNORE_INDEX).sum())
+
+    def teacher_and_logq(self, tau: float) -> tuple[Tensor | SparseTeacher, Tensor]:
+        """D as the loss Functions take it (the top-k rows, or the logits ``[N, V]``) and
+        log q_R^τ ``[S, I]`` in the compute dtype of the student's and D's logits."""
+        teacher = self.sparse if self.sparse is not None else self.teacher_dense()
+        dtype = compute_dtype(self.student_NV, *([] if self.sparse is not None else [teacher]))
+        return teacher, tempered_log_q(self.rec_probs_SI, tau, dtype)
 
 
 def compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -143,3 +156,21 @@ def saved_grad_scaled(ctx: Any, grad_loss: Tensor) -> Tensor:
         return grad_NV
     scale = grad_loss.to(grad_NV.dtype)
     return grad_NV.mul_(scale) if ctx.inplace else grad_NV * scale
+
+
+def loss_outputs(
+    ctx: Any,
+    sums_3: Tensor,  # [3] Σ over rows of ce, kd_dialog, kd_rec
+    inv_m: float,  # 1/N_valid
+    cfg: LossConfig,
+    lam_N: Tensor,  # [N]
+    m_N: Tensor,  # [N]
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The loss Functions' forward outputs (loss, ce, kd, kd_dialog, kd_rec, λ, m): means over
+    N_valid, ``loss = w_ce·ce + w_kd·kd``; all but the loss marked non-differentiable."""
+    means_3 = sums_3 * inv_m
+    ce, kd_d, kd_r = means_3[0], means_3[1], means_3[2]
+    kd = kd_d + kd_r
+    loss = cfg.w_ce * ce + cfg.w_kd * kd
+    ctx.mark_non_differentiable(ce, kd, kd_d, kd_r, lam_N, m_N)
+    return loss, ce, kd, kd_d, kd_r, lam_N, m_N

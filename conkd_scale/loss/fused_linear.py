@@ -47,6 +47,7 @@ from conkd_scale.loss.common import (
     LossOutput,
     check_rows,
     compute_dtype,
+    loss_outputs,
     tempered_log_q,
 )
 from conkd_scale.loss.config import LossConfig
@@ -195,17 +196,12 @@ class ConKDFusedLinearFunction(torch.autograd.Function):
                 grad_b.add_(dz_CV.sum(0))  # [V]
             del z_CV, dz_CV, h_CH
 
-        means_3 = sums_3 * inv_m
-        ce, kd_d, kd_r = means_3[0], means_3[1], means_3[2]
-        kd = kd_d + kd_r
-        loss = cfg.w_ce * ce + cfg.w_kd * kd
         if grad_w is not None:
             grad_w = grad_w.to(W_VH.dtype)
         if grad_b is not None:
             grad_b = grad_b.to(b_V.dtype)  # type: ignore[union-attr]
         ctx.grads = (grad_h, grad_w, grad_b)
-        ctx.mark_non_differentiable(ce, kd, kd_d, kd_r, lam_N, m_N)
-        return loss, ce, kd, kd_d, kd_r, lam_N, m_N
+        return loss_outputs(ctx, sums_3, inv_m, cfg, lam_N, m_N)
 
     @staticmethod
     def backward(ctx: Any, grad_loss: Tensor, *_: Any) -> tuple[Tensor | None, ...]:

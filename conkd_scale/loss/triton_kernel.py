@@ -25,12 +25,13 @@ kernel's scalar parameters are fp32 either way).
 On a machine without CUDA the kernel runs under Triton's interpreter (``TRITON_INTERPRET=1``
 in the environment before the first launch; slow, for tests). Triton reads that variable
 when ``triton.jit`` is applied, so the kernel is jitted lazily, per interpreter mode, at its
-first launch rather than at import.
+first launch rather than at import (:func:`~.triton_common.jit_kernel`).
 
 A sparse dialogue teacher (:class:`~.sparse.SparseTeacher`, D's top-k) runs the kernel of
 :mod:`.triton_sparse` instead, through the same autograd.Function.
 
-This module holds the kernel, its launcher and its autograd.Function. Which implementation
+This module holds the kernel, its launcher and its autograd.Function; the jit helpers and the
+launch code it shares with the sparse kernel are in :mod:`.triton_common`. Which implementation
 runs is :func:`conkd_scale.loss.dispatch.resolve_impl`'s choice; the ``nn.Module`` wrapper is
 :class:`conkd_scale.loss.module.ConKDLoss` and the ahead-of-time compiler
 :func:`conkd_scale.loss.aot.aot_compile`.
@@ -38,32 +39,38 @@ runs is :func:`conkd_scale.loss.dispatch.resolve_impl`'s choice; the ``nn.Module
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from conkd_scale.loss.common import (
-    IGNORE_INDEX,
     LossOutput,
     compute_dtype,
     flatten_inputs,
+    loss_outputs,
     saved_grad_scaled,
-    tempered_log_q,
 )
 from conkd_scale.loss.config import LossConfig
 from conkd_scale.loss.sparse import SparseTeacher
-
-try:  # triton is a declared dependency, but keep CPU-only installs importable
-    import triton
-    import triton.language as tl
-
-    HAVE_TRITON = True
-except ImportError:  # pragma: no cover - exercised only without triton
-    triton = None  # type: ignore[assignment]
-    tl = None  # type: ignore[assignment]
-    HAVE_TRITON = False
+from conkd_scale.loss.triton_common import (
+    GATE_CODES,
+    HAVE_TRITON,
+    cross_entropy,
+    gate_lambda,
+    interpret_mode,
+    launch_config,
+    launch_rows,
+    log_sums,
+    online_lse_step,
+    rec_terms,
+    store_grad,
+    store_parts,
+    student_block,
+    tl,
+    triton,  # noqa: F401 (re-exported: bench/bench_loss_gpu.py reads tk.triton)
+    zero_row,
+)
 
 __all__ = [
     "GATE_CODES",
@@ -77,14 +84,8 @@ __all__ = [
     "launch_config",
 ]
 
-GATE_CODES = {"hard": 0, "soft": 1, "static": 2, "oracle": 3, "dialog": 4, "rec": 5}
-"""Gate mode → the kernel's ``GATE`` constexpr."""
 
-N_PARTS = 5
-"""Per-row outputs of the kernel, in this order: ce, kd_dialog, kd_rec, λ, m."""
-
-
-# The kernel as a plain function: _kernel() jits it per interpreter mode, aot.py compiles it.
+# The kernel as a plain function: triton_common.jit_kernel jits it per interpreter mode.
 def conkd_row_kernel(
     z_ptr,  # [N, V] student logits (any float dtype), unit column stride
     t_ptr,  # [N, V] dialogue-teacher logits (any float dtype), unit column stride
@@ -122,13 +123,7 @@ def conkd_row_kernel(
     NEG_INF = float("-inf")
 
     if y == -100:  # no loss: zero gradient row, zero parts
-        if WRITE_GRAD:
-            for start in range(0, V, BLOCK_V):
-                offs = start + cols
-                tl.store(g_row + offs, tl.zeros([BLOCK_V], ACC).to(g_ptr.dtype.element_ty),
-                         mask=offs < V)  # fmt: skip
-        for k in range(5):
-            tl.store(parts_ptr + k * N + row, tl.zeros([], ACC))
+        zero_row(g_row, parts_ptr, row, N, V, WRITE_GRAD, BLOCK_V, ACC)
     else:
         # ---- sweep 1: online log-sum-exps of the student and the teacher ----------------
         # Running maxima are scalars (one reduction per block and tensor); the sums stay
@@ -146,68 +141,25 @@ def conkd_row_kernel(
             z = tl.load(z_row + offs, mask=mask, other=NEG_INF).to(ACC)
             t = tl.load(t_row + offs, mask=mask, other=NEG_INF).to(ACC)
             is_item = tl.load(col_ptr + offs, mask=mask, other=-1) >= 0
-
-            mz_new = tl.maximum(mz, tl.max(z, 0))
-            base_z = tl.where(mz_new == NEG_INF, 0.0, mz_new)  # finite: no (-inf) − (-inf)
-            dz = z - base_z
-            sz = sz * tl.exp(mz - base_z) + tl.exp(dz)
-            if TEMPERED:
-                szt = szt * tl.exp((mz - base_z) * inv_tau) + tl.exp(dz * inv_tau)
-            mz = mz_new
-
-            mt_new = tl.maximum(mt, tl.max(t, 0))
-            base_t = tl.where(mt_new == NEG_INF, 0.0, mt_new)
-            dt = t - base_t
-            et = tl.exp(dt)
-            rescale_t = tl.exp(mt - base_t)
-            st = st * rescale_t + et
+            mz, sz, szt, _, _, _, _ = online_lse_step(z, mz, sz, szt, inv_tau, TEMPERED)
+            mt, st, stt, rescale_t, et, _, _ = online_lse_step(t, mt, st, stt, inv_tau, TEMPERED)
             sti = sti * rescale_t + tl.where(is_item, et, 0.0)
-            if TEMPERED:
-                stt = stt * tl.exp((mt - base_t) * inv_tau) + tl.exp(dt * inv_tau)
-            mt = mt_new
-        log_sz = tl.log(tl.sum(sz, 0))
-        st_all = tl.sum(st, 0)
-        if TEMPERED:
-            log_szt = tl.log(tl.sum(szt, 0))
-            log_stt = tl.log(tl.sum(stt, 0))
-        else:
-            log_szt = log_sz
-            log_stt = tl.log(st_all)
-        m = tl.sum(sti, 0) / st_all  # D's untempered item mass: exp(lse_items − lse_all)
+        log_sz, log_szt = log_sums(sz, szt, TEMPERED)
+        _, log_stt = log_sums(st, stt, TEMPERED)
+        m = tl.sum(sti, 0) / tl.sum(st, 0)  # D's untempered item mass: exp(lse_items − lse_all)
 
-        # ---- the gate ------------------------------------------------------------------
-        if GATE == 0:
-            lam = tl.where(m > eta, 1.0, 0.0).to(ACC)
-        elif GATE == 1:
-            lam = m
-        elif GATE == 2:
-            lam = tl.full([], 0.0, ACC) + c_static
-        elif GATE == 3:
-            lam = tl.where(tl.load(col_ptr + y) >= 0, 1.0, 0.0).to(ACC)
-        elif GATE == 4:
-            lam = tl.zeros([], ACC)
-        else:
-            lam = tl.full([], 1.0, ACC)
-
-        z_y = tl.load(z_row + y).to(ACC)
-        ce = (mz - z_y) + log_sz  # lse(z) − z_y without subtracting two large numbers
+        lam, use_d, use_r = gate_lambda(m, y, col_ptr, eta, c_static, GATE, ACC)
+        ce = cross_entropy(z_row, y, mz, log_sz, ACC)
         logq_row = logq_ptr + tl.load(r_ptr + row) * I
 
         # ---- sweep 2: KL terms and the gradient -----------------------------------------
         kld = tl.zeros([BLOCK_V], ACC)
         klr = tl.zeros([BLOCK_V], ACC)
-        use_d = lam < 1.0
-        use_r = lam > 0.0
         for start in range(0, V, BLOCK_V):
             offs = start + cols
             mask = offs < V
-            z = tl.load(z_row + offs, mask=mask, other=NEG_INF).to(ACC)
-            logps = (z - mz) * inv_tau - log_szt  # log p_S^τ
-            ps = tl.exp(logps)
-            if TEMPERED:  # noqa: SIM108 (a compile-time branch)
-                g = w_ce * tl.exp((z - mz) - log_sz) + a_kd * ps
-            else:
-                g = (w_ce + a_kd) * ps
+            logps, g = student_block(z_row, offs, mask, mz, log_sz, log_szt, inv_tau, w_ce, a_kd,
+                                     1.0, TEMPERED, ACC)  # fmt: skip
             if GATE != 5:  # noqa: SIM102 (compile time, then run time)
                 if use_d:
                     t = tl.load(t_row + offs, mask=mask, other=NEG_INF).to(ACC)
@@ -215,64 +167,18 @@ def conkd_row_kernel(
                     pd = tl.exp(logpd)
                     kld += tl.where(pd > 0.0, pd * (logpd - logps), 0.0)
                     g -= (a_kd * (1.0 - lam)) * pd
-            if GATE != 4:  # noqa: SIM102
-                if use_r:
-                    col = tl.load(col_ptr + offs, mask=mask, other=-1)
-                    is_item = col >= 0
-                    logq = tl.load(logq_row + col, mask=is_item, other=NEG_INF).to(ACC)
-                    q = tl.exp(logq)
-                    klr += tl.where(q > 0.0, q * (logq - logps), 0.0)
-                    g -= (a_kd * lam) * q
+            g, klr = rec_terms(g, klr, col_ptr, logq_row, offs, mask, logps, a_kd, lam, use_r,
+                               GATE, ACC)  # fmt: skip
             if WRITE_GRAD:
-                g = tl.where(offs == y, g - w_ce, g) * inv_m
-                tl.store(g_row + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
+                store_grad(g_row, offs, g, y, w_ce, inv_m, mask)
 
-        kd_d = tl.where(use_d, tau_sq * (1.0 - lam) * tl.sum(kld, 0), 0.0)
-        kd_r = tl.where(use_r, tau_sq * lam * tl.sum(klr, 0), 0.0)
-        tl.store(parts_ptr + row, ce)
-        tl.store(parts_ptr + N + row, kd_d)
-        tl.store(parts_ptr + 2 * N + row, kd_r)
-        tl.store(parts_ptr + 3 * N + row, lam)
-        tl.store(parts_ptr + 4 * N + row, m)
-
-
-_JITTED: dict[bool, Any] = {}
-
-
-def _interpret_mode() -> bool:
-    """Whether Triton runs kernels in its interpreter (``TRITON_INTERPRET``), as Triton reads it."""
-    knobs = getattr(triton, "knobs", None)
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
-def _kernel() -> Any:
-    """The jitted kernel for the current interpreter mode (jitted on first use)."""
-    mode = _interpret_mode()
-    if mode not in _JITTED:
-        _JITTED[mode] = triton.jit(conkd_row_kernel)
-    return _JITTED[mode]
+        store_parts(parts_ptr, row, N, ce, tl.sum(kld, 0), tl.sum(klr, 0), lam, m, use_d, use_r,
+                    tau_sq)  # fmt: skip
 
 
 def kernel_available(device: torch.device) -> bool:
     """Whether the kernel can run on ``device``: CUDA, or any device under the interpreter."""
-    return HAVE_TRITON and (device.type == "cuda" or _interpret_mode())
-
-
-def launch_config(V: int, elem_bytes: int) -> tuple[int, int]:
-    """(BLOCK_V, num_warps) for a vocabulary of V and an element size (compute dtype bytes).
-
-    Default 4096 columns and 16 warps (8 values per thread and tensor): compiled for sm_90 it
-    takes 110 registers and spills nothing, where 8 warps need 186. Not yet tuned on a GPU
-    (bench/bench_loss_gpu.py sweeps it); CONKD_TRITON_BLOCK_V / CONKD_TRITON_NUM_WARPS
-    override it.
-    """
-    block = int(os.environ.get("CONKD_TRITON_BLOCK_V", "0")) or (4096 if elem_bytes <= 4 else 2048)
-    block = min(block, triton.next_power_of_2(max(V, 16)))
-    default_warps = 16 if block >= 4096 else 8 if block >= 2048 else 4
-    warps = int(os.environ.get("CONKD_TRITON_NUM_WARPS", "0")) or default_warps
-    return block, warps
+    return HAVE_TRITON and (device.type == "cuda" or interpret_mode())
 
 
 def item_column_map(item_ids_I: Tensor, V: int) -> Tensor:
@@ -287,10 +193,6 @@ def item_column_map(item_ids_I: Tensor, V: int) -> Tensor:
         if int((col_V >= 0).sum()) != I:
             raise ValueError("item_ids must not repeat (one rec_probs column per item token)")
     return col_V
-
-
-def _acc_of(dtype: torch.dtype) -> Any:
-    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 def _unit_cols(x_NV: Tensor) -> Tensor:
@@ -314,28 +216,10 @@ def conkd_rows_(
     N_valid (``inv_m``), is written into ``grad_NV`` (unit column stride) unless it is None.
     No checks: see :func:`conkd_loss_triton`.
     """
-    N, V = z_NV.shape
+    assert t_NV.stride(-1) == 1
     dtype = compute_dtype(z_NV, t_NV)
-    parts_5N = torch.empty(N_PARTS, N, dtype=dtype, device=z_NV.device)
-    if N == 0:
-        return parts_5N
-    write_grad = grad_NV is not None
-    g_NV = grad_NV if grad_NV is not None else z_NV  # not written without a gradient
-    assert z_NV.stride(-1) == 1 and t_NV.stride(-1) == 1 and g_NV.stride(-1) == 1
-    tau = float(cfg.tau)
-    block, warps = launch_config(V, 8 if dtype == torch.float64 else 4)
-    logq_SI = logq_SI.contiguous()
-    if logq_SI.numel() == 0:  # no loss row reads it; keep a valid pointer
-        logq_SI = torch.full((1, 1), float("-inf"), dtype=dtype, device=z_NV.device)
-    _kernel()[(N,)](
-        z_NV, t_NV, g_NV, logq_SI, col_V, labels_N.contiguous(), rec_row_N.contiguous(),
-        parts_5N, z_NV.stride(0), t_NV.stride(0), g_NV.stride(0), N, V, logq_SI.shape[1],
-        1.0 / tau, tau * tau, float(cfg.w_ce), float(cfg.w_kd) * tau, float(inv_m),
-        float(cfg.gate.threshold), float(cfg.gate.c), GATE=GATE_CODES[cfg.gate.mode],
-        TEMPERED=tau != 1.0, WRITE_GRAD=write_grad, BLOCK_V=block, ACC=_acc_of(dtype),
-        num_warps=warps,
-    )  # fmt: skip
-    return parts_5N
+    return launch_rows(conkd_row_kernel, z_NV, grad_NV, logq_SI, col_V, labels_N, rec_row_N, cfg,
+                       inv_m, dtype, t_ptr=t_NV, stride_t=t_NV.stride(0))  # fmt: skip
 
 
 class ConKDTritonFunction(torch.autograd.Function):
@@ -370,16 +254,11 @@ class ConKDTritonFunction(torch.autograd.Function):
         if need_grad and inplace and z_NV.data_ptr() == student_NV.data_ptr():
             # the kernel wrote through a raw pointer: let autograd see the write
             torch.autograd.graph.increment_version(student_NV)
-        sums_3 = parts_5N[:3].sum(dim=1) * inv_m  # [3] mean ce, kd_dialog, kd_rec
-        ce, kd_d, kd_r = sums_3[0], sums_3[1], sums_3[2]
-        kd = kd_d + kd_r
-        loss = cfg.w_ce * ce + cfg.w_kd * kd
-        lam_N, m_N = parts_5N[3].float(), parts_5N[4].float()
         if grad_NV is not None:
             ctx.save_for_backward(grad_NV)
         ctx.inplace = inplace
-        ctx.mark_non_differentiable(ce, kd, kd_d, kd_r, lam_N, m_N)
-        return loss, ce, kd, kd_d, kd_r, lam_N, m_N
+        lam_N, m_N = parts_5N[3].float(), parts_5N[4].float()
+        return loss_outputs(ctx, parts_5N[:3].sum(dim=1), inv_m, cfg, lam_N, m_N)
 
     @staticmethod
     def backward(ctx: Any, grad_loss: Tensor, *_: Any) -> tuple[Tensor | None, ...]:
@@ -416,11 +295,9 @@ def conkd_loss_triton(
             f"{'present' if HAVE_TRITON else 'missing'}"
         )
     x = flatten_inputs(student_logits, teacher_logits, rec_probs_SI, rec_row, item_ids_I, labels)
-    teacher = x.sparse if x.sparse is not None else x.teacher_dense()
-    dtype = compute_dtype(x.student_NV, *([] if x.sparse is not None else [teacher]))
-    logq_SI = tempered_log_q(x.rec_probs_SI, float(cfg.tau), dtype)  # [S, I]
+    teacher, logq_SI = x.teacher_and_logq(float(cfg.tau))  # D, [S, I]
     col_V = item_column_map(x.item_ids_I, x.student_NV.shape[1])  # [V]
-    n_valid = int((x.labels_N != IGNORE_INDEX).sum())
+    n_valid = x.n_valid
     loss, ce, kd, kd_d, kd_r, lam_N, m_N = ConKDTritonFunction.apply(
         x.student_NV, teacher, logq_SI, x.rec_row_N, col_V, x.labels_N, cfg, n_valid,
         inplace,

@@ -18,22 +18,27 @@ never read densely:
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
 from conkd_scale.loss.common import compute_dtype
 from conkd_scale.loss.config import LossConfig
 from conkd_scale.loss.sparse import SparseTeacher, teacher_bins
-from conkd_scale.loss.triton_kernel import GATE_CODES, N_PARTS, _acc_of, launch_config
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised only without triton
-    triton = None  # type: ignore[assignment]
-    tl = None  # type: ignore[assignment]
+from conkd_scale.loss.triton_common import (
+    cross_entropy,
+    gate_lambda,
+    launch_rows,
+    log_sums,
+    online_lse_step,
+    rec_terms,
+    store_grad,
+    store_parts,
+    student_block,
+    student_grad,
+    tl,
+    triton,
+    zero_row,
+)
 
 __all__ = ["conkd_row_kernel_sparse", "conkd_rows_sparse_", "topk_bitmask"]
 
@@ -81,13 +86,7 @@ def conkd_row_kernel_sparse(
     NEG_INF = float("-inf")
 
     if y == -100:  # no loss: zero gradient row, zero parts (D's row is never read)
-        if WRITE_GRAD:
-            for start in range(0, V, BLOCK_V):
-                offs = start + cols
-                tl.store(g_row + offs, tl.zeros([BLOCK_V], ACC).to(g_ptr.dtype.element_ty),
-                         mask=offs < V)  # fmt: skip
-        for k in range(5):
-            tl.store(parts_ptr + k * N + row, tl.zeros([], ACC))
+        zero_row(g_row, parts_ptr, row, N, V, WRITE_GRAD, BLOCK_V, ACC)
     else:
         # ---- sweep 1: the student's log-sum-exps and its tempered tail sum --------------
         mz = tl.full([], NEG_INF, ACC)
@@ -100,47 +99,16 @@ def conkd_row_kernel_sparse(
             z = tl.load(z_row + offs, mask=mask, other=NEG_INF).to(ACC)
             byte = tl.load(bits_row + (offs >> 3), mask=mask, other=0).to(tl.int32)
             in_tail = ((byte >> (offs & 7)) & 1) == 0
-            mz_new = tl.maximum(mz, tl.max(z, 0))
-            base_z = tl.where(mz_new == NEG_INF, 0.0, mz_new)
-            dz = z - base_z
-            ez = tl.exp(dz)
-            sz = sz * tl.exp(mz - base_z) + ez
-            if TEMPERED:
-                rescale = tl.exp((mz - base_z) * inv_tau)
-                ezt = tl.exp(dz * inv_tau)
-                szt = szt * rescale + ezt
-            else:
-                rescale = tl.exp(mz - base_z)
-                ezt = ez
+            mz, sz, szt, _, _, rescale, ezt = online_lse_step(z, mz, sz, szt, inv_tau, TEMPERED)
             stl = stl * rescale + tl.where(in_tail, ezt, 0.0)
-            mz = mz_new
-        log_sz = tl.log(tl.sum(sz, 0))
-        if TEMPERED:  # noqa: SIM108 (a compile-time branch)
-            log_szt = tl.log(tl.sum(szt, 0))
-        else:
-            log_szt = log_sz
+        log_sz, log_szt = log_sums(sz, szt, TEMPERED)
         s_tail_rel = tl.sum(stl, 0)  # s_tail · exp(log_szt)
         log_stail = tl.log(s_tail_rel) - log_szt  # log s_tail (-inf without a tail)
 
         # ---- the gate from the stored m_t ----------------------------------------------
         m = tl.load(mass_ptr + row).to(ACC)
-        if GATE == 0:
-            lam = tl.where(m > eta, 1.0, 0.0).to(ACC)
-        elif GATE == 1:
-            lam = m
-        elif GATE == 2:
-            lam = tl.full([], 0.0, ACC) + c_static
-        elif GATE == 3:
-            lam = tl.where(tl.load(col_ptr + y) >= 0, 1.0, 0.0).to(ACC)
-        elif GATE == 4:
-            lam = tl.zeros([], ACC)
-        else:
-            lam = tl.full([], 1.0, ACC)
-        use_d = lam < 1.0
-        use_r = lam > 0.0
-
-        z_y = tl.load(z_row + y).to(ACC)
-        ce = (mz - z_y) + log_sz
+        lam, use_d, use_r = gate_lambda(m, y, col_ptr, eta, c_static, GATE, ACC)
+        ce = cross_entropy(z_row, y, mz, log_sz, ACC)
         logq_row = logq_ptr + tl.load(r_ptr + row) * I
 
         # ---- the K+1-bin KL: gather the student at the top-k (before any write) ---------
@@ -158,71 +126,33 @@ def conkd_row_kernel_sparse(
         kld += tl.where(d_t > 0.0, d_t * (logdt - log_stail), 0.0)
         rho = tl.where(tail_ok, tl.exp(logdt - log_stail), 0.0)  # d_tail / s_tail
         rho = tl.where(use_d, rho, 0.0)
+        c_tail = 1.0 - (1.0 - lam) * rho  # the tail's KD factor: p_S^τ·(1 − (1−λ)·ρ)
 
         # ---- sweep 2: R's KL and the gradient of the tail columns -----------------------
         klr = tl.zeros([BLOCK_V], ACC)
         for start in range(0, V, BLOCK_V):
             offs = start + cols
             mask = offs < V
-            z = tl.load(z_row + offs, mask=mask, other=NEG_INF).to(ACC)
-            logps = (z - mz) * inv_tau - log_szt
-            ps = tl.exp(logps)
-            if TEMPERED:
-                g = w_ce * tl.exp((z - mz) - log_sz) + a_kd * ps * (1.0 - (1.0 - lam) * rho)
-            else:
-                g = (w_ce + a_kd * (1.0 - (1.0 - lam) * rho)) * ps
-            if GATE != 4:  # noqa: SIM102
-                if use_r:
-                    col = tl.load(col_ptr + offs, mask=mask, other=-1)
-                    is_item = col >= 0
-                    logq = tl.load(logq_row + col, mask=is_item, other=NEG_INF).to(ACC)
-                    q = tl.exp(logq)
-                    klr += tl.where(q > 0.0, q * (logq - logps), 0.0)
-                    g -= (a_kd * lam) * q
+            logps, g = student_block(z_row, offs, mask, mz, log_sz, log_szt, inv_tau, w_ce, a_kd,
+                                     c_tail, TEMPERED, ACC)  # fmt: skip
+            g, klr = rec_terms(g, klr, col_ptr, logq_row, offs, mask, logps, a_kd, lam, use_r,
+                               GATE, ACC)  # fmt: skip
             if WRITE_GRAD:
                 byte = tl.load(bits_row + (offs >> 3), mask=mask, other=0).to(tl.int32)
                 in_tail = ((byte >> (offs & 7)) & 1) == 0
-                g = tl.where(offs == y, g - w_ce, g) * inv_m
-                tl.store(g_row + offs, g.to(g_ptr.dtype.element_ty), mask=mask & in_tail)
+                store_grad(g_row, offs, g, y, w_ce, inv_m, mask & in_tail)
 
         # ---- the gradient at the top-k columns (after every thread's sweep-2 reads) -----
         if WRITE_GRAD:
             tl.debug_barrier()
-            ps_k = tl.exp(logs_k)
-            if TEMPERED:
-                g_k = w_ce * tl.exp((z_k - mz) - log_sz) + a_kd * ps_k
-            else:
-                g_k = (w_ce + a_kd) * ps_k
+            g_k = student_grad(z_k, tl.exp(logs_k), mz, log_sz, w_ce, a_kd, 1.0, TEMPERED)
             if GATE != 5:
                 g_k -= (a_kd * (1.0 - lam)) * d_k
-            if GATE != 4:  # noqa: SIM102
-                if use_r:
-                    col_k = tl.load(col_ptr + ids, mask=kmask, other=-1)
-                    q_k = tl.exp(tl.load(logq_row + col_k, mask=col_k >= 0, other=NEG_INF).to(ACC))
-                    g_k -= (a_kd * lam) * q_k
-            g_k = tl.where(ids == y, g_k - w_ce, g_k) * inv_m
-            tl.store(g_row + ids, g_k.to(g_ptr.dtype.element_ty), mask=kmask)
+            g_k, _ = rec_terms(g_k, tl.zeros([BLOCK_K], ACC), col_ptr, logq_row, ids, kmask,
+                               logs_k, a_kd, lam, use_r, GATE, ACC)  # fmt: skip
+            store_grad(g_row, ids, g_k, y, w_ce, inv_m, kmask)
 
-        kd_d = tl.where(use_d, tau_sq * (1.0 - lam) * kld, 0.0)
-        kd_r = tl.where(use_r, tau_sq * lam * tl.sum(klr, 0), 0.0)
-        tl.store(parts_ptr + row, ce)
-        tl.store(parts_ptr + N + row, kd_d)
-        tl.store(parts_ptr + 2 * N + row, kd_r)
-        tl.store(parts_ptr + 3 * N + row, lam)
-        tl.store(parts_ptr + 4 * N + row, m)
-
-
-_JITTED: dict[bool, Any] = {}
-
-
-def _kernel() -> Any:
-    """The jitted sparse kernel for the current interpreter mode (jitted on first use)."""
-    from conkd_scale.loss.triton_kernel import _interpret_mode
-
-    mode = _interpret_mode()
-    if mode not in _JITTED:
-        _JITTED[mode] = triton.jit(conkd_row_kernel_sparse)
-    return _JITTED[mode]
+        store_parts(parts_ptr, row, N, ce, kld, tl.sum(klr, 0), lam, m, use_d, use_r, tau_sq)
 
 
 def topk_bitmask(
@@ -254,35 +184,19 @@ def conkd_rows_sparse_(
 ) -> Tensor:
     """Launch the sparse kernel on N rows; returns the per-row parts ``[5, N]`` (compute
     dtype) as :func:`~.triton_kernel.conkd_rows_` does. No checks."""
-    N, V = z_NV.shape
+    V = z_NV.shape[1]
     dtype = compute_dtype(z_NV)
-    parts_5N = torch.empty(N_PARTS, N, dtype=dtype, device=z_NV.device)
-    if N == 0:
-        return parts_5N
     K = st.k
     valid_N = labels_N != -100
-    tau = float(cfg.tau)
-    logd_NK, logdt_N = teacher_bins(st.logp_NK, tau, K < V, dtype)  # [N, K], [N]
+    logd_NK, logdt_N = teacher_bins(st.logp_NK, float(cfg.tau), K < V, dtype)  # [N, K], [N]
     v1 = valid_N.unsqueeze(1)
     logd_NK = torch.where(v1, logd_NK, float("-inf")).contiguous()  # garbage rows: inert
     logdt_N = torch.where(valid_N, logdt_N, float("-inf")).contiguous()
     mass_N = torch.where(valid_N, st.item_mass_N.to(dtype), 0.0).contiguous()
     ids_NK = torch.where(v1, st.ids_NK.long(), 0).contiguous()
     bits_NB = topk_bitmask(ids_NK, V, valid_N)
-    write_grad = grad_NV is not None
-    g_NV = grad_NV if grad_NV is not None else z_NV
-    assert z_NV.stride(-1) == 1 and g_NV.stride(-1) == 1
-    block, warps = launch_config(V, 8 if dtype == torch.float64 else 4)
-    logq_SI = logq_SI.contiguous()
-    if logq_SI.numel() == 0:
-        logq_SI = torch.full((1, 1), float("-inf"), dtype=dtype, device=z_NV.device)
-    _kernel()[(N,)](
-        z_NV, g_NV, ids_NK, logd_NK, logdt_N, mass_N, bits_NB, logq_SI, col_V,
-        labels_N.contiguous(), rec_row_N.contiguous(), parts_5N, z_NV.stride(0),
-        g_NV.stride(0), N, V, logq_SI.shape[1], K, bits_NB.shape[1], 1.0 / tau, tau * tau,
-        float(cfg.w_ce), float(cfg.w_kd) * tau, float(inv_m), float(cfg.gate.threshold),
-        float(cfg.gate.c), GATE=GATE_CODES[cfg.gate.mode], TEMPERED=tau != 1.0,
-        WRITE_GRAD=write_grad, BLOCK_V=block, BLOCK_K=triton.next_power_of_2(K),
-        ACC=_acc_of(dtype), num_warps=warps,
+    return launch_rows(
+        conkd_row_kernel_sparse, z_NV, grad_NV, logq_SI, col_V, labels_N, rec_row_N, cfg, inv_m,
+        dtype, ids_ptr=ids_NK, logd_ptr=logd_NK, logdt_ptr=logdt_N, mass_ptr=mass_N,
+        bits_ptr=bits_NB, K=K, NB=bits_NB.shape[1], BLOCK_K=triton.next_power_of_2(K),
     )  # fmt: skip
-    return parts_5N
