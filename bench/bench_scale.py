@@ -14,7 +14,7 @@ GPT-2-medium-shaped student (``--student``, default the ``large`` preset: 24 lay
 Measured per rank: the peak resident set (the kernel's ``VmHWM``, polled from /proc; and
 the largest ``RssAnon``, without mapped files) and the model-state bytes (the student's fp32
 weight partition and Adam moments read back from the rank's ZeRO checkpoint, its gradient
-partition of the same size, a second weight copy under optimizer offload, D's shard from
+partition of the same size, the weights' own partition beside the master, D's shard from
 ``run_info.json``), against the unsharded requirement (16 bytes per student parameter, 4 per
 D parameter); step time and D's share of it from metrics.jsonl. Beside each, the planner's
 prediction (``python -m conkd_scale.plan`` with the same sizes). Writes ``OUT.json`` and
@@ -171,7 +171,6 @@ def run_job(args: argparse.Namespace, ds: str, out: Path, teacher: Path, rec: Pa
     info = json.loads((out / "run_info.json").read_text())
     step_dir = sorted((out / "checkpoints").glob("step_*"))[-1]
     ckpt = checkpoint_state_bytes(step_dir)
-    offload = "offload" in ds
     timed = train[1:] or train  # the first step includes warm-up work
     gaps = [b["elapsed_s"] - a["elapsed_s"] for a, b in itertools.pairwise(train)]
     step_s = statistics.median(gaps) if gaps else train[0]["elapsed_s"]
@@ -179,7 +178,9 @@ def run_job(args: argparse.Namespace, ds: str, out: Path, teacher: Path, rec: Pa
     per_rank = {}
     for r, c in ckpt.items():
         n = c["partition_numel"]
-        states = c["master_bytes"] * (2 if offload else 1) + 4 * n + c["moments_bytes"]
+        # the fp32 master and, beside it, the weights' own partition (a second fp32 copy,
+        # offloaded or not: conkd_scale/plan/memory.py student_states)
+        states = c["master_bytes"] * 2 + 4 * n + c["moments_bytes"]
         per_rank[r] = {
             **ranks.get(r, {}),
             "student_partition_params": n,

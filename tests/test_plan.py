@@ -133,16 +133,87 @@ def test_model_states_agree_with_deepspeeds_estimators(world):
 
 
 def test_fp32_states_and_sharding():
-    """fp32 (the CPU runs): 16 bytes per parameter, a second weight copy under offload;
-    ZeRO-3 over 2 ranks halves every partition."""
+    """fp32 (the CPU runs): 20 bytes per parameter (the fp32 master is a copy beside the
+    weights, offloaded or not); ZeRO-3 over 2 ranks halves every partition."""
     m = resolve_model("small", 500)
     one = PlanInput(student=m, teacher=None, device="cpu")
     two = replace(one, gpus_per_node=2)
     s1, s2 = student_states(one), student_states(two)
-    assert s1["params"] + s1["gradients"] + s1["optimizer"] == 16 * m.params
+    assert s1["params"] + s1["gradients"] + s1["optimizer"] == 20 * m.params
     assert s2["optimizer"] == pytest.approx(s1["optimizer"] / 2)
     off = student_states(replace(two, zero=ZeroSettings(offload_optimizer=True)))
     assert off["host"] == pytest.approx((4 + 12) * m.params / 2)
+
+
+def test_deepspeed_keeps_the_fp32_master_as_a_copy():
+    """Why fp32 costs 20 B/param: ZeRO-3 reuses the weight partition as the master only if
+    ``tensor.device == <the accelerator's device name>``, a torch.device against a str."""
+    import torch
+    from deepspeed.accelerator import get_accelerator
+
+    assert torch.zeros(1).device != get_accelerator().current_device_name()
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_activations_are_what_autograd_keeps(dropout):
+    """GPT-2's per-layer count against the tensors a real Hugging Face GPT-2 saves for its
+    backward on the CPU (SDPA, fp32; with dropout torch's math path keeps the attention
+    probabilities): every distinct storage but the weights."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from conkd_scale.plan.memory import activation_bytes
+
+    cfg = GPT2Config(
+        vocab_size=97, n_positions=64, n_embd=64, n_layer=3, n_head=4,
+        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+    )  # fmt: skip
+    cfg._attn_implementation = "sdpa"
+    model = GPT2LMHeadModel(cfg).train()
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        if st.data_ptr() not in weights:
+            kept[st.data_ptr()] = st.nbytes()
+        return t
+
+    b, s = 2, 48
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(input_ids=torch.randint(0, 97, (b, s)), use_cache=False)
+    spec = replace(resolve_model("gpt2:layers=3,hidden=64,heads=4", 97), dropout=dropout)
+    inp = PlanInput(student=spec, teacher=None, device="cpu", seq_len=s)
+    planned = activation_bytes(inp, b)
+    measured = sum(kept.values()) - out.logits.numel() * 4  # the logits: a separate term
+    assert planned == pytest.approx(measured, rel=0.1), (planned, measured)
+
+
+def test_cpu_ranks_keep_the_forward_resident():
+    """On a CPU rank the forward's tensors stay resident (glibc keeps the freed heap), and
+    ZeRO-3's all-gather and reduce-scatter are transients on top: twice their bytes."""
+    m = resolve_model("medium", 274)
+    cpu = PlanInput(student=m, teacher=None, device="cpu", gpus_per_node=2, micro_batch=2,
+                    seq_len=128, zero=_zero("zero3"))  # fmt: skip
+    plan = estimate(cpu)
+    assert plan.parts["activations"] > 0 and plan.parts["live gathered params"] == 4 * m.params
+    assert plan.peak_phase in ("parameter all-gather", "gradient reduce-scatter")
+    assert plan.parts["parameter all-gather"] == 2 * 4 * m.params
+    bucket = min(cpu.zero.reduce_bucket_size, m.params)
+    rs = estimate(replace(cpu, zero=replace(cpu.zero, max_live_parameters=0)))
+    assert rs.peak_phase == "gradient reduce-scatter"
+    assert rs.parts["gradient reduce-scatter"] == 2 * 4 * bucket
+    # on a GPU the student's forward is one phase among the others, no communication copies
+    gpu = estimate(replace(cpu, device="gpu"))
+    assert gpu.parts["parameter all-gather"] == gpu.parts["gradient reduce-scatter"] == 0
+    # a large D: its state dict, read whole by every rank, keeps more heap than the forward
+    d = resolve_model("gpt2:layers=16,hidden=1024,heads=16", 274)
+    big = estimate(replace(cpu, student=resolve_model("tiny", 274), teacher=d))
+    heap = sum(big.parts[k] for k in ("activations", "logits", "loss buffers"))
+    heap += big.parts["live gathered params"]
+    assert big.parts["teacher load (heap kept)"] == pytest.approx(4 * d.params - heap)
+    assert big.peak_phase == "teacher forward"  # D's all-gather and gloo's copy of a bucket
+    assert big.parts["teacher forward"] > 4 * d.params + 4 * 50_000_000
 
 
 def test_breakdown_fit_and_largest_micro_batch(tmp_path, capsys):

@@ -74,6 +74,7 @@ def test_monitors_and_planned_memory(synthetic_dir, tmp_path):
         "train.eval_max_batches=1",
         "train.progress=false",
         "train.csv_monitor=true",
+        "train.memory_trace=2",
         "export=false",
         f"output_dir={out}",
     ]
@@ -115,15 +116,29 @@ def test_monitors_and_planned_memory(synthetic_dir, tmp_path):
         )
     )
     peak_mib = max(r["peak_mem_mb"] for r in metrics if r["kind"] == "train")
-    # measured 1,424 MiB against 1,123 planned (-21%): the plan misses part of the CPU
-    # ranks' resident peak at this size (BENCHMARKS.md, "Scale run"); the 15% target is not
-    # met on the CPU; this bound (the measured gap plus room for the allocator's run-to-run
-    # spread) keeps the gap from growing unnoticed
-    assert plan.total / 2**20 == pytest.approx(peak_mib, rel=0.3), (plan.parts, peak_mib)
-    assert plan.total / 2**20 < peak_mib  # an under-estimate, as measured
-    # each rank's checkpoint holds half the fp32 weights and Adam moments: 12 B/param
+    # measured 1,405-1,441 MiB against 1,337 planned (-5% to -7%; this job also trains its
+    # teachers first, which keeps ~100 MiB: bench/results/plan_vs_measured.md); the bound
+    # leaves room for the allocator's run-to-run spread
+    assert plan.total / 2**20 == pytest.approx(peak_mib, rel=0.12), (plan.parts, peak_mib)
+    # each rank's checkpoint holds half the fp32 master and Adam moments: 12 B/param
     ckpt = checkpoint_state_bytes(sorted((out / "checkpoints").glob("step_*"))[-1])
     assert sorted(ckpt) == [0, 1]
     for c in ckpt.values():
         held = c["master_bytes"] + c["moments_bytes"]
-        assert held == pytest.approx(plan.parts["params"] + plan.parts["optimizer"], rel=0.02)
+        assert held == pytest.approx(plan.parts["optimizer"], rel=0.02)
+
+    # the memory trace: setup phases, then the micro steps of the first 2 optimizer steps
+    for rank in (0, 1):
+        rows = [
+            json.loads(x)
+            for x in (out / "memory_trace" / f"rank_{rank}.jsonl").read_text().splitlines()
+        ]
+        phases = [r["phase"] for r in rows]
+        assert phases[0] == "imports" and {r["rank"] for r in rows} == {rank}
+        for p in ("student built", "D built and partitioned", "student engine initialised"):
+            assert p in phases, p
+        steps = [r for r in rows if "step" in r]
+        assert [r["step"] for r in steps] == [0] * 4 + [1] * 4
+        assert steps[0]["shape"][0] == 2  # [B, T] of the micro batch
+        # the job's peak still covers every phase's (the trace resets the kernel's mark)
+        assert max(r["peak_mib"] for r in rows) <= peak_mib + 0.1

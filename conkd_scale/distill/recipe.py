@@ -65,6 +65,7 @@ from conkd_scale.models.export import export_hf
 from conkd_scale.training.data import Batch, sequence_collate
 from conkd_scale.training.ds_config import load_ds_config, resolve_ds_config, zero_stage
 from conkd_scale.training.lm_recipe import LMRecipe
+from conkd_scale.training.memtrace import TRACE
 from conkd_scale.training.metrics import JsonlLogger
 from conkd_scale.training.trainer import LossStep, lm_logits
 from conkd_scale.utils.errors import ConfigError
@@ -112,6 +113,8 @@ class DistillRecipe(LMRecipe):
     # ---------------------------------------------------------------------------- setup
     def setup(self) -> None:
         cfg = self.cfg
+        if cfg.train.memory_trace:
+            TRACE.start()
         T.check_teachers_present(cfg)  # every rank, before any collective
         if cfg.offline:  # the cache is checked against this run, also before any collective
             corpus, tok = self._open_cache()
@@ -121,8 +124,11 @@ class DistillRecipe(LMRecipe):
         )
         ds = self._resolve_ds_config()
         self._check_resume()  # before anything is written
+        TRACE.set_output(self.out, self.dist.rank)
+        TRACE.mark("distributed init")
         if not cfg.offline:
             corpus, tok = self._load_online()
+            TRACE.mark("corpus, tokenizer, R (teachers trained if missing)")
         self.catalog = corpus.catalog
 
         def prepare() -> None:
@@ -133,6 +139,7 @@ class DistillRecipe(LMRecipe):
         run_on_main(prepare, phase="writing the run configs and tokenizer")
         if not cfg.offline:
             self._encode_splits(corpus, tok)
+        TRACE.mark("configs written, splits encoded")
         if cfg.loss.gate.eta == "auto" and cfg.uses_teachers and not self.eval_data:
             raise ConfigError(
                 "loss.gate.eta=auto is chosen on the validation split, and "
@@ -141,8 +148,10 @@ class DistillRecipe(LMRecipe):
             )
         torch.manual_seed(cfg.train.seed)
         self.built = build_model(cfg.student, tok, ds_config=ds, catalog=corpus.catalog)
+        TRACE.mark("student built")
         if cfg.uses_teachers and not cfg.offline:
             self.teacher = self._build_teacher()
+            TRACE.mark("D built and partitioned")
         collate = sequence_collate(tok.pad_token_id)
         if self.cache is not None:
             collate = cached_collate(collate)
@@ -150,6 +159,7 @@ class DistillRecipe(LMRecipe):
         if self.has_teachers and cfg.loss.gate.eta == "auto":
             self.gate_calibration = self._resolve_eta(collate)
             print0(f"loss.gate.eta=auto: η = {cfg.loss.gate.eta} (validation F1 of the hard gate)")
+            TRACE.mark("eta=auto calibrated")
         # the student's final hidden states are at hand: auto may pick fused_linear (CUDA)
         impl = None
         if self.has_teachers:
@@ -180,6 +190,7 @@ class DistillRecipe(LMRecipe):
             teacher_forward=teacher_forward,
             logger=DistillLogger(self.out / "metrics.jsonl") if self.dist.is_main else None,
         )
+        TRACE.mark("student engine initialised")
         self._write_run_info(
             {
                 "world_size": self.dist.world_size,
@@ -204,6 +215,7 @@ class DistillRecipe(LMRecipe):
             }
         )
         resumed = self.trainer.resume()
+        TRACE.mark("run_info written, resumed" if resumed else "run_info written")
         if cfg.debug_dump_dir is not None and resumed is None:
             export_hf(self._student(), tok, Path(str(cfg.debug_dump_dir)) / "student0")
             self.trainer.loss_step = self._dump_first_step(loss_step)

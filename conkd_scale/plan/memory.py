@@ -5,17 +5,20 @@ Model states follow DeepSpeed's own estimators (``estimate_zero3_model_states_me
 mixed precision (bf16) a parameter costs 2 bytes of 16-bit weight, 4 of fp32 gradient and 12
 of optimizer state (fp32 master, Adam's two moments), i.e. DeepSpeed's 18; under ZeRO-3 each
 rank holds 1/world of them plus the largest layer gathered (16-bit weights and gradients).
-In fp32 (the CPU runs) the weight partition is the master itself (DeepSpeed keeps no second
-copy unless the optimizer is offloaded): 4 + 4 + 8 bytes.
+In fp32 (the CPU runs) DeepSpeed still keeps the fp32 master as a copy beside the weight
+partition (see :func:`student_states`): 4 + 4 + 12 bytes.
 
 The rest is the job's own layout (``conkd_scale/distill/recipe.py``), per micro batch of
 ``B`` sequences of ``T`` tokens and ``N = loss_rows_fraction·B·T`` loss rows:
 
-- **activations**: what autograd keeps per transformer layer (Korthikanti et al. 2022's
-  count: GPT-2 ``e·B·T·(8h + 2i)`` plus dropout masks, a gated MLP ``e·B·T·((7+3r)h + 4i)``
-  with ``r`` = kv heads / heads; no ``T²`` term under SDPA, ``a·T²·B`` bytes per softmax
-  kept under eager attention); with activation checkpointing one layer input per layer plus
-  one layer recomputed;
+- **activations**: what autograd keeps per transformer layer (after Korthikanti et al.
+  2022; GPT-2 counted tensor by tensor on Hugging Face's ``GPT2Block``: ``e·B·T·(8h + 5i)``,
+  its tanh GeLU keeping four ``[B, T, i]`` tensors, plus two dropout masks, bool on a GPU and
+  float on the CPU; a gated MLP ``e·B·T·((7+3r)h + 4i)`` with ``r`` = kv heads / heads; no
+  ``T²`` term under a fused SDPA kernel, ``a·T²·B`` bytes per softmax (and its dropout mask
+  and output) under eager attention, and under SDPA on the CPU with dropout, which runs
+  torch's math path); with activation checkpointing one layer input per layer plus one
+  layer recomputed;
 - **logits**: the student's ``[B, T, V]`` (transient) and its ``[N, V]`` rows, D's ``[N, V]``
   rows (online) or its top-k rows (offline: ids, log-probs);
 - **loss buffers** by ``loss.impl`` (FINDINGS.md / BENCHMARKS.md measured them): reference
@@ -29,13 +32,28 @@ The rest is the job's own layout (``conkd_scale/distill/recipe.py``), per micro 
   (DeepSpeed's default 1e9) the backward's reuse keeps every gathered student parameter until
   it runs, so the whole student is gathered at the end of the forward, up to
   ``stage3_max_live_parameters``; else the prefetch bucket (:func:`live_gathered`);
-- **optimizer step**: the fp32 temporaries of AdamW's update on the rank's partition;
+- **optimizer step**: the flat fp32 gradient DeepSpeed hands the optimizer and the fp32
+  temporaries of AdamW's update (3 copies of the rank's partition on the CPU, 2 on a GPU);
 - **communication buckets** from the DeepSpeed JSON (``reduce_bucket_size``, below stage 3
   ``allgather_bucket_size``): allocated whole on a GPU; on the CPU only the pages filled are
   resident, at most the model's own size;
-- **overhead**: on the CPU the resident size of a rank before any model (Python, torch,
-  DeepSpeed, the data: ``CPU_OVERHEAD_MIB``, measured); on a GPU the CUDA context is outside
-  ``torch.cuda.max_memory_allocated`` and is kept out of the usable memory (``reserve``).
+- **overhead**: on the CPU the fixed resident size of a rank (``CPU_OVERHEAD_MIB``,
+  measured); on a GPU the CUDA context is outside ``torch.cuda.max_memory_allocated`` and is
+  kept out of the usable memory (``reserve``).
+
+On a GPU the phases whose transients never coexist are the student's forward and backward
+(activations, logits, loss buffers), D's forward and the optimizer step; the peak is the
+states plus the largest. On a CPU rank (where ``peak_mem_mb`` is the resident set) glibc keeps
+the heap pages of freed tensors below its 32 MiB mmap threshold: the forward's activations,
+logits, loss buffers and gathered student stay resident, or, where they are more, the pages
+of D's state dict that every rank reads whole before partitioning it. The transients on top
+are ZeRO-3's all-gathers (after the first step a forward's first fetch gathers every live
+parameter at once, in blocks mapped afresh, and gloo stages each all-gather in a copy of up
+to a prefetch bucket), the gradient reduce-scatter (DeepSpeed's concatenated bucket and
+gloo's copy of it), D's forward with its own all-gather, or the optimizer step. Measured by
+phase with ``train.memory_trace``, the plan is within 10% of the resident peak for 0.2-86 M
+students and a 203 M D (``bench/results/plan_vs_measured.md``, by
+``bench/plan_vs_measured.py``).
 
 Step time = FLOPs per device per optimizer step / the stated FLOP rate: the student's
 ``6·P·tokens`` (8 with activation checkpointing) plus attention ``12·L·T·h`` per token, D's
@@ -53,10 +71,13 @@ from conkd_scale.utils.errors import ConfigError
 
 GIB = 2**30
 MIB = 2**20
-# resident size of a CPU rank before its models: Python, torch, DeepSpeed, transformers, the
-# tokenizer and the corpus (2-rank jobs on the synthetic corpus with a 0.2 M-parameter
-# student peak at 636-655 MB: BENCHMARKS.md, "Distillation step, ConKD vs CE only")
-CPU_OVERHEAD_MIB = 620.0
+# fixed resident size of a CPU rank: Python, torch, DeepSpeed, transformers, gloo, the
+# tokenizer, the corpus, R, and what DeepSpeed's engine and the first steps add whatever the
+# model. Measured (bench/plan_vs_measured.py, bench/results/plan_vs_measured.md): the 2-rank
+# job with the 0.2 M-parameter `tiny` student peaks at 552 MiB, of which the planner's
+# size-dependent terms are 13. A job that first trains its missing teachers in the same
+# process (teachers.auto_train) keeps ~100 MiB more.
+CPU_OVERHEAD_MIB = 540.0
 # achieved FLOP rate per device when none is given: ~40% of an H100/H200's dense bf16 peak
 # (989 TFLOP/s) on a GPU; one core of these 2-core VMs in fp32 on the CPU (bench_scale.py)
 DEFAULT_FLOPS = {"gpu": 4.0e14, "cpu": 2.0e10}
@@ -223,7 +244,10 @@ def student_states(inp: PlanInput) -> dict[str, float]:
     P, L, e = m.params, m.largest_layer_params, inp.dtype_bytes
     mixed = e == 2
     grad_b = 4  # fp32 gradient partitions (DeepSpeed counts them in mixed precision too)
-    opt_b = 12 if (mixed or z.offload_optimizer) else 8  # master copy + Adam's moments
+    # fp32 master copy + Adam's moments. In fp32 too: stage 1/2 clone the master, and stage 3
+    # reuses the weight partition only if its device equals the string device name, which a
+    # torch.device never does (deepspeed 0.19.8, stage3.py _create_fp32_partitions)
+    opt_b = 12
     s = {"params": e * P, "gradients": grad_b * P, "optimizer": opt_b * P}
     gathered = 0.0
     if z.stage == 3:
@@ -263,12 +287,43 @@ def comm_buckets(inp: PlanInput) -> float:
 
 def optimizer_step_bytes(inp: PlanInput) -> float:
     """Temporaries of the optimizer step where the optimizer runs (not offloaded, or on the
-    CPU rank itself): torch's single-tensor AdamW on DeepSpeed's flat fp32 partition builds
-    two partition-sized fp32 tensors (the square root of the second moment, the update)."""
+    CPU rank itself), partition-sized fp32 tensors: DeepSpeed's flat fp32 gradient of the
+    partition (``_prepare_fp32_grad_for_sub_group``) and what torch's AdamW builds from it:
+    on CPU tensors its single-tensor form keeps two (the square root of the second moment,
+    its quotient by the bias correction), on CUDA its foreach form one."""
     if inp.zero.offload_optimizer and inp.device == "gpu":
         return 0.0
     shard = inp.world if inp.zero.stage >= 1 else 1
-    return 2 * 4 * inp.student.params / shard
+    copies = 3 if inp.device == "cpu" else 2
+    return copies * 4 * inp.student.params / shard
+
+
+def cpu_gather_bytes(m: ModelSpec, z: ZeroSettings, e: int) -> float:
+    """CPU ranks, ZeRO-3, once its first step has recorded the trace: the forward's first
+    fetch gathers every parameter the step keeps live (up to ``stage3_max_live_parameters``)
+    in flat buffers too large for glibc's heap (mapped afresh, beside the heap pages that
+    earlier gathers left), and gloo stages each all-gather call (at most a prefetch bucket)
+    in a copy of its output."""
+    if z.stage != 3:
+        return 0.0
+    live = e * min(m.params, z.max_live_parameters)
+    return live + e * min(m.params, z.prefetch_bucket_size)
+
+
+def gather_bytes(inp: PlanInput) -> float:
+    """The student's all-gather transient on a CPU rank (:func:`cpu_gather_bytes`)."""
+    if inp.device != "cpu":
+        return 0.0
+    return cpu_gather_bytes(inp.student, inp.zero, inp.dtype_bytes)
+
+
+def reduce_scatter_bytes(inp: PlanInput) -> float:
+    """CPU ranks, ZeRO-3: reducing a full gradient bucket (``reduce_bucket_size`` elements,
+    at most the model) copies it twice: DeepSpeed's ``reduce_scatter_coalesced`` concatenates
+    the bucket's partitions, and gloo reduces a copy of that."""
+    if inp.device != "cpu" or inp.zero.stage != 3:
+        return 0.0
+    return 2 * inp.dtype_bytes * min(inp.zero.reduce_bucket_size, inp.student.params)
 
 
 def live_gathered(m: ModelSpec, z: ZeroSettings, e: int, training: bool) -> float:
@@ -286,18 +341,24 @@ def live_gathered(m: ModelSpec, z: ZeroSettings, e: int, training: bool) -> floa
     return e * min(m.params, prefetch)
 
 
-def layer_activation_bytes(m: ModelSpec, b: int, s: int, e: int, attention: str) -> float:
+def layer_activation_bytes(
+    m: ModelSpec, b: int, s: int, e: int, attention: str, device: str = "gpu"
+) -> float:
     """What autograd keeps for one transformer layer of ``m`` (see the module docstring)."""
     h, i, a = m.hidden, m.intermediate, m.n_head
     if m.gated_mlp:
         r = m.n_kv_head / m.n_head
         per = e * b * s * ((7 + 3 * r) * h + 4 * i)
     else:
-        per = e * b * s * (8 * h + 2 * i)
+        # inputs of the 2 norms and 3 h-wide linears, q/k/v, the MLP's c_proj input, and
+        # the 4 [B, T, i] tensors of GPT-2's tanh GeLU (gelu_new, written in torch ops)
+        per = e * b * s * (8 * h + 5 * i)
+    mask_b = e if device == "cpu" else 1  # torch's CPU dropout keeps a float mask
     if m.dropout > 0:
-        per += 2 * b * s * h  # residual dropout masks (bool)
-    if attention == "eager":
-        per += a * s * s * b * (e + (1 + e if m.dropout > 0 else 0))
+        per += 2 * mask_b * b * s * h  # residual dropout masks
+    # CPU SDPA with dropout runs torch's math path, which keeps the attention probabilities
+    if attention == "eager" or (device == "cpu" and m.dropout > 0):
+        per += a * s * s * b * (e + (mask_b + e if m.dropout > 0 else 0))
     else:
         per += 4 * a * s * b  # logsumexp of the fused kernel
     return per
@@ -305,7 +366,7 @@ def layer_activation_bytes(m: ModelSpec, b: int, s: int, e: int, attention: str)
 
 def activation_bytes(inp: PlanInput, b: int) -> float:
     m, s, e = inp.student, inp.seq_len, inp.dtype_bytes
-    layer = layer_activation_bytes(m, b, s, e, inp.attention)
+    layer = layer_activation_bytes(m, b, s, e, inp.attention, inp.device)
     edges = 2 * e * b * s * m.hidden  # embedding output, final norm input
     if inp.activation_checkpointing:
         return m.n_layer * e * b * s * m.hidden + layer + edges
@@ -345,7 +406,8 @@ def logits_and_loss(inp: PlanInput, b: int) -> tuple[float, float]:
 
 
 def teacher_parts(inp: PlanInput, b: int) -> tuple[float, float, float]:
-    """D's (shard, gathered layer and prefetch, transient of its forward) bytes."""
+    """D's (shard, gathered layer and prefetch, transient of its forward) bytes; on a CPU
+    rank the transient includes its all-gather (:func:`cpu_gather_bytes`)."""
     t = inp.teacher
     if t is None or inp.teacher_mode == "offline":
         return 0.0, 0.0, 0.0
@@ -357,7 +419,18 @@ def teacher_parts(inp: PlanInput, b: int) -> tuple[float, float, float]:
         shard, gathered = e * t.params, 0.0
     s = inp.seq_len
     transient = e * b * s * t.vocab + e * b * s * (4 * t.hidden + 2 * t.intermediate)
+    if inp.device == "cpu":
+        transient += cpu_gather_bytes(t, z, e)
     return shard, gathered, transient
+
+
+def teacher_load_bytes(inp: PlanInput) -> float:
+    """CPU ranks: every rank reads D's whole fp32 state dict before partitioning it, tensor
+    by tensor on glibc's heap, which keeps those pages; the student's forward reuses them."""
+    t = inp.teacher
+    if inp.device != "cpu" or t is None or inp.teacher_mode == "offline":
+        return 0.0
+    return 4.0 * t.params
 
 
 def flops_per_step(inp: PlanInput) -> float:
@@ -398,17 +471,31 @@ def _total(inp: PlanInput, b: int) -> tuple[dict[str, float], str, float]:
         "teacher shard": t_shard,
         "teacher gathered": t_gathered,
         "teacher forward": t_trans,
+        "teacher load (heap kept)": 0.0,
         "comm buckets": comm_buckets(inp),
+        "parameter all-gather": gather_bytes(inp),
+        "gradient reduce-scatter": reduce_scatter_bytes(inp),
         "optimizer step": optimizer_step_bytes(inp),
         "framework": overhead * MIB,
     }
-    if inp.device == "cpu":  # offloaded states stay in the same process memory
-        parts["offloaded states"] = st["host"]
-    phases = {  # transients that never coexist: the peak is the base plus the largest
+    # transients that never coexist: the peak is the base plus the largest
+    phases: dict[str, tuple[str, ...]] = {
         "student": ("activations", "logits", "loss buffers"),
         "teacher forward": ("teacher forward",),
         "optimizer step": ("optimizer step",),
     }
+    if inp.device == "cpu":
+        parts["offloaded states"] = st["host"]  # the same process memory
+        # glibc keeps the heap pages of the forward's tensors (each below its 32 MiB mmap
+        # threshold) after they are freed: activations, logits, loss buffers and the
+        # gathered parameters stay resident, under the transients of the later phases; so
+        # do the pages of D's state dict where they are more
+        del phases["student"]
+        heap = sum(parts[k] for k in ("activations", "logits", "loss buffers"))
+        heap += parts["live gathered params"]
+        parts["teacher load (heap kept)"] = max(0.0, teacher_load_bytes(inp) - heap)
+        phases["parameter all-gather"] = ("parameter all-gather",)
+        phases["gradient reduce-scatter"] = ("gradient reduce-scatter",)
     size = {k: sum(parts[x] for x in v) for k, v in phases.items()}
     phase = max(size, key=lambda k: size[k])
     for k, v in phases.items():

@@ -56,6 +56,10 @@ class TrainConfig:
     # recompute each transformer block in the backward instead of keeping its activations
     # (the model's own activation checkpointing): less memory, ~1/3 more compute, same math
     activation_checkpointing: bool = False
+    # distillation job: trace each rank's resident memory by phase (setup, then the micro
+    # steps of the first N optimizer steps) into OUT/memory_trace/rank_R.jsonl
+    # (training/memtrace.py); 0: off
+    memory_trace: int = 0
 
     def __post_init__(self) -> None:
         for name in ("micro_batch", "grad_accum", "log_every", "keep_last", "max_nonfinite_steps"):
@@ -69,6 +73,7 @@ class TrainConfig:
             "stop_at_step",
             "eval_max_batches",
             "num_workers",
+            "memory_trace",
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name}: expected >= 0, got {getattr(self, name)}")

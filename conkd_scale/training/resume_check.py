@@ -31,8 +31,8 @@ from conkd_scale.utils.errors import ConfigError
 # Settings that do not change the function a run computes (dotted config keys; a key covers
 # its sub-keys): where outputs go, cadence of evaluation, saving and logging, time limits,
 # the memory levers (activation checkpointing, the attention kernel, the dtype a checkpoint
-# is read in), how a missing teacher would be trained and where its cache lies (a moved
-# cache: its fingerprint is checked against the run).
+# is read in) and the memory trace, how a missing teacher would be trained and where its
+# cache lies (a moved cache: its fingerprint is checked against the run).
 NEUTRAL = (
     "output_dir",
     "export",
@@ -52,6 +52,7 @@ NEUTRAL = (
     "train.collective_timeout_minutes",
     "train.rank0_timeout_minutes",
     "train.activation_checkpointing",
+    "train.memory_trace",
     "model.attn_implementation",
     "student.attn_implementation",
     "model.dtype",

@@ -41,7 +41,6 @@ so a resumed run draws the same masks as an uninterrupted one.
 from __future__ import annotations
 
 import math
-import resource
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -74,6 +73,7 @@ from conkd_scale.training.divergence import (
     is_finite,
     nonfinite_params,
 )
+from conkd_scale.training.memtrace import TRACE, peak_memory_mib
 from conkd_scale.training.metrics import JsonlLogger, MetricLogger, NullLogger, monitor_events
 from conkd_scale.utils.errors import DivergenceError
 
@@ -183,9 +183,12 @@ def plan_steps(cfg: TrainConfig, n_train: int, world_size: int) -> int:
 
 
 def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    """Peak of this rank so far: CUDA allocated bytes on a GPU, resident size on the CPU."""
+    return peak_memory_mib(device.type == "cuda")
+
+
+def _no_mark(phase: str, **extra: Any) -> None:
+    pass
 
 
 def _value(x: Any) -> float:
@@ -468,11 +471,17 @@ class Trainer:
         """One micro batch: teacher forward, loss, backward; the engine's ``step`` applies the
         update at the gradient-accumulation boundary. Returns what the log window adds."""
         self._seed_micro(micro_index)
+        mark = TRACE.mark if self.step < self.cfg.memory_trace else _no_mark
+        at = {"step": self.step, "micro": micro_index, "shape": list(batch["input_ids"].shape)}
         if self.teacher_forward is not None:
             batch = self.teacher_forward(batch, True)
+            mark("teacher forward", **at)
         loss, parts = self.loss_step(self.engine, batch)
+        mark("student forward + loss", **at)
         self.engine.backward(loss)
+        mark("backward", **at)
         self.engine.step()
+        mark("optimizer step", **at)
         n_tok, n_smp = float(batch["attention_mask"].sum()), batch["input_ids"].shape[0]
         self._pending[0] += n_smp
         self._pending[1] += n_tok
