@@ -56,11 +56,12 @@ def _table(config: str, work: Path, results: Path, mode: str, rows: str, over: l
 def _train_teachers(config: str, work: Path, over: list[str]) -> None:
     """R and D into ``work/teachers`` with the table's settings, when missing."""
     from conkd_scale.config import build_config
-    from conkd_scale.jobs import ROW, teacher_commands
-    from conkd_scale.results.table import ResultsConfig, ResultsTable
+    from conkd_scale.jobs import teacher_commands
+    from conkd_scale.results.table import TEACHERS_FROM, ResultsConfig, ResultsTable
 
     cfg = build_config(ResultsConfig, ROOT / config, [*over, f"work_dir={work}"])
-    for name, cmd in teacher_commands(cfg.nproc, ResultsTable(cfg)._distill_args(ROW["hard"])):
+    args = ResultsTable(cfg)._distill_args(TEACHERS_FROM)  # the table's own teacher settings
+    for name, cmd in teacher_commands(cfg.nproc, args):
         print(f"+ teacher {name}:", shlex.join(cmd), flush=True)
         subprocess.run(cmd, cwd=ROOT, check=True)
 
