@@ -842,6 +842,7 @@ else:  # the store in rank 0's process (the DeepSpeed launcher, srun)
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
         timeout=timedelta(seconds=60),
     )
+dist.barrier()  # both ranks past the rendezvous, as init_distributed ends
 D.set_rank0_wait(silence_s=silence, limit_s=limit)
 
 def work(mode):
@@ -898,7 +899,12 @@ def finish_rank0_job(procs: list) -> tuple[int, str, str, float]:
     """Rank 1's exit code and output, rank 0's output (rank 0 is killed once rank 1 has
     ended, as a launcher would) and how long rank 1 waited in its last phase."""
     rank0, rank1 = procs[:2]
-    rc1 = rank1.wait(timeout=120)
+    try:
+        rc1 = rank1.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        rank1.kill()
+        rank0.kill()
+        pytest.fail(f"rank 1 still waits after 120 s:\n{rank1.communicate()[0][-4000:]}")
     if rank0.poll() is None:
         time.sleep(1.0)  # a hung rank 0 dumps its stacks at the limit: written by now
         rank0.kill()
