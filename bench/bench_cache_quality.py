@@ -7,6 +7,8 @@ teachers, seeds and settings, metrics compared with the seed spread, and the wal
     python bench/bench_cache_quality.py --config configs/results_redial.yaml --rows soft \
         --online-work runs/results/redial --online-results results/redial \
         data_dir=../shared/data/redial
+    # a cache setting for the offline side only:
+    python bench/bench_cache_quality.py ... --offline-distill teachers.cache_tail_samples=32
 
 Runs ``launch/results_table.py`` twice on the given rows (``only=``): ``teachers_mode=online``
 in ``<work>/online`` (or ``--online-work``), then ``teachers_mode=offline`` in
@@ -129,6 +131,14 @@ def main() -> None:
     p.add_argument("--online-work", default=None, help="an online table's work_dir to reuse")
     p.add_argument("--online-results", default=None, help="its results dir (for its walls)")
     p.add_argument("--out", default=None, help="also write the markdown section here")
+    p.add_argument(
+        "--offline-distill",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a launch/distill.py override added for the offline side only (and its cache "
+        "job), e.g. teachers.cache_tail_samples=32",
+    )
     args, over = p.parse_known_args()
     rows = args.rows.split(",")
     work = ROOT / (args.work or f"runs/bench/cache_quality/{Path(args.config).stem}")
@@ -144,7 +154,14 @@ def main() -> None:
     for t in ("rec", "dialog"):
         if not (off_teachers / t).exists():
             shutil.copytree(on_work / "teachers" / t, off_teachers / t, symlinks=True)
-    offline = _table(args.config, work / "offline", off_res, "offline", args.rows, over)
+    off_over = over
+    if args.offline_distill:
+        from conkd_scale.config import build_config
+        from conkd_scale.results.table import ResultsConfig
+
+        base = build_config(ResultsConfig, ROOT / args.config, over).distill
+        off_over = [*over, "distill=" + json.dumps([*base, *args.offline_distill])]
+    offline = _table(args.config, work / "offline", off_res, "offline", args.rows, off_over)
 
     lines, within, total = compare(online, offline, rows)
     (on_train, _), (off_train, cache) = _walls(online, rows), _walls(offline, rows)
@@ -155,7 +172,8 @@ def main() -> None:
         "",
         f"- command: `{shlex.join(['python', 'bench/bench_cache_quality.py', *sys.argv[1:]])}`",
         f"- machine: {platform.machine()}, {platform.system()}; rows {args.rows}, seeds "
-        f"{online['seeds']}, the same R and D on both sides, test split",
+        f"{online['seeds']}, the same R and D on both sides, test split"
+        + (f"; offline side: {', '.join(args.offline_distill)}" if args.offline_distill else ""),
         "",
         *lines,
         "",

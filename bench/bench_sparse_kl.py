@@ -17,8 +17,9 @@ cache would store them, and every loss is the reference implementation's. Report
 mean tail mass, the mean dialogue KL (λ = 0: the ungated KL(p_D‖p_S)) and the total loss
 under the run's config (hard gate η = 0.5, τ = 1, w_ce = w_kd = 0.5) and under τ = 2, dense
 vs sparse (absolute and relative error), and the bytes per response token of int32 (or
-uint16, |U| ≤ 65,536) ids + logp + fp32 m_t. Writes bench/results/sparse_kl.{json,md} and a
-dated section of BENCHMARKS.md.
+uint16, |U| ≤ 65,536) ids + logp + fp32 m_t; and the error of the dialogue KL's gradient
+for the top-k and for the top-k/2 with k/2 slots drawn from D's tail. Writes
+bench/results/sparse_kl.{json,md} and a dated section of BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ def _args() -> argparse.Namespace:
     p.add_argument("--logp-dtype", default="fp16", choices=sorted(DTYPES))
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--draws", type=int, default=16, help="draw sets per k for the gradient")
     p.add_argument("--out-dir", default=str(ROOT / "bench/results"))
     p.add_argument("--benchmarks", default=str(ROOT / "BENCHMARKS.md"))
     p.add_argument("--no-write", action="store_true")
@@ -128,6 +130,40 @@ def _rows(args: argparse.Namespace) -> dict[str, object]:
     return out
 
 
+def _kl_grad(z, teacher, q, r, items, y) -> torch.Tensor:
+    """``[N, V]`` gradient of the ungated dialogue KL (λ = 0, τ = 1) in the student logits."""
+    zz = z.clone().requires_grad_(True)
+    cfg = LossConfig(gate=GateConfig(mode="dialog"), w_ce=0.0, w_kd=1.0)
+    conkd_loss_reference(zz, teacher, q, r, items, y, cfg).loss.backward()
+    return zz.grad
+
+
+def _grad_errors(z, t, q, r, items, y, k, g_dense, dtype, draws) -> dict[str, float]:
+    """Relative error ‖g − g_dense‖/‖g_dense‖ of the KL gradient: D's top-k; its top-k/2 and
+    k/2 slots drawn from its tail (one draw set, and the mean of ``draws`` sets: the bias)."""
+
+    def rel(g: torch.Tensor) -> float:
+        return float((g - g_dense).norm() / g_dense.norm())
+
+    def stored(st: SparseTeacher) -> SparseTeacher:
+        st.logp_NK = st.logp_NK.to(dtype).float()
+        return st
+
+    top = _kl_grad(z, stored(SparseTeacher.from_logits(t, items, k)), q, r, items, y)
+    S = k // 2
+    sampled = []
+    for i in range(draws):
+        g = torch.Generator().manual_seed(i)
+        st = stored(SparseTeacher.sampled_from_logits(t, items, k, S, g))
+        sampled.append(_kl_grad(z, st, q, r, items, y))
+    return {
+        "tail_samples": S,
+        "topk": rel(top),
+        "sampled_one": sum(rel(g) for g in sampled) / draws,
+        "sampled_mean": rel(sum(sampled) / draws),
+    }
+
+
 def _bytes_per_token(k: int, V: int, logp_bytes: int) -> dict[str, int]:
     return {
         "int32_ids": k * (4 + logp_bytes) + 4,
@@ -150,6 +186,7 @@ def main() -> None:
     }
     dense = {n: conkd_loss_reference(z, t, q, r, items, y, c) for n, c in cfgs.items()}
     logp_full = torch.log_softmax(t, -1)
+    g_dense = _kl_grad(z, t, q, r, items, y)
     res: list[dict[str, object]] = []
     for k in [int(x) for x in args.ks.split(",")]:
         st = SparseTeacher.from_logits(t, items, k)
@@ -170,6 +207,7 @@ def main() -> None:
                 a, b = float(getattr(de, part)), float(getattr(sp, part))
                 row[f"{name}.{part}"] = {"dense": a, "sparse": b, "abs_err": b - a,
                                          "rel_err": (b - a) / a if a else None}  # fmt: skip
+        row["grad"] = _grad_errors(z, t, q, r, items, y, k, g_dense, logp_dtype, args.draws)
         res.append(row)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     meta = {
@@ -185,6 +223,7 @@ def main() -> None:
         "items": int(items.numel()),
         "logp_dtype": args.logp_dtype,
         "seconds": round(time.perf_counter() - t0, 1),
+        "draws": args.draws,
     }
     md = _markdown(meta, res)
     print(md)
@@ -229,6 +268,23 @@ def _markdown(meta: dict[str, object], res: list[dict[str, object]]) -> str:
             f"{kl['dense']:.4f} | {kl['sparse']:.4f} | {_pct(kl['rel_err'])} | "
             f"{_pct(run['rel_err'])} | {loss['abs_err']:+.5f} | {_pct(loss['rel_err'])} | "
             f"{_pct(tau2['rel_err'])} | {b['int32_ids']} | {b['uint16_ids'] or '–'} |"
+        )
+    lines += [
+        "",
+        "Gradient of the dialogue KL (λ = 0, τ = 1) in the student logits against the dense "
+        "one, relative L2 error ‖g − g_dense‖ / ‖g_dense‖ over all positions: D's top-k "
+        "(tail bin), and D's top-k/2 with k/2 slots drawn from its tail "
+        "(`teachers.cache_tail_samples`; one draw set: the mean error over "
+        f"{meta['draws']} sets; the mean of those sets: what is left is "
+        "the bias plus the Monte-Carlo error of the mean).",
+        "",
+        "| k | top-k | top-k/2 + k/2 draws: one set | mean of the sets |",
+        "|---|---|---|---|",
+    ]
+    for r in res:
+        g = r["grad"]
+        lines.append(
+            f"| {r['k']} | {g['topk']:.3f} | {g['sampled_one']:.3f} | {g['sampled_mean']:.3f} |"
         )
     lines.append("")
     return "\n".join(lines) + "\n"

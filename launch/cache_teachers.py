@@ -4,9 +4,10 @@
         [--config configs/distill_redial.json] [key=value ...] [--output-dir CACHE_DIR]
 
 Takes the distillation job's config (same data, sequence layout, teachers; teachers.cache_k,
-teachers.cache_dtype, teachers.cache_rec_topk) and writes teachers.cache_dir (--output-dir
-sets it). --deepspeed is D's inference config. Run again after a kill: it resumes. Then
-distil with the same config and teachers.mode=offline. See conkd_scale/cache/writer.py.
+teachers.cache_tail_samples, teachers.cache_dtype, teachers.cache_rec_topk) and writes
+teachers.cache_dir (--output-dir sets it). --deepspeed is D's inference config. Run again
+after a kill: it resumes. Then distil with the same config and teachers.mode=offline. See
+conkd_scale/cache/writer.py.
 """
 
 from __future__ import annotations

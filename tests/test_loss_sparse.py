@@ -276,6 +276,71 @@ def test_bitmask_marks_exactly_the_top_k() -> None:
     assert bits[0].tolist() == [0b10000001, 0b00000001, 0b00010000] and bits[1].sum() == 0
 
 
+# ----------------------------------------------- top-k plus draws from D's tail
+def _sampled(t, items, k: int, samples: int, seed: int = 0) -> SparseTeacher:
+    g = torch.Generator(device=t.device).manual_seed(seed)
+    return SparseTeacher.sampled_from_logits(t, items, k, samples, generator=g)
+
+
+def test_sampled_rows_are_a_distribution_with_the_exact_gate() -> None:
+    """Head = D's top-(k − S) with its exact log-probs; the S drawn slots are distinct tail
+    tokens; the stored probabilities sum to 1 (no tail bin); m_t is D's exact item mass."""
+    _z, t, _q, _r, items, _y, _ = _case(N=40, V=50, I=8, k=12)
+    st, top = _sampled(t, items, 12, 8), SparseTeacher.from_logits(t, items, 12)
+    assert torch.equal(st.ids_NK[:, :4], top.ids_NK[:, :4])
+    assert torch.equal(st.logp_NK[:, :4], top.logp_NK[:, :4])
+    assert all(len(set(row.tolist())) == 12 for row in st.ids_NK)
+    torch.testing.assert_close(st.logp_NK.exp().sum(-1), torch.ones(40), atol=1e-5, rtol=0)
+    assert float(st.tail_mass().max()) < 1e-5
+    assert torch.isinf(st.logp_NK).any()  # repeated draws leave zero-mass slots
+    assert torch.equal(st.item_mass_N, top.item_mass_N)
+    assert torch.equal(_sampled(t, items, 12, 8).ids_NK, st.ids_NK)  # seeded: reproducible
+    assert torch.equal(_sampled(t, items, 12, 0).ids_NK, top.ids_NK)  # S = 0: the top-k
+    with pytest.raises(ValueError, match=r"samples = 13 must lie in \[0, k = 12\]"):
+        _sampled(t, items, 12, 13)
+
+
+@pytest.mark.parametrize("fn", _PARAMS)
+def test_implementations_match_reference_with_drawn_slots(fn) -> None:
+    """Zero-mass (-inf) slots and an empty tail bin: every implementation equals the
+    reference, finite."""
+    z, t, q, r, items, y, _ = _case()
+    st = _sampled(t, items, 6, 4)
+    assert torch.isinf(st.logp_NK[y != IGNORE_INDEX]).any()
+    cfg = LossConfig(gate=GateConfig(mode="hard", eta=0.3), tau=1.0, w_ce=0.4, w_kd=0.8,
+                     chunk_size=4)  # fmt: skip
+    ref = run_loss(conkd_loss_reference, z, st, q, r, items, y, cfg)
+    out = run_loss(fn, z, st, q, r, items, y, cfg)
+    assert torch.isfinite(ref[0].loss) and torch.isfinite(ref[1]).all()
+    assert_same(ref, out, TOL)
+
+
+def test_drawn_slots_give_an_unbiased_gradient() -> None:
+    """τ = 1: the mean gradient over many draws approaches the dense loss's gradient, where
+    the top-k alone (same k) stays biased: the tail's shape is taught."""
+    z, t, q, r, items, y, _ = _case(N=16, V=40, I=4, k=8)
+    cfg = LossConfig(gate=GateConfig(mode="dialog"), tau=1.0, w_ce=0.0, w_kd=1.0)
+    dense = run_loss(conkd_loss_reference, z, t, q, r, items, y, cfg)[1]
+    topk = run_loss(conkd_loss_reference, z, SparseTeacher.from_logits(t, items, 8), q, r,
+                    items, y, cfg)[1]  # fmt: skip
+    n = 400
+    mean = (
+        sum(
+            run_loss(conkd_loss_reference, z, _sampled(t, items, 8, 6, seed), q, r, items, y, cfg)[
+                1
+            ]
+            for seed in range(n)
+        )
+        / n
+    )
+    scale = dense.abs().max()
+    err_sampled = float((mean - dense).abs().max() / scale)
+    err_topk = float((topk - dense).abs().max() / scale)
+    assert err_sampled < 0.03, err_sampled  # Monte-Carlo error of 400 draws
+    assert err_topk > 3 * err_sampled, (err_topk, err_sampled)
+    print(f"max gradient error: top-k {err_topk:.3f}, mean of {n} draws {err_sampled:.4f}")
+
+
 # ----------------------------------------------------------- ignored rows, bad input
 @pytest.mark.parametrize("fn", _ALL)
 def test_garbage_at_ignored_rows(fn) -> None:

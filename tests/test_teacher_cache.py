@@ -10,6 +10,7 @@ keeps D's whole distribution (k = |U|), stored in the default float16.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -145,6 +146,43 @@ def test_killed_cache_job_resumes_keeping_intact_shards(built: dict) -> None:
     assert not list((cache / M.SHARDS).glob(".*.tmp"))
 
 
+@pytest.mark.slow
+def test_cache_with_tail_draws_sums_to_one_resumes_identically_and_distils(
+    tiny_teachers: dict[str, Path], tmp_path: Path
+) -> None:
+    """k = 16 with 8 slots drawn from D's tail: each row's stored probabilities sum to 1
+    (no tail bin) with distinct ids; a shard rewritten after a kill holds the same draws; a
+    distillation reads it."""
+    import torch
+    from safetensors.torch import load_file
+
+    cache = tmp_path / "cache"
+    base = [*base_args(tiny_teachers, cache, 16), "teachers.cache_tail_samples=8"]
+    job = ["--deepspeed", "ds_configs/zero3_inference.json", *base]
+    run_deepspeed("launch/cache_teachers.py", job, log=tmp_path / "cache1.log")
+    man = json.loads((cache / M.MANIFEST).read_text())
+    assert man["fingerprint"]["tail_samples"] == 8
+    shard = cache / M.SHARDS / "train-00003.safetensors"
+    t = load_file(shard)
+    p = t["logp"].float().exp()  # [N, 16]
+    assert torch.allclose(p.sum(-1), torch.ones(len(p)), atol=2e-3)
+    assert t["logp"][:, 8:].isinf().any()  # repeated draws: zero-mass slots
+    assert all(len(set(row.tolist())) == 16 for row in t["ids"])
+    before = shard_tensors(cache)[shard.name]
+    shard.unlink()
+    run_deepspeed("launch/cache_teachers.py", job, log=tmp_path / "cache2.log")
+    after = load_file(shard)
+    assert all(after[k].equal(v) for k, v in before.items())
+    out = tmp_path / "offline"
+    distil = ["--deepspeed", "ds_configs/zero3.json", *base, f"output_dir={out}",
+              "teachers.mode=offline", "train.max_steps=2", "train.eval_every=2",
+              "train.save_every=0"]  # fmt: skip
+    run_deepspeed("launch/distill.py", distil, log=tmp_path / "offline.log")
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2]
+    assert all(math.isfinite(r["kd_dialog"]) for r in rows if r["kind"] == "train")
+
+
 @pytest.fixture(scope="module")
 def distilled(tiny_teachers: dict[str, Path], built: dict) -> dict[str, Path]:
     """8 steps online (D sharded, ZeRO-3), and offline from the cache, stopped after step 4
@@ -208,6 +246,10 @@ def test_a_cache_of_another_run_is_refused_naming_the_field(
         _open(_cfg(tiny_teachers, cache, k, "max_length=96"))
     with pytest.raises(ConfigError, match=r"k \[teachers.cache_k\]"):
         _open(_cfg(tiny_teachers, cache, k, "teachers.cache_k=16"))
+    with pytest.raises(
+        ConfigError, match=r"tail_samples \[teachers.cache_tail_samples\]: cache 0, run 2"
+    ):
+        _open(_cfg(tiny_teachers, cache, k, "teachers.cache_tail_samples=2"))
     # another D (same tokenizer, other weights): the teacher's files differ
     from conkd_scale.data.corpus import load_dataset
     from tests.tiny_lm import write_tiny_lm
@@ -327,3 +369,16 @@ def test_rec_top_k_is_read_back_with_its_tail_spread_evenly(tmp_path: Path) -> N
     torch.testing.assert_close(got, want, atol=1e-3, rtol=0)
     info = json.loads(M.sidecar(path).read_text())
     assert info["sha256"] == M.sha256_file(path) and info["turns"] == 1
+
+
+def test_tail_draws_config_is_checked() -> None:
+    with pytest.raises(ConfigError, match=r"cache_tail_samples=9 exceeds teachers.cache_k=8"):
+        build_config(DistillConfig, None, ["teachers.cache_k=8", "teachers.cache_tail_samples=9"])
+    with pytest.raises(ConfigError, match=r"cache_tail_samples=4 needs loss.tau=1 \(got 2\)"):
+        build_config(
+            DistillConfig,
+            None,
+            ["teachers.cache_tail_samples=4", "loss.tau=2", "teachers.mode=offline"],
+        )
+    with pytest.raises(ConfigError, match=r"teachers.cache_tail_samples: -1 must be an integer"):
+        build_config(DistillConfig, None, ["teachers.cache_tail_samples=-1"])

@@ -48,6 +48,7 @@ FIELD_KEYS: dict[str, str] = {
     "context_budget": "context_budget",
     "max_train_conversations": "max_train_conversations",
     "k": "teachers.cache_k",
+    "tail_samples": "teachers.cache_tail_samples",
     "dtype": "teachers.cache_dtype",
     "rec_topk": "teachers.cache_rec_topk",
     "tokenizer": "the tokenizer (D's, in teachers.dialog_dir)",
@@ -114,6 +115,8 @@ def fingerprint(
 ) -> dict[str, Any]:
     """The fingerprint of a cache made for run config ``cfg`` (see the module docstring)."""
     t = cfg.teachers
+    # the draws from D's tail (absent for a plain top-k, so older top-k caches still match)
+    sampled = {"tail_samples": t.cache_tail_samples} if t.cache_tail_samples else {}
     return {
         "format": FORMAT,
         "dataset": cfg.dataset,
@@ -122,6 +125,7 @@ def fingerprint(
         "context_budget": cfg.context_budget,
         "max_train_conversations": cfg.max_train_conversations,
         "k": t.cache_k,
+        **sampled,
         "dtype": t.cache_dtype,
         "rec_topk": t.cache_rec_topk,
         "tokenizer": _sha_json(sorted(tok.get_vocab().items())),
@@ -151,8 +155,9 @@ def mismatches(cache: dict[str, Any], run: dict[str, Any]) -> list[str]:
     """The fingerprint fields that differ, each with the setting behind it and both values
     (hashes shortened)."""
     out = []
+    absent = {"tail_samples": 0}  # a field kept out of the fingerprint at its default
     for key in FIELD_KEYS:
-        a, b = cache.get(key), run.get(key)
+        a, b = cache.get(key, absent.get(key)), run.get(key, absent.get(key))
         if a != b:
             short = [v[:12] if isinstance(v, str) and len(v) == 64 else v for v in (a, b)]
             out.append(f"{key} [{FIELD_KEYS[key]}]: cache {short[0]!r}, run {short[1]!r}")

@@ -12,7 +12,8 @@ go through the shards in rounds, and a rank with less to do in a round runs the 
 of D forwards on a dummy batch, since ZeRO-3 forwards are collective. Per shard and sequence:
 
 - per response (loss) token: D's top-k token ids and untempered log-probabilities over all
-  of ``U``, and D's item mass m_t from its full untempered distribution (exact gate);
+  of ``U`` (or its top-(k − S) and S slots drawn from its tail, ``teachers.cache_tail_samples``),
+  and D's item mass m_t from its full untempered distribution (exact gate);
 - per recommender turn: R's item distribution (full, or its top-k and the tail mass).
 
 Writes are atomic: a shard file, then its sidecar JSON with the file's SHA-256; the manifest
@@ -194,13 +195,16 @@ class CacheJob(LMRecipe):
         mb = cfg.train.micro_batch
         seqs = self.splits[split][a:b]
         ids, logp, mass, rows, rec, turns = [], [], [], [0], [], [0]
+        draws = shard_generator(split, j, self.dist.device) if t.cache_tail_samples else None
         for s in range(0, len(seqs), mb):
             batch = self.collate(seqs[s : s + mb])
             logits_BTV = lm_logits(self.teacher, batch)  # [B, T, V]
             rows_BT = (batch["labels"][:, 1:] != IGNORE).to(logits_BTV.device)
             t_NV = logits_BTV[:, :-1][rows_BT][:, : self.vocab]  # [N, V]
             del logits_BTV
-            sp = SparseTeacher.from_logits(t_NV, self.item_tok_I.to(t_NV.device), t.cache_k)
+            sp = SparseTeacher.sampled_from_logits(
+                t_NV, self.item_tok_I.to(t_NV.device), t.cache_k, t.cache_tail_samples, draws
+            )
             del t_NV
             ids.append(sp.ids_NK.cpu())
             logp.append(sp.logp_NK.cpu())
@@ -282,6 +286,13 @@ class CacheJob(LMRecipe):
 
     def _engines(self) -> list[Any]:
         return [self.teacher]
+
+
+def shard_generator(split: str, shard: int, device: torch.device) -> torch.Generator:
+    """The random draws of one shard, seeded by its name: a resumed job rewrites a shard
+    with the same draws."""
+    seed = int(hashlib.sha256(f"{split}/{shard}".encode()).hexdigest()[:15], 16)
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def _cat(parts: list[Tensor], empty: tuple[int, ...], dtype: torch.dtype) -> Tensor:

@@ -56,6 +56,9 @@ class TeacherConfig:
     cache_dir: str | None = None  # the teacher cache; None: runs/cache/<dataset>
     cache_k: int = 64  # D's top-k tokens kept per response token (the gate m_t stays exact;
     # at τ = 1, k = 64 changes the ReDial loss by -1.5%: bench/results/sparse_kl.md)
+    cache_tail_samples: int = 0  # of the cache_k slots, how many hold draws from D's tail
+    # (with replacement, each draw r/S of mass) rather than the next top tokens: the sparse
+    # loss's gradient is then unbiased for the full distribution at τ = 1 (loss/sparse.py)
     cache_dtype: Literal["float16", "bfloat16", "float32"] = "float16"  # storage of D's
     # top-k log-probabilities and R's probabilities (ids: uint16 when |U| <= 65,536, else int32)
     cache_rec_topk: int = 0  # R per recommender turn: 0 = its full item distribution; k > 0:
@@ -63,10 +66,21 @@ class TeacherConfig:
     cache_shard_sequences: int = 256  # sequences per shard file of the cache
 
     def __post_init__(self) -> None:
-        for key, lo in (("cache_k", 1), ("cache_rec_topk", 0), ("cache_shard_sequences", 1)):
+        for key, lo in (
+            ("cache_k", 1),
+            ("cache_tail_samples", 0),
+            ("cache_rec_topk", 0),
+            ("cache_shard_sequences", 1),
+        ):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ConfigError(f"teachers.{key}: {v!r} must be an integer >= {lo}")
+        if self.cache_tail_samples > self.cache_k:
+            raise ConfigError(
+                f"teachers.cache_tail_samples={self.cache_tail_samples} exceeds "
+                f"teachers.cache_k={self.cache_k}: the draws fill some of the k slots; set it "
+                f"<= {self.cache_k}"
+            )
 
 
 @dataclass
@@ -96,6 +110,13 @@ class DistillConfig:
     def __post_init__(self) -> None:
         check_sequence_run(self.dataset, self.data_dir, self.max_length, self.student, "student")
         self._check_dialog_source()
+        t = self.teachers
+        if t.mode == "offline" and t.cache_tail_samples and self.loss.tau != 1.0:
+            raise ConfigError(
+                f"teachers.cache_tail_samples={self.teachers.cache_tail_samples} needs "
+                f"loss.tau=1 (got {self.loss.tau:g}): drawn tail slots estimate D's "
+                "untempered distribution; set loss.tau=1 or teachers.cache_tail_samples=0"
+            )
 
     def _check_dialog_source(self) -> None:
         """A D still to be trained from a local checkpoint (``teachers.dialog_pretrained``,

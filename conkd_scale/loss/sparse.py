@@ -32,6 +32,12 @@ p_S^τ is the student's tempered softmax over all of U, as in the dense loss, an
   the top-k ids and ``d_tail · p_S^τ(v) / s_tail`` on the tail (D's tail mass spread like the
   student's own tail), so the tail's relative shape is left to the cross-entropy.
 
+Drawn tail slots (:meth:`SparseTeacher.sampled_from_logits`, the cache's
+``teachers.cache_tail_samples``) fill the K ids with D's top tokens and draws from its tail
+whose stored probabilities sum to 1: the tail bin is then empty and, at τ = 1, the target q
+equals p_D in expectation, so the gradient is unbiased. A slot of mass 0 (log-prob -inf)
+contributes nothing.
+
 Ids must be distinct within a row (``topk`` gives that; checked at loss rows). Rows whose
 label is -100 are never read, so their ids, log-probs and mass may be anything (e.g. zeros,
 -inf or NaN).
@@ -85,6 +91,52 @@ class SparseTeacher:
         top = logp.topk(k, dim=-1)
         m = logp.index_select(-1, item_ids_I).logsumexp(-1).exp()  # [...]
         return SparseTeacher(top.indices, top.values, m)
+
+    @staticmethod
+    def sampled_from_logits(
+        teacher_logits: Tensor,
+        item_ids_I: Tensor,
+        k: int,
+        samples: int,
+        generator: torch.Generator | None = None,
+    ) -> SparseTeacher:
+        """D's top-(k − ``samples``) tokens exactly and ``samples`` slots drawn from its tail.
+
+        The tail ``T`` (mass ``r``) is represented by ``samples`` draws with replacement from
+        ``p_D(·|T)``: a drawn token ``v`` drawn ``c_v`` times gets the probability
+        ``r·c_v/samples``, so the stored probabilities sum to 1 (no tail bin is left) and,
+        in expectation over the draws, equal ``p_D`` on every token of ``U``. At τ = 1 the
+        sparse loss's gradient ``p_S − q`` is then an unbiased estimate of the dense one
+        (random-sampling KD, Anshumann et al., ACL 2025), where the top-k alone leaves the
+        tail's shape without a teacher. Slots left by repeated draws hold the most probable
+        tail tokens not drawn, with log-probability -inf (mass 0). ``samples = 0``: the top-k.
+        """
+        if samples == 0:
+            return SparseTeacher.from_logits(teacher_logits, item_ids_I, k)
+        if not 0 < samples <= k:
+            raise ValueError(f"samples = {samples} must lie in [0, k = {k}]")
+        logp_NV = torch.log_softmax(teacher_logits.float(), dim=-1)  # [N, V]
+        m_N = logp_NV.index_select(-1, item_ids_I).logsumexp(-1).exp()  # [N] exact gate
+        head = logp_NV.topk(k - samples, dim=-1)  # [N, H]
+        tail_NV = logp_NV.exp().scatter(-1, head.indices, 0.0)  # [N, V] p_D on the tail only
+        r_N = tail_NV.sum(-1)  # [N] tail mass
+        # a row whose tail holds no mass draws uniformly (its draws get mass r·c/S = 0)
+        empty_N1 = (r_N <= 0).unsqueeze(-1)  # [N, 1]
+        in_tail_NV = torch.ones_like(tail_NV).scatter(-1, head.indices, 0.0)  # [N, V]
+        draws_NS = torch.multinomial(
+            torch.where(empty_N1, in_tail_NV, tail_NV), samples, True, generator=generator
+        )  # [N, S]
+        counts_NV = torch.zeros_like(tail_NV).scatter_add_(
+            -1, draws_NS, torch.ones_like(draws_NS, dtype=tail_NV.dtype)
+        )  # [N, V]
+        # drawn tokens first (count >= 1 > any p), then the most probable undrawn tail tokens
+        key_NV = (counts_NV + tail_NV).masked_fill(in_tail_NV == 0, -1.0)
+        slot_NS = key_NV.topk(samples, dim=-1).indices  # [N, S] distinct, disjoint from head
+        c_NS = counts_NV.gather(-1, slot_NS)  # [N, S]
+        lp_NS = (r_N.unsqueeze(-1) * c_NS / samples).log()  # [N, S] -inf where not drawn
+        return SparseTeacher(
+            torch.cat([head.indices, slot_NS], -1), torch.cat([head.values, lp_NS], -1), m_N
+        )
 
 
 def check_sparse(

@@ -203,7 +203,10 @@ def _verdict(summary: dict[str, Any]) -> list[str]:
 
 
 def _leader(diff: float) -> str:
-    return "the two gates tie" if diff == 0 else f"the {'hard' if diff > 0 else 'soft'} gate leads"
+    """Which gate is ahead on a mean hard − soft gap, and by how much (4 decimals)."""
+    if round(diff, 4) == 0:
+        return "the two gates are level to 4 decimals"
+    return f"the {'hard' if diff > 0 else 'soft'} gate leads by {abs(diff):.4f}"
 
 
 def _perplexity(summary: dict[str, Any]) -> list[str]:
