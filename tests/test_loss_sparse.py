@@ -296,6 +296,8 @@ def test_sampled_rows_are_a_distribution_with_the_exact_gate() -> None:
     assert torch.equal(st.item_mass_N, top.item_mass_N)
     assert torch.equal(_sampled(t, items, 12, 8).ids_NK, st.ids_NK)  # seeded: reproducible
     assert torch.equal(_sampled(t, items, 12, 0).ids_NK, top.ids_NK)  # S = 0: the top-k
+    full = SparseTeacher.from_logits(t, items, 50)
+    assert torch.equal(_sampled(t, items, 50, 8).logp_NK, full.logp_NK)  # k = |U|: exact
     with pytest.raises(ValueError, match=r"samples = 13 must lie in \[0, k = 12\]"):
         _sampled(t, items, 12, 13)
 

@@ -109,9 +109,10 @@ class SparseTeacher:
         sparse loss's gradient ``p_S − q`` is then an unbiased estimate of the dense one
         (random-sampling KD, Anshumann et al., ACL 2025), where the top-k alone leaves the
         tail's shape without a teacher. Slots left by repeated draws hold the most probable
-        tail tokens not drawn, with log-probability -inf (mass 0). ``samples = 0``: the top-k.
+        tail tokens not drawn, with log-probability -inf (mass 0). ``samples = 0``, or
+        ``k = |U|`` (nothing left to draw from): the exact top-k.
         """
-        if samples == 0:
+        if samples == 0 or k >= teacher_logits.shape[-1]:
             return SparseTeacher.from_logits(teacher_logits, item_ids_I, k)
         if not 0 < samples <= k:
             raise ValueError(f"samples = {samples} must lie in [0, k = {k}]")
