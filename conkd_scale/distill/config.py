@@ -58,7 +58,8 @@ class TeacherConfig:
     # at τ = 1, k = 64 changes the ReDial loss by -1.5%: bench/results/sparse_kl.md)
     cache_tail_samples: int = 0  # of the cache_k slots, how many hold draws from D's tail
     # (with replacement, each draw r/S of mass) rather than the next top tokens: the sparse
-    # loss's gradient is then unbiased for the full distribution at τ = 1 (loss/sparse.py)
+    # loss's gradient is then unbiased for the full distribution at τ = 1 (loss/sparse.py);
+    # for a flat D use cache_k / 2 (ReDial: top-k students lose ~1 PPL, these do not)
     cache_dtype: Literal["float16", "bfloat16", "float32"] = "float16"  # storage of D's
     # top-k log-probabilities and R's probabilities (ids: uint16 when |U| <= 65,536, else int32)
     cache_rec_topk: int = 0  # R per recommender turn: 0 = its full item distribution; k > 0:
