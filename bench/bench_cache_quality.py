@@ -15,8 +15,9 @@ in ``<work>/online`` (or ``--online-work``), then ``teachers_mode=offline`` in
 ``<work>/offline`` with a copy of the online side's trained R and D (the teachers are
 trained first, on their own, when missing, so neither side's wall includes them). Per row
 and metric: mean ± sd over the seeds on each side, the paired (same-seed) difference, and
-whether |offline − online| lies within the larger of the two seed sds. Walls: the students'
-training runs, plus the cache job on the offline side, from each table's ``run_walls_s``.
+whether |offline − online| lies within the larger of the two seed sds. Walls, from each
+table's ``run_walls_s``: the students' training runs, plus the cache job on the offline side;
+and every job of the table (``--rows all``: the whole table, teachers excluded).
 """
 
 from __future__ import annotations
@@ -123,10 +124,17 @@ def _walls(report: dict, rows: list[str]) -> tuple[float | None, float]:
     return train, cache
 
 
+def _table_wall(report: dict) -> float:
+    """Seconds: every job the table ran (its ``run_walls_s``)."""
+    return float(sum(report.get("run_walls_s", {}).values()))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config", default="configs/results_synthetic.yaml")
-    p.add_argument("--rows", default="hard,soft", help="seeded student rows (comma-separated)")
+    p.add_argument(
+        "--rows", default="hard,soft", help="table rows (comma-separated), or all (the table)"
+    )
     p.add_argument("--work", default=None, help="default: runs/bench/cache_quality/<config>")
     p.add_argument("--online-work", default=None, help="an online table's work_dir to reuse")
     p.add_argument("--online-results", default=None, help="its results dir (for its walls)")
@@ -141,6 +149,11 @@ def main() -> None:
     )
     args, over = p.parse_known_args()
     rows = args.rows.split(",")
+    if args.rows == "all":
+        from conkd_scale.results.table import ROW
+
+        rows = list(ROW)
+        args.rows = ",".join(rows)
     work = ROOT / (args.work or f"runs/bench/cache_quality/{Path(args.config).stem}")
     on_work = ROOT / args.online_work if args.online_work else work / "online"
     on_res, off_res = work / "online_results", work / "offline_results"
@@ -180,6 +193,14 @@ def main() -> None:
         f"**{within} of {total}** (row, metric) pairs: |offline − online| within the larger "
         "seed sd.",
     ]
+    on_all, off_all = _table_wall(online), _table_wall(offline)
+    if on_all and off_all:
+        section.append(
+            f"Every job of the table (students, evaluations, and the cache job offline; the "
+            f"teachers trained once beforehand for both sides), summed: online "
+            f"{on_all / 60:.1f} min, offline {off_all / 60:.1f} min ({off_all / on_all:.2f}× "
+            "online)."
+        )
     if on_train is not None and off_train is not None:
         section.append(
             f"Student training, summed: online {on_train / 60:.1f} min, offline "
