@@ -130,6 +130,12 @@ def _rows(args: argparse.Namespace) -> dict[str, object]:
     return out
 
 
+def _as_stored(st: SparseTeacher, dtype: torch.dtype) -> SparseTeacher:
+    """``st`` with its log-probs rounded to the cache's storage dtype."""
+    st.logp_NK = st.logp_NK.to(dtype).float()
+    return st
+
+
 def _kl_grad(z, teacher, q, r, items, y) -> torch.Tensor:
     """``[N, V]`` gradient of the ungated dialogue KL (λ = 0, τ = 1) in the student logits."""
     zz = z.clone().requires_grad_(True)
@@ -145,16 +151,12 @@ def _grad_errors(z, t, q, r, items, y, k, g_dense, dtype, draws) -> dict[str, fl
     def rel(g: torch.Tensor) -> float:
         return float((g - g_dense).norm() / g_dense.norm())
 
-    def stored(st: SparseTeacher) -> SparseTeacher:
-        st.logp_NK = st.logp_NK.to(dtype).float()
-        return st
-
-    top = _kl_grad(z, stored(SparseTeacher.from_logits(t, items, k)), q, r, items, y)
+    top = _kl_grad(z, _as_stored(SparseTeacher.from_logits(t, items, k), dtype), q, r, items, y)
     S = k // 2
     sampled = []
     for i in range(draws):
         g = torch.Generator().manual_seed(i)
-        st = stored(SparseTeacher.sampled_from_logits(t, items, k, S, g))
+        st = _as_stored(SparseTeacher.sampled_from_logits(t, items, k, S, g), dtype)
         sampled.append(_kl_grad(z, st, q, r, items, y))
     return {
         "tail_samples": S,
@@ -189,8 +191,7 @@ def main() -> None:
     g_dense = _kl_grad(z, t, q, r, items, y)
     res: list[dict[str, object]] = []
     for k in [int(x) for x in args.ks.split(",")]:
-        st = SparseTeacher.from_logits(t, items, k)
-        st.logp_NK = st.logp_NK.to(logp_dtype).float()  # as stored
+        st = _as_stored(SparseTeacher.from_logits(t, items, k), logp_dtype)
         row: dict[str, object] = {
             "k": k,
             "tail_mass_mean": float(st.tail_mass().mean()),

@@ -114,7 +114,7 @@ class DistillConfig:
         t = self.teachers
         if t.mode == "offline" and t.cache_tail_samples and self.loss.tau != 1.0:
             raise ConfigError(
-                f"teachers.cache_tail_samples={self.teachers.cache_tail_samples} needs "
+                f"teachers.cache_tail_samples={t.cache_tail_samples} needs "
                 f"loss.tau=1 (got {self.loss.tau:g}): drawn tail slots estimate D's "
                 "untempered distribution; set loss.tau=1 or teachers.cache_tail_samples=0"
             )

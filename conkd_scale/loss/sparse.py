@@ -87,9 +87,8 @@ class SparseTeacher:
     @staticmethod
     def from_logits(teacher_logits: Tensor, item_ids_I: Tensor, k: int) -> SparseTeacher:
         """The top-k of dense teacher logits ``[..., V]`` (tests and the cache job)."""
-        logp = torch.log_softmax(teacher_logits.float(), dim=-1)  # [..., V]
+        logp, m = _logp_and_item_mass(teacher_logits, item_ids_I)
         top = logp.topk(k, dim=-1)
-        m = logp.index_select(-1, item_ids_I).logsumexp(-1).exp()  # [...]
         return SparseTeacher(top.indices, top.values, m)
 
     @staticmethod
@@ -116,8 +115,7 @@ class SparseTeacher:
             return SparseTeacher.from_logits(teacher_logits, item_ids_I, k)
         if not 0 < samples <= k:
             raise ValueError(f"samples = {samples} must lie in [0, k = {k}]")
-        logp_NV = torch.log_softmax(teacher_logits.float(), dim=-1)  # [N, V]
-        m_N = logp_NV.index_select(-1, item_ids_I).logsumexp(-1).exp()  # [N] exact gate
+        logp_NV, m_N = _logp_and_item_mass(teacher_logits, item_ids_I)  # [N, V], [N]
         head = logp_NV.topk(k - samples, dim=-1)  # [N, H]
         tail_NV = logp_NV.exp().scatter(-1, head.indices, 0.0)  # [N, V] p_D on the tail only
         r_N = tail_NV.sum(-1)  # [N] tail mass
@@ -138,6 +136,13 @@ class SparseTeacher:
         return SparseTeacher(
             torch.cat([head.indices, slot_NS], -1), torch.cat([head.values, lp_NS], -1), m_N
         )
+
+
+def _logp_and_item_mass(teacher_logits: Tensor, item_ids_I: Tensor) -> tuple[Tensor, Tensor]:
+    """D's untempered log-probabilities ``[..., V]`` (fp32) and its exact item mass m_t
+    ``[...]`` over the item tokens ``item_ids_I``."""
+    logp = torch.log_softmax(teacher_logits.float(), dim=-1)
+    return logp, logp.index_select(-1, item_ids_I).logsumexp(-1).exp()
 
 
 def check_sparse(
