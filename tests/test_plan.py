@@ -206,12 +206,20 @@ def test_cpu_ranks_keep_the_forward_resident():
     # on a GPU the student's forward is one phase among the others, no communication copies
     gpu = estimate(replace(cpu, device="gpu"))
     assert gpu.parts["parameter all-gather"] == gpu.parts["gradient reduce-scatter"] == 0
-    # a large D: its all-gather (up to stage3_max_live_parameters) and gloo's copy of a
-    # bucket; its state dict, read whole by every rank, is given back after loading
+    # a large D: its all-gather (the whole of it, under stage3_max_live_parameters) and
+    # gloo's copy of a bucket; its state dict, read whole by every rank, is given back after
+    # loading
     d = resolve_model("gpt2:layers=16,hidden=1024,heads=16", 274)
     big = estimate(replace(cpu, student=resolve_model("tiny", 274), teacher=d))
     assert big.peak_phase == "teacher forward"
     assert big.parts["teacher forward"] > 4 * d.params + 4 * 50_000_000
+    deeper = estimate(
+        replace(big.inp, teacher=resolve_model("gpt2:layers=32,hidden=1024,heads=16", 274))
+    )
+    d_parts = ("teacher shard", "teacher gathered", "teacher forward")
+    assert deeper.total - big.total == pytest.approx(
+        sum(deeper.parts[k] - big.parts[k] for k in d_parts)
+    )  # no other term grows with D
     deeper = estimate(
         replace(big.inp, teacher=resolve_model("gpt2:layers=32,hidden=1024,heads=16", 274))
     )
