@@ -26,7 +26,6 @@ from conkd_scale.distill.config import DistillConfig
 from conkd_scale.distributed import barrier, print0
 from conkd_scale.models.families import check_pretrained_dir
 from conkd_scale.utils.errors import ConfigError
-from conkd_scale.utils.heap import trim_heap
 
 
 def dialog_model_dir(path: str | Path) -> Path:
@@ -210,5 +209,4 @@ def build_dialog_engine(
         p.requires_grad_(False)
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
     engine.module.eval()
-    trim_heap()  # every rank read D's whole state dict before it was partitioned
     return engine

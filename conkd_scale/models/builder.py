@@ -69,7 +69,6 @@ from conkd_scale.models.families import (
 from conkd_scale.models.presets import get_preset
 from conkd_scale.training.ds_config import precision
 from conkd_scale.utils.errors import ConfigError
-from conkd_scale.utils.heap import trim_heap
 
 
 @dataclass
@@ -374,7 +373,6 @@ def _pretrained_model(
         else {}
     )
     init_new_rows(model, new_ids, titles)
-    trim_heap()  # the checkpoint's tensors, read whole by every rank, are freed by now
     return model, new_ids
 
 

@@ -45,9 +45,8 @@ On a GPU the phases whose transients never coexist are the student's forward and
 (activations, logits, loss buffers), D's forward and the optimizer step; the peak is the
 states plus the largest. On a CPU rank (where ``peak_mem_mb`` is the resident set) glibc keeps
 the heap pages of freed tensors below its 32 MiB mmap threshold: the forward's activations,
-logits, loss buffers and gathered student stay resident (the pages of a checkpoint's state
-dict, which every rank reads whole before partitioning it, are given back after loading:
-``conkd_scale/utils/heap.py``). The transients on top
+logits, loss buffers and gathered student stay resident, or, where they are more, the pages
+of D's state dict that every rank reads whole before partitioning it. The transients on top
 are ZeRO-3's all-gathers (after the first step a forward's first fetch gathers every live
 parameter at once, in blocks mapped afresh, and gloo stages each all-gather in a copy of up
 to a prefetch bucket), the gradient reduce-scatter (DeepSpeed's concatenated bucket and
@@ -425,6 +424,15 @@ def teacher_parts(inp: PlanInput, b: int) -> tuple[float, float, float]:
     return shard, gathered, transient
 
 
+def teacher_load_bytes(inp: PlanInput) -> float:
+    """CPU ranks: every rank reads D's whole fp32 state dict before partitioning it, tensor
+    by tensor on glibc's heap, which keeps those pages; the student's forward reuses them."""
+    t = inp.teacher
+    if inp.device != "cpu" or t is None or inp.teacher_mode == "offline":
+        return 0.0
+    return 4.0 * t.params
+
+
 def flops_per_step(inp: PlanInput) -> float:
     """Model FLOPs per device per optimizer step (student training + D's forward)."""
     tokens = inp.micro_batch * inp.seq_len
@@ -463,6 +471,7 @@ def _total(inp: PlanInput, b: int) -> tuple[dict[str, float], str, float]:
         "teacher shard": t_shard,
         "teacher gathered": t_gathered,
         "teacher forward": t_trans,
+        "teacher load (heap kept)": 0.0,
         "comm buckets": comm_buckets(inp),
         "parameter all-gather": gather_bytes(inp),
         "gradient reduce-scatter": reduce_scatter_bytes(inp),
@@ -479,8 +488,12 @@ def _total(inp: PlanInput, b: int) -> tuple[dict[str, float], str, float]:
         parts["offloaded states"] = st["host"]  # the same process memory
         # glibc keeps the heap pages of the forward's tensors (each below its 32 MiB mmap
         # threshold) after they are freed: activations, logits, loss buffers and the
-        # gathered parameters stay resident, under the transients of the later phases
+        # gathered parameters stay resident, under the transients of the later phases; so
+        # do the pages of D's state dict where they are more
         del phases["student"]
+        heap = sum(parts[k] for k in ("activations", "logits", "loss buffers"))
+        heap += parts["live gathered params"]
+        parts["teacher load (heap kept)"] = max(0.0, teacher_load_bytes(inp) - heap)
         phases["parameter all-gather"] = ("parameter all-gather",)
         phases["gradient reduce-scatter"] = ("gradient reduce-scatter",)
     size = {k: sum(parts[x] for x in v) for k, v in phases.items()}
