@@ -36,6 +36,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from conkd_scale.utils.io import atomic_open  # noqa: E402
+
 METRICS = ("PPL", "R@1", "R@10", "R@50", "R@10/new", "F1@1[class]", "Dist-2", "BLEU-2")
 
 
@@ -210,10 +212,8 @@ def main() -> None:
     text = "\n".join(section) + "\n"
     print(text)
     if args.out:
-        out = Path(args.out)
-        tmp = out.with_suffix(out.suffix + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(out)
+        with atomic_open(args.out, "w", encoding="utf-8") as f:
+            f.write(text)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_cache_quality import METRICS, compare  # noqa: E402
+from conkd_scale.utils.io import atomic_open  # noqa: E402
 
 
 def _load(d: str) -> dict:
@@ -122,10 +123,8 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
-        out = Path(args.out)
-        tmp = out.with_suffix(out.suffix + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(out)
+        with atomic_open(args.out, "w", encoding="utf-8") as f:
+            f.write(text)
 
 
 if __name__ == "__main__":
